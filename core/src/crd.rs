@@ -1,0 +1,305 @@
+//! The two custom resources of `network.harvesterhci.io/v1alpha1`, schema-compatible with
+//! the Go vm-dhcp-controller so that a cluster running it can switch over and keep every
+//! allocation (field names, short names, printer columns and CEL rules are the upstream ones).
+//!
+//! Deviations from the upstream schema, both fixes of upstream mistakes:
+//! - `format: ipv4` sits on the items of `pool.exclude` and `dns`, not on the arrays (where
+//!   the apiserver ignores it);
+//! - the "add once" rule of `pool.exclude` says `Exclude is required once set` (upstream
+//!   copy-pasted `End is required once set`).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "network.harvesterhci.io";
+pub const VERSION: &str = "v1alpha1";
+
+/// `status.ipv4.allocated` value of an address taken out by `pool.exclude`.
+pub const MARK_EXCLUDED: &str = "EXCLUDED";
+/// `status.ipv4.allocated` value of the server IP and router inside the range.
+pub const MARK_RESERVED: &str = "RESERVED";
+
+/// Schema-only stand-in for a string that must be an IPv4 address, used on array items.
+pub struct Ipv4Text;
+
+impl JsonSchema for Ipv4Text {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> Cow<'static, str> {
+        "Ipv4Text".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({ "type": "string", "format": "ipv4" })
+    }
+}
+
+/// The wrangler `GenericCondition` shape both upstream CRDs use (all strings).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Type of the condition, e.g. `Registered`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
+/// An IP pool served by one DHCP agent on one VM network.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "network.harvesterhci.io",
+    version = "v1alpha1",
+    kind = "IPPool",
+    plural = "ippools",
+    singular = "ippool",
+    shortname = "ippl",
+    shortname = "ippls",
+    namespaced,
+    status = "IPPoolStatus",
+    printcolumn(name = "NETWORK", type_ = "string", json_path = ".spec.networkName"),
+    printcolumn(name = "AVAILABLE", type_ = "integer", json_path = ".status.ipv4.available"),
+    printcolumn(name = "USED", type_ = "integer", json_path = ".status.ipv4.used"),
+    printcolumn(
+        name = "REGISTERED",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type=='Registered')].status"
+    ),
+    printcolumn(
+        name = "CACHEREADY",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type=='CacheReady')].status"
+    ),
+    printcolumn(
+        name = "AGENTREADY",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type=='AgentReady')].status"
+    ),
+    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolSpec {
+    /// The VM network (NetworkAttachmentDefinition) as `<namespace>/<name>`.
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("NetworkName is immutable"))]
+    pub network_name: String,
+    /// Administratively disable the pool: its agents are removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_config: Option<IPv4Config>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.router) || has(self.router)").message("Router is required once set"))]
+pub struct IPv4Config {
+    /// The subnet of the VM network, e.g. `192.168.48.0/24`.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("CIDR is immutable"))]
+    pub cidr: String,
+    /// The address the active agent holds on the VM network and answers from.
+    #[serde(rename = "serverIP", default)]
+    #[schemars(required, extend("format" = "ipv4"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("ServerIP is immutable"))]
+    pub server_ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "ipv4"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("Router is immutable"))]
+    pub router: Option<String>,
+    pub pool: Pool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Vec<Ipv4Text>>", length(max = 3))]
+    pub dns: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_search: Option<Vec<String>>,
+    /// NTP servers: addresses or host names (the agent resolves names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4))]
+    pub ntp: Option<Vec<String>>,
+    /// Lease time in seconds; absent or not positive means 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_time: Option<i64>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.exclude) || has(self.exclude)").message("Exclude is required once set"))]
+pub struct Pool {
+    /// First address handed out (inclusive).
+    #[serde(default)]
+    #[schemars(required, extend("format" = "ipv4"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("Start is immutable"))]
+    pub start: String,
+    /// Last address handed out (inclusive).
+    #[serde(default)]
+    #[schemars(required, extend("format" = "ipv4"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("End is immutable"))]
+    pub end: String,
+    /// Addresses inside the range that are never handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Vec<Ipv4Text>>")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("Exclude is immutable"))]
+    pub exclude: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<IPv4Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_pod_ref: Option<PodReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IPv4Status {
+    /// Address → MAC, `EXCLUDED` or `RESERVED`: the one source of truth of the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub used: i64,
+    #[serde(default)]
+    pub available: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// The addresses of one VirtualMachine's NICs on managed networks.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "network.harvesterhci.io",
+    version = "v1alpha1",
+    kind = "VirtualMachineNetworkConfig",
+    plural = "virtualmachinenetworkconfigs",
+    singular = "virtualmachinenetworkconfig",
+    shortname = "vmnetcfg",
+    shortname = "vmnetcfgs",
+    namespaced,
+    status = "VirtualMachineNetworkConfigStatus",
+    printcolumn(name = "VMNAME", type_ = "string", json_path = ".spec.vmName"),
+    printcolumn(
+        name = "ALLOCATED",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type=='Allocated')].status"
+    ),
+    printcolumn(
+        name = "DISABLED",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type=='Disabled')].status"
+    ),
+    printcolumn(
+        name = "INSYNCED",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type=='InSynced')].status"
+    ),
+    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineNetworkConfigSpec {
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("VMName is immutable"))]
+    pub vm_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4))]
+    pub network_configs: Option<Vec<NetworkConfig>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// The VM network as `<namespace>/<name>`.
+    #[schemars(length(max = 64))]
+    pub network_name: String,
+    #[schemars(length(max = 17))]
+    pub mac_address: String,
+    /// The address of this NIC: written by the webhook at admission, or set by the user
+    /// for a static address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "ipv4"))]
+    pub ip_address: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineNetworkConfigStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_configs: Option<Vec<NetworkConfigStatus>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfigStatus {
+    #[serde(
+        rename = "allocatedIPAddress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allocated_ip_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_name: Option<String>,
+    /// `Allocated`, `Pending` or `Stale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn crd_names_match_upstream() {
+        let crd = IPPool::crd();
+        assert_eq!(crd.metadata.name.as_deref(), Some("ippools.network.harvesterhci.io"));
+        assert_eq!(
+            crd.spec.names.short_names,
+            Some(vec!["ippl".to_string(), "ippls".to_string()])
+        );
+        let crd = VirtualMachineNetworkConfig::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("virtualmachinenetworkconfigs.network.harvesterhci.io")
+        );
+        assert_eq!(
+            crd.spec.names.short_names,
+            Some(vec!["vmnetcfg".to_string(), "vmnetcfgs".to_string()])
+        );
+    }
+}

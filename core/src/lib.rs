@@ -1,0 +1,12 @@
+//! The pure domain of vm-dhcp: custom resource types, IPAM and MAC rules.
+//!
+//! Nothing here does I/O: no async runtime, no Kubernetes client, no sockets. Adapters
+//! (webhook, apiserver, the binary) call into it; it is tested with plain `cargo test`.
+
+pub mod crd;
+pub mod ipam;
+pub mod kubevirt;
+pub mod mac;
+
+pub use ipam::{AddrState, Ipam, IpamError, PoolLayout, RebuildIssue};
+pub use mac::{MacAddr, MacError};
