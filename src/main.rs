@@ -1,1 +1,31 @@
-fn main(){}
+//! `vm-dhcp`: one binary, one subcommand per component.
+
+mod cli;
+
+use anyhow::Context;
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    match cli.command {
+        cli::Command::Crd(args) => print_crds(args),
+    }
+}
+
+fn print_crds(args: cli::CrdArgs) -> anyhow::Result<()> {
+    let manifests = vm_dhcp_core::crd::crd_manifests().context("rendering the CRDs as YAML")?;
+    match args.output_dir {
+        Some(dir) => {
+            for (name, yaml) in manifests {
+                let path = dir.join(name);
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        None => {
+            let docs: Vec<String> = manifests.into_iter().map(|(_, yaml)| yaml).collect();
+            print!("{}", docs.join("---\n"));
+        }
+    }
+    Ok(())
+}

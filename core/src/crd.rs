@@ -39,6 +39,46 @@ impl JsonSchema for Ipv4Text {
     }
 }
 
+/// Marks string fields required as upstream does. They carry `#[serde(default)]` only so that
+/// the webhook can read an object before its mutator fills them in; an empty-string default in
+/// the schema would make the apiserver invent an invalid address.
+fn require_fields(schema: &mut Schema, names: &[&str]) {
+    if let Some(props) = schema
+        .get_mut("properties")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for name in names {
+            if let Some(prop) = props.get_mut(*name).and_then(serde_json::Value::as_object_mut) {
+                prop.remove("default");
+            }
+        }
+    }
+    let obj = schema.ensure_object();
+    let required = obj
+        .entry("required")
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    if let Some(list) = required.as_array_mut() {
+        for name in names {
+            if !list.iter().any(|v| v == name) {
+                list.push((*name).into());
+            }
+        }
+        list.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    }
+}
+
+fn require_server_ip(schema: &mut Schema) {
+    require_fields(schema, &["serverIP"]);
+}
+
+fn require_counts(schema: &mut Schema) {
+    require_fields(schema, &["used", "available"]);
+}
+
+fn require_start_end(schema: &mut Schema) {
+    require_fields(schema, &["start", "end"]);
+}
+
 /// The wrangler `GenericCondition` shape both upstream CRDs use (all strings).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -64,6 +104,7 @@ pub struct Condition {
     group = "network.harvesterhci.io",
     version = "v1alpha1",
     kind = "IPPool",
+    doc = "IPPool is a range of addresses that vm-dhcp serves on one VM network",
     plural = "ippools",
     singular = "ippool",
     shortname = "ippl",
@@ -105,6 +146,7 @@ pub struct IPPoolSpec {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require_server_ip)]
 #[x_kube(validation = Rule::new("!has(oldSelf.router) || has(self.router)").message("Router is required once set"))]
 pub struct IPv4Config {
     /// The subnet of the VM network, e.g. `192.168.48.0/24`.
@@ -112,7 +154,7 @@ pub struct IPv4Config {
     pub cidr: String,
     /// The address the active agent holds on the VM network and answers from.
     #[serde(rename = "serverIP", default)]
-    #[schemars(required, extend("format" = "ipv4"))]
+    #[schemars(extend("format" = "ipv4"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("ServerIP is immutable"))]
     pub server_ip: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,16 +180,17 @@ pub struct IPv4Config {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require_start_end)]
 #[x_kube(validation = Rule::new("!has(oldSelf.exclude) || has(self.exclude)").message("Exclude is required once set"))]
 pub struct Pool {
     /// First address handed out (inclusive).
     #[serde(default)]
-    #[schemars(required, extend("format" = "ipv4"))]
+    #[schemars(extend("format" = "ipv4"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("Start is immutable"))]
     pub start: String,
     /// Last address handed out (inclusive).
     #[serde(default)]
-    #[schemars(required, extend("format" = "ipv4"))]
+    #[schemars(extend("format" = "ipv4"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("End is immutable"))]
     pub end: String,
     /// Addresses inside the range that are never handed out.
@@ -172,6 +215,7 @@ pub struct IPPoolStatus {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require_counts)]
 pub struct IPv4Status {
     /// Address → MAC, `EXCLUDED` or `RESERVED`: the one source of truth of the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -201,6 +245,7 @@ pub struct PodReference {
     group = "network.harvesterhci.io",
     version = "v1alpha1",
     kind = "VirtualMachineNetworkConfig",
+    doc = "VirtualMachineNetworkConfig holds the addresses of one VirtualMachine's NICs",
     plural = "virtualmachinenetworkconfigs",
     singular = "virtualmachinenetworkconfig",
     shortname = "vmnetcfg",
@@ -277,6 +322,21 @@ pub struct NetworkConfigStatus {
     /// `Allocated`, `Pending` or `Stale`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+}
+
+/// The CRD manifests as `chart/crds/` holds them: (file name, YAML), in a stable order.
+pub fn crd_manifests() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    Ok(vec![
+        (
+            "network.harvesterhci.io_ippools.yaml",
+            serde_yaml::to_string(&IPPool::crd())?,
+        ),
+        (
+            "network.harvesterhci.io_virtualmachinenetworkconfigs.yaml",
+            serde_yaml::to_string(&VirtualMachineNetworkConfig::crd())?,
+        ),
+    ])
 }
 
 #[cfg(test)]
