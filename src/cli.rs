@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "vm-dhcp", version, about = "Managed DHCP for KubeVirt virtual machines on Harvester")]
+#[command(
+    name = "vm-dhcp",
+    version,
+    about = "Managed DHCP for KubeVirt virtual machines on Harvester"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

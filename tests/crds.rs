@@ -22,14 +22,25 @@ fn chart_crds_match_the_binary_output() {
     let files = std::fs::read_dir(root.join("chart/crds"))
         .expect("chart/crds exists")
         .count();
-    assert_eq!(files, manifests.len(), "chart/crds holds files `vm-dhcp crd` does not print");
+    assert_eq!(
+        files,
+        manifests.len(),
+        "chart/crds holds files `vm-dhcp crd` does not print"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_vm-dhcp"))
         .arg("crd")
         .output()
         .expect("run vm-dhcp crd");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), expected_stream.join("---\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        expected_stream.join("---\n")
+    );
 }
 
 #[test]

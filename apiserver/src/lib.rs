@@ -52,7 +52,10 @@ pub fn api_resource_list() -> APIResourceList {
 /// The discovery routes (the served resources come with the aggregated API issue).
 pub fn router() -> Router {
     Router::new()
-        .route(&format!("/apis/{GROUP}"), get(|| async { Json(api_group()) }))
+        .route(
+            &format!("/apis/{GROUP}"),
+            get(|| async { Json(api_group()) }),
+        )
         .route(
             &format!("/apis/{GROUP}/{VERSION}"),
             get(|| async { Json(api_resource_list()) }),

@@ -12,7 +12,10 @@ async fn get(path: &str) -> (StatusCode, serde_json::Value) {
         .expect("router answers");
     let status = resp.status();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -21,7 +24,10 @@ async fn group_document() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(doc["kind"], "APIGroup");
     assert_eq!(doc["name"], "dhcp.harvesterhci.io");
-    assert_eq!(doc["preferredVersion"]["groupVersion"], "dhcp.harvesterhci.io/v1alpha1");
+    assert_eq!(
+        doc["preferredVersion"]["groupVersion"],
+        "dhcp.harvesterhci.io/v1alpha1"
+    );
 }
 
 #[tokio::test]

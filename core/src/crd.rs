@@ -48,7 +48,10 @@ fn require_fields(schema: &mut Schema, names: &[&str]) {
         .and_then(serde_json::Value::as_object_mut)
     {
         for name in names {
-            if let Some(prop) = props.get_mut(*name).and_then(serde_json::Value::as_object_mut) {
+            if let Some(prop) = props
+                .get_mut(*name)
+                .and_then(serde_json::Value::as_object_mut)
+            {
                 prop.remove("default");
             }
         }
@@ -111,25 +114,13 @@ pub struct Condition {
     shortname = "ippls",
     namespaced,
     status = "IPPoolStatus",
-    printcolumn(name = "NETWORK", type_ = "string", json_path = ".spec.networkName"),
-    printcolumn(name = "AVAILABLE", type_ = "integer", json_path = ".status.ipv4.available"),
-    printcolumn(name = "USED", type_ = "integer", json_path = ".status.ipv4.used"),
-    printcolumn(
-        name = "REGISTERED",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type=='Registered')].status"
-    ),
-    printcolumn(
-        name = "CACHEREADY",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type=='CacheReady')].status"
-    ),
-    printcolumn(
-        name = "AGENTREADY",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type=='AgentReady')].status"
-    ),
-    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"NETWORK","type":"string","jsonPath":".spec.networkName"}"#,
+    printcolumn = r#"{"name":"AVAILABLE","type":"integer","jsonPath":".status.ipv4.available"}"#,
+    printcolumn = r#"{"name":"USED","type":"integer","jsonPath":".status.ipv4.used"}"#,
+    printcolumn = r#"{"name":"REGISTERED","type":"string","jsonPath":".status.conditions[?(@.type=='Registered')].status"}"#,
+    printcolumn = r#"{"name":"CACHEREADY","type":"string","jsonPath":".status.conditions[?(@.type=='CacheReady')].status"}"#,
+    printcolumn = r#"{"name":"AGENTREADY","type":"string","jsonPath":".status.conditions[?(@.type=='AgentReady')].status"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IPPoolSpec {
@@ -252,23 +243,11 @@ pub struct PodReference {
     shortname = "vmnetcfgs",
     namespaced,
     status = "VirtualMachineNetworkConfigStatus",
-    printcolumn(name = "VMNAME", type_ = "string", json_path = ".spec.vmName"),
-    printcolumn(
-        name = "ALLOCATED",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type=='Allocated')].status"
-    ),
-    printcolumn(
-        name = "DISABLED",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type=='Disabled')].status"
-    ),
-    printcolumn(
-        name = "INSYNCED",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type=='InSynced')].status"
-    ),
-    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"VMNAME","type":"string","jsonPath":".spec.vmName"}"#,
+    printcolumn = r#"{"name":"ALLOCATED","type":"string","jsonPath":".status.conditions[?(@.type=='Allocated')].status"}"#,
+    printcolumn = r#"{"name":"DISABLED","type":"string","jsonPath":".status.conditions[?(@.type=='Disabled')].status"}"#,
+    printcolumn = r#"{"name":"INSYNCED","type":"string","jsonPath":".status.conditions[?(@.type=='InSynced')].status"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineNetworkConfigSpec {
@@ -347,7 +326,10 @@ mod tests {
     #[test]
     fn crd_names_match_upstream() {
         let crd = IPPool::crd();
-        assert_eq!(crd.metadata.name.as_deref(), Some("ippools.network.harvesterhci.io"));
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("ippools.network.harvesterhci.io")
+        );
         assert_eq!(
             crd.spec.names.short_names,
             Some(vec!["ippl".to_string(), "ippls".to_string()])

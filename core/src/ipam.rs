@@ -295,7 +295,10 @@ impl Ipam {
             hint: 0,
             layout,
         };
-        for ip in [ipam.layout.server_ip, ipam.layout.router].into_iter().flatten() {
+        for ip in [ipam.layout.server_ip, ipam.layout.router]
+            .into_iter()
+            .flatten()
+        {
             ipam.block(ip, true);
         }
         for ip in ipam.layout.exclude.clone() {

@@ -126,8 +126,23 @@ mod tests {
                               {"name": "nic-1", "multus": {"networkName": "default/net-48"}}]}}}
         }))
         .expect("a real VM shape deserializes");
-        let spec = vm.spec.template.and_then(|t| t.spec).expect("template spec");
-        assert_eq!(spec.networks[1].multus.as_ref().map(|m| m.network_name.as_str()), Some("default/net-48"));
-        assert_eq!(spec.domain.and_then(|d| d.devices).map(|d| d.interfaces.len()), Some(2));
+        let spec = vm
+            .spec
+            .template
+            .and_then(|t| t.spec)
+            .expect("template spec");
+        assert_eq!(
+            spec.networks[1]
+                .multus
+                .as_ref()
+                .map(|m| m.network_name.as_str()),
+            Some("default/net-48")
+        );
+        assert_eq!(
+            spec.domain
+                .and_then(|d| d.devices)
+                .map(|d| d.interfaces.len()),
+            Some(2)
+        );
     }
 }

@@ -151,12 +151,19 @@ mod tests {
 
     #[test]
     fn spec_mac_wins_over_annotation() {
-        let ann = parse_mac_annotation(r#"{"nic-1":"52:54:00:00:00:01","nic-2":"52-54-00-00-00-02"}"#)
-            .expect("valid annotation");
+        let ann =
+            parse_mac_annotation(r#"{"nic-1":"52:54:00:00:00:01","nic-2":"52-54-00-00-00-02"}"#)
+                .expect("valid annotation");
         let spec = nic_mac(Some("52:54:00:00:00:ff"), Some(&ann), "nic-1").expect("ok");
-        assert_eq!(spec.map(|m| m.to_string()).as_deref(), Some("52:54:00:00:00:ff"));
+        assert_eq!(
+            spec.map(|m| m.to_string()).as_deref(),
+            Some("52:54:00:00:00:ff")
+        );
         let from_ann = nic_mac(Some(""), Some(&ann), "nic-2").expect("ok");
-        assert_eq!(from_ann.map(|m| m.to_string()).as_deref(), Some("52:54:00:00:00:02"));
+        assert_eq!(
+            from_ann.map(|m| m.to_string()).as_deref(),
+            Some("52:54:00:00:00:02")
+        );
         assert_eq!(nic_mac(None, Some(&ann), "nic-3").expect("ok"), None);
         assert_eq!(nic_mac(None, None, "nic-1").expect("ok"), None);
         assert!(nic_mac(Some("zz"), Some(&ann), "nic-1").is_err());
@@ -172,9 +179,29 @@ mod tests {
 
     #[test]
     fn locally_administered() {
-        assert!("02:00:00:00:00:01".parse::<MacAddr>().expect("mac").is_locally_administered_unicast());
-        assert!("52:54:00:00:00:01".parse::<MacAddr>().expect("mac").is_locally_administered_unicast());
-        assert!(!"00:16:3e:00:00:01".parse::<MacAddr>().expect("mac").is_locally_administered_unicast());
-        assert!(!"03:00:00:00:00:01".parse::<MacAddr>().expect("mac").is_locally_administered_unicast());
+        assert!(
+            "02:00:00:00:00:01"
+                .parse::<MacAddr>()
+                .expect("mac")
+                .is_locally_administered_unicast()
+        );
+        assert!(
+            "52:54:00:00:00:01"
+                .parse::<MacAddr>()
+                .expect("mac")
+                .is_locally_administered_unicast()
+        );
+        assert!(
+            !"00:16:3e:00:00:01"
+                .parse::<MacAddr>()
+                .expect("mac")
+                .is_locally_administered_unicast()
+        );
+        assert!(
+            !"03:00:00:00:00:01"
+                .parse::<MacAddr>()
+                .expect("mac")
+                .is_locally_administered_unicast()
+        );
     }
 }

@@ -17,7 +17,9 @@ fn yaml(text: &str) -> serde_json::Value {
 
 #[test]
 fn go_written_ippool_roundtrips() {
-    roundtrip::<IPPool>(serde_json::from_str(include_str!("fixtures/go-ippool.json")).expect("json"));
+    roundtrip::<IPPool>(
+        serde_json::from_str(include_str!("fixtures/go-ippool.json")).expect("json"),
+    );
 }
 
 #[test]

@@ -21,27 +21,25 @@ pub fn router() -> Router {
 }
 
 /// Reads an AdmissionReview; a body that is not one is the caller's error, never ours.
-fn read_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Response> {
+fn read_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, (StatusCode, String)> {
     let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body).map_err(|e| {
         (
             StatusCode::BAD_REQUEST,
             format!("request body is not an admission.k8s.io/v1 AdmissionReview: {e}"),
         )
-            .into_response()
     })?;
     review.try_into().map_err(|_| {
         (
             StatusCode::BAD_REQUEST,
             "AdmissionReview has no request".to_string(),
         )
-            .into_response()
     })
 }
 
 async fn validate_ippool(body: Bytes) -> Response {
     let req = match read_review(&body) {
         Ok(req) => req,
-        Err(resp) => return resp,
+        Err(rejection) => return rejection.into_response(),
     };
     Json(validate_ippool_request(&req).into_review()).into_response()
 }

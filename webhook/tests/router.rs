@@ -32,7 +32,10 @@ async fn review(body: String) -> serde_json::Value {
 async fn valid_pool_is_allowed_and_uid_echoed() {
     let out = review(CREATE.to_string()).await;
     assert_eq!(out["kind"], "AdmissionReview");
-    assert_eq!(out["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(
+        out["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
     assert_eq!(out["response"]["allowed"], true);
 }
 
@@ -41,8 +44,13 @@ async fn bad_range_is_denied_with_the_reason() {
     let body = CREATE.replace("\"end\": \"192.168.48.90\"", "\"end\": \"192.168.48.20\"");
     let out = review(body).await;
     assert_eq!(out["response"]["allowed"], false);
-    let msg = out["response"]["status"]["message"].as_str().expect("message");
-    assert!(msg.contains("pool end 192.168.48.20 is less than pool start 192.168.48.81"), "{msg}");
+    let msg = out["response"]["status"]["message"]
+        .as_str()
+        .expect("message");
+    assert!(
+        msg.contains("pool end 192.168.48.20 is less than pool start 192.168.48.81"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -50,7 +58,9 @@ async fn ipv6_is_denied_not_a_panic() {
     let body = CREATE.replace("192.168.48.0/24", "fd00::/64");
     let out = review(body).await;
     assert_eq!(out["response"]["allowed"], false);
-    let msg = out["response"]["status"]["message"].as_str().expect("message");
+    let msg = out["response"]["status"]["message"]
+        .as_str()
+        .expect("message");
     assert!(msg.contains("IPv6 is not supported yet"), "{msg}");
 }
 

@@ -28,7 +28,12 @@ fn ip(text: &str) -> Ipv4Addr {
 
 #[test]
 fn seed_sample_net_48() {
-    let mut cfg = config("192.168.48.0/24", "192.168.48.81", "192.168.48.90", "192.168.48.77");
+    let mut cfg = config(
+        "192.168.48.0/24",
+        "192.168.48.81",
+        "192.168.48.90",
+        "192.168.48.77",
+    );
     cfg.router = Some("192.168.48.1".into());
     cfg.pool.exclude = Some(vec!["192.168.48.81".into(), "192.168.48.90".into()]);
     let mut pool = ipam(&cfg);
@@ -42,20 +47,62 @@ fn seed_sample_net_48() {
 #[test]
 fn layout_errors_are_precise() {
     let cases: &[(IPv4Config, &str)] = &[
-        (config("10.0.0.0/31", "10.0.0.0", "10.0.0.1", ""), "too small: a /31"),
-        (config("10.0.0.1/32", "10.0.0.1", "10.0.0.1", ""), "too small: a /32"),
-        (config("fd00::/64", "fd00::1", "fd00::9", ""), "IPv6 is not supported yet: cidr"),
-        (config("10.0.0.0/24", "fd00::1", "10.0.0.9", ""), "IPv6 is not supported yet: pool start"),
-        (config("10.0.0.0/24", "10.0.0.2", "10.0.0.9", "::1"), "IPv6 is not supported yet: serverIP"),
-        (config("10.0.0.0/33", "10.0.0.1", "10.0.0.9", ""), "not a valid IPv4 CIDR"),
-        (config("banana", "10.0.0.1", "10.0.0.9", ""), "not a valid IPv4 CIDR"),
-        (config("10.0.0.0/24", "10.0.1.1", "10.0.0.9", ""), "pool start 10.0.1.1 is not within subnet 10.0.0.0/24"),
-        (config("10.0.0.0/24", "10.0.0.1", "10.0.1.9", ""), "pool end 10.0.1.9 is not within subnet"),
-        (config("10.0.0.0/24", "10.0.0.9", "10.0.0.1", ""), "pool end 10.0.0.1 is less than pool start 10.0.0.9"),
-        (config("10.0.0.0/24", "10.0.0.1", "10.0.0.9", "10.0.1.1"), "serverIP 10.0.1.1 is not within subnet"),
-        (config("10.0.0.0/24", "10.0.0.1", "10.0.0.x", ""), "pool end \"10.0.0.x\" is not a valid IPv4 address"),
-        (config("10.0.0.0/24", "10.0.0.0", "10.0.0.0", ""), "holds no usable address"),
-        (config("10.0.0.0/24", "10.0.0.255", "10.0.0.255", ""), "holds no usable address"),
+        (
+            config("10.0.0.0/31", "10.0.0.0", "10.0.0.1", ""),
+            "too small: a /31",
+        ),
+        (
+            config("10.0.0.1/32", "10.0.0.1", "10.0.0.1", ""),
+            "too small: a /32",
+        ),
+        (
+            config("fd00::/64", "fd00::1", "fd00::9", ""),
+            "IPv6 is not supported yet: cidr",
+        ),
+        (
+            config("10.0.0.0/24", "fd00::1", "10.0.0.9", ""),
+            "IPv6 is not supported yet: pool start",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.0.2", "10.0.0.9", "::1"),
+            "IPv6 is not supported yet: serverIP",
+        ),
+        (
+            config("10.0.0.0/33", "10.0.0.1", "10.0.0.9", ""),
+            "not a valid IPv4 CIDR",
+        ),
+        (
+            config("banana", "10.0.0.1", "10.0.0.9", ""),
+            "not a valid IPv4 CIDR",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.1.1", "10.0.0.9", ""),
+            "pool start 10.0.1.1 is not within subnet 10.0.0.0/24",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.0.1", "10.0.1.9", ""),
+            "pool end 10.0.1.9 is not within subnet",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.0.9", "10.0.0.1", ""),
+            "pool end 10.0.0.1 is less than pool start 10.0.0.9",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.0.1", "10.0.0.9", "10.0.1.1"),
+            "serverIP 10.0.1.1 is not within subnet",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.0.1", "10.0.0.x", ""),
+            "pool end \"10.0.0.x\" is not a valid IPv4 address",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.0.0", "10.0.0.0", ""),
+            "holds no usable address",
+        ),
+        (
+            config("10.0.0.0/24", "10.0.0.255", "10.0.0.255", ""),
+            "holds no usable address",
+        ),
     ];
     for (cfg, want) in cases {
         let err = PoolLayout::from_config(cfg).expect_err(want).to_string();
@@ -63,11 +110,15 @@ fn layout_errors_are_precise() {
     }
     let mut bad_router = config("10.0.0.0/24", "10.0.0.1", "10.0.0.9", "");
     bad_router.router = Some("10.0.0.256".into());
-    let err = PoolLayout::from_config(&bad_router).expect_err("router").to_string();
+    let err = PoolLayout::from_config(&bad_router)
+        .expect_err("router")
+        .to_string();
     assert!(err.contains("router \"10.0.0.256\""), "{err}");
     let mut bad_exclude = config("10.0.0.0/24", "10.0.0.1", "10.0.0.9", "");
     bad_exclude.pool.exclude = Some(vec!["10.0.0.3".into(), "nope".into()]);
-    let err = PoolLayout::from_config(&bad_exclude).expect_err("exclude").to_string();
+    let err = PoolLayout::from_config(&bad_exclude)
+        .expect_err("exclude")
+        .to_string();
     assert!(err.contains("pool exclude entry \"nope\""), "{err}");
 }
 
@@ -77,7 +128,10 @@ fn slash_30_has_exactly_one_client_address() {
     assert_eq!((pool.used(), pool.available()), (0, 1));
     assert_eq!(pool.allocate_lowest(), Ok(ip("10.0.0.2")));
     let err = pool.allocate_lowest().expect_err("full").to_string();
-    assert!(err.contains("no free address left in pool range 10.0.0.0-10.0.0.3"), "{err}");
+    assert!(
+        err.contains("no free address left in pool range 10.0.0.0-10.0.0.3"),
+        "{err}"
+    );
     assert!(err.contains("1 allocated, 1 excluded or reserved"), "{err}");
 }
 
@@ -88,9 +142,20 @@ fn network_and_broadcast_are_never_handed_out() {
     while let Ok(addr) = pool.allocate_lowest() {
         got.push(addr.to_string());
     }
-    assert_eq!(got, ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]);
-    assert!(matches!(pool.check_static(ip("10.0.0.0")), Err(IpamError::NetworkAddress { .. })));
-    assert!(matches!(pool.check_static(ip("10.0.0.7")), Err(IpamError::BroadcastAddress { .. })));
+    assert_eq!(
+        got,
+        [
+            "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"
+        ]
+    );
+    assert!(matches!(
+        pool.check_static(ip("10.0.0.0")),
+        Err(IpamError::NetworkAddress { .. })
+    ));
+    assert!(matches!(
+        pool.check_static(ip("10.0.0.7")),
+        Err(IpamError::BroadcastAddress { .. })
+    ));
 }
 
 #[test]
@@ -105,8 +170,14 @@ fn static_errors_name_the_real_reason() {
         ("10.0.0.10", "address 10.0.0.10 is reserved"),
         ("10.0.0.11", "address 10.0.0.11 is reserved"),
         ("10.0.0.15", "address 10.0.0.15 is already allocated"),
-        ("10.0.0.21", "address 10.0.0.21 is outside the pool range 10.0.0.10-10.0.0.20"),
-        ("10.0.1.1", "address 10.0.1.1 is not within subnet 10.0.0.0/24"),
+        (
+            "10.0.0.21",
+            "address 10.0.0.21 is outside the pool range 10.0.0.10-10.0.0.20",
+        ),
+        (
+            "10.0.1.1",
+            "address 10.0.1.1 is not within subnet 10.0.0.0/24",
+        ),
         ("10.0.0.255", "broadcast address"),
         ("10.0.0.0", "network address"),
     ];
@@ -137,7 +208,12 @@ fn lowest_free_after_release_and_release_errors() {
 
 #[test]
 fn slash_16_fills_exactly() {
-    let mut pool = ipam(&config("10.1.0.0/16", "10.1.0.0", "10.1.255.255", "10.1.0.1"));
+    let mut pool = ipam(&config(
+        "10.1.0.0/16",
+        "10.1.0.0",
+        "10.1.255.255",
+        "10.1.0.1",
+    ));
     assert_eq!(pool.available(), 65_533);
     let mut last = None;
     while let Ok(addr) = pool.allocate_lowest() {
@@ -248,7 +324,7 @@ proptest! {
                 },
                 Op::Static(o) => {
                     let addr = Ipv4Addr::new(172, 16, 0, o);
-                    let free = o >= 1 && o <= 62 && !blocked.contains(&addr) && !model.contains(&addr);
+                    let free = (1..=62).contains(&o) && !blocked.contains(&addr) && !model.contains(&addr);
                     let got = pool.allocate_static(addr);
                     prop_assert_eq!(got.is_ok(), free, "static {} gave {:?}", addr, got);
                     if free { model.insert(addr); }
