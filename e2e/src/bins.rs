@@ -1,0 +1,58 @@
+//! Where the upstream test binaries are: built once per machine by `e2e/build-bins.sh` into
+//! a cache keyed by their versions (e2e/go/VERSIONS).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+const VERSIONS: &str = include_str!("../go/VERSIONS");
+
+fn version(key: &str) -> Option<&'static str> {
+    VERSIONS.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('='))
+    })
+}
+
+/// The cache key `build-bins.sh` uses for the pinned versions.
+pub fn cache_key() -> Result<String> {
+    match (version("K8S_VERSION"), version("ETCD_VERSION"), version("HELM_VERSION")) {
+        (Some(k), Some(e), Some(h)) => Ok(format!("k8s-{k}_etcd-{e}_helm-{h}")),
+        _ => bail!("e2e/go/VERSIONS lacks K8S_VERSION, ETCD_VERSION or HELM_VERSION"),
+    }
+}
+
+/// The directory holding kube-apiserver, etcd, kubectl and helm.
+pub fn bin_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("VM_DHCP_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let root = std::env::var_os("VM_DHCP_BIN_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| Path::new(&c).join("vm-dhcp/bins")))
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/vm-dhcp/bins")))
+                .unwrap_or_else(|| PathBuf::from("/tmp/vm-dhcp/bins"));
+            root.join(cache_key()?)
+        }
+    };
+    for bin in ["kube-apiserver", "etcd", "kubectl", "helm"] {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "{} is missing: build the e2e binaries with `make e2e-bins` (or set VM_DHCP_BIN_DIR)",
+                dir.join(bin).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cache_key_matches_the_build_script_formula() {
+        let key = super::cache_key().expect("VERSIONS is complete");
+        assert!(key.starts_with("k8s-v1.34."), "{key}");
+        assert!(key.contains("_etcd-v3.") && key.contains("_helm-v3."), "{key}");
+    }
+}
