@@ -39,24 +39,6 @@ if all_present; then
     exit 0
 fi
 
-mkdir -p "$dir"
-
-# Serialise concurrent callers (e.g. parallel test runs) on the same key.
-if command -v flock >/dev/null 2>&1; then
-    exec 9>"$dir/.lock"
-    flock 9
-    if all_present; then
-        log "up to date (built by another process): $dir"
-        printf '%s\n' "$dir"
-        exit 0
-    fi
-fi
-# Leftovers of killed builds; and our own temp files if we are interrupted.
-rm -f "$dir"/.*.tmp.* 2>/dev/null || true
-trap 'rm -f "$dir"/.*.tmp.$$' EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 command -v go >/dev/null 2>&1 || die "go not found on PATH (need Go >= 1.26)"
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOWORK=off
@@ -75,6 +57,24 @@ check_pin() { # module-dir module want
 check_pin go/kube k8s.io/kubernetes "$K8S_VERSION"
 check_pin go/kube go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin go/helm helm.sh/helm/v3 "$HELM_VERSION"
+
+mkdir -p "$dir"
+
+# Serialise concurrent callers (e.g. parallel test runs) on the same key.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$dir/.lock"
+    flock 9
+    if all_present; then
+        log "up to date (built by another process): $dir"
+        printf '%s\n' "$dir"
+        exit 0
+    fi
+fi
+# Leftovers of killed builds; and our own temp files if we are interrupted.
+rm -f "$dir"/.*.tmp.* 2>/dev/null || true
+trap 'rm -f "$dir"/.*.tmp.$$' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 k8s_minor=$(echo "$K8S_VERSION" | cut -d. -f2)
 kube_ver_flags=""
