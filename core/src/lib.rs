@@ -1,9 +1,11 @@
-//! The pure domain of vm-dhcp: custom resource types, IPAM and MAC rules.
+//! The pure domain of vm-dhcp: custom resource types, IPAM, MAC rules, and DHCP (lease
+//! table and reply decision).
 //!
 //! Nothing here does I/O: no async runtime, no Kubernetes client, no sockets. Adapters
 //! (webhook, apiserver, the binary) call into it; it is tested with plain `cargo test`.
 
 pub mod crd;
+pub mod dhcp;
 pub mod ipam;
 pub mod kubevirt;
 pub mod mac;
