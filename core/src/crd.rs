@@ -211,6 +211,11 @@ pub struct IPv4Status {
     /// Address → MAC, `EXCLUDED` or `RESERVED`: the one source of truth of the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated: Option<BTreeMap<String, String>>,
+    /// Address → owner (`<namespace>/<name>` of the VM and its vmnetcfg), written in the same
+    /// atomic update as `allocated` so that a MAC bound by one owner is refused to another.
+    /// Not in the Go version; entries it wrote have no owner until the controller adopts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owners: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub used: i64,
     #[serde(default)]
