@@ -4,6 +4,7 @@
 //! Nothing here does I/O: no async runtime, no Kubernetes client, no sockets. Adapters
 //! (webhook, apiserver, the binary) call into it; it is tested with plain `cargo test`.
 
+pub mod admission;
 pub mod alloc;
 pub mod crd;
 pub mod dhcp;
