@@ -1,23 +1,140 @@
-//! The admission adapter: decodes AdmissionReviews, asks the core for a decision, and
-//! answers. It never panics on a request body: anything it cannot read is answered with an
-//! HTTP 400 that says what was wrong, or a denial that names the field.
+//! The admission adapter: decodes AdmissionReviews, asks the core for a decision, commits
+//! allocations through the pool's committer, and answers. It never panics on a request
+//! body: anything it cannot read is answered with an HTTP 400 that says what was wrong, or a
+//! denial that names the field.
+
+pub mod committer;
+pub mod config;
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use ipnet::Ipv4Net;
+use kube::api::Api;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use vm_dhcp_core::PoolLayout;
-use vm_dhcp_core::crd::IPPool;
+use kube::runtime::reflector::Store;
+use serde::de::DeserializeOwned;
+use vm_dhcp_core::admission::{
+    ALLOCATIONS_ANNOTATION, NicPlan, PoolContext, ippool_defaults, network_key, nic_allocation,
+    plan_vm, plan_vmnetcfg, validate_ippool, validate_ippool_delete,
+};
+use vm_dhcp_core::alloc::{AllocRequest, Allocation, MacChoice};
+use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
+use vm_dhcp_core::kubevirt::VirtualMachine;
+
+pub use committer::{CommitError, Committer};
+pub use metrics::Metrics;
+
+/// Paths the webhook configurations point at.
+pub const PATH_MUTATE_IPPOOL: &str = "/v1/webhook/mutation/ippools";
+pub const PATH_VALIDATE_IPPOOL: &str = "/v1/webhook/validation/ippools";
+pub const PATH_MUTATE_VMNETCFG: &str = "/v1/webhook/mutation/virtualmachinenetworkconfigs";
+pub const PATH_VALIDATE_VMNETCFG: &str = "/v1/webhook/validation/virtualmachinenetworkconfigs";
+pub const PATH_MUTATE_VM: &str = "/v1/webhook/mutation/virtualmachines";
+
+/// What the handlers share.
+pub struct Webhook {
+    client: Option<kube::Client>,
+    pools: Store<IPPool>,
+    committers: Mutex<HashMap<(String, String), Committer>>,
+    service_cidr: Option<Ipv4Net>,
+    pub metrics: Metrics,
+}
+
+impl Webhook {
+    /// `client` is `None` only for in-process tests of decisions that need no commit.
+    pub fn new(
+        client: Option<kube::Client>,
+        pools: Store<IPPool>,
+        service_cidr: Option<Ipv4Net>,
+        metrics: Metrics,
+    ) -> Self {
+        Webhook {
+            client,
+            pools,
+            committers: Mutex::new(HashMap::new()),
+            service_cidr,
+            metrics,
+        }
+    }
+
+    /// The IPPool serving a network (`<namespace>/<name>`), from the cache.
+    fn pool_for(&self, network: &str) -> Option<Arc<IPPool>> {
+        self.pools.find(|p| {
+            network_key(&p.spec.network_name) == network && p.metadata.deletion_timestamp.is_none()
+        })
+    }
+
+    fn committer(&self, pool: &IPPool) -> Result<Committer, String> {
+        let ns = pool.metadata.namespace.clone().unwrap_or_default();
+        let name = pool.metadata.name.clone().unwrap_or_default();
+        let client = self
+            .client
+            .clone()
+            .ok_or("no Kubernetes client: allocation is unavailable")?;
+        let mut committers = self.committers.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (ns.clone(), name.clone());
+        if let Some(c) = committers.get(&key).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Committer::spawn(Api::namespaced(client, &ns), name, self.metrics.clone());
+        committers.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Commits the plans, grouped by network: per pool all or nothing.
+    async fn allocate(&self, plans: &[NicPlan], dry_run: bool) -> Result<Vec<Allocation>, String> {
+        let mut by_network: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, plan) in plans.iter().enumerate() {
+            by_network.entry(plan.network.as_str()).or_default().push(i);
+        }
+        let mut out: Vec<Option<Allocation>> = vec![None; plans.len()];
+        for (network, idx) in by_network {
+            let pool = self
+                .pool_for(network)
+                .ok_or_else(|| format!("network {network} has no IPPool any more"))?;
+            let committer = self.committer(&pool)?;
+            let reqs: Vec<AllocRequest> = idx.iter().map(|&i| plans[i].request.clone()).collect();
+            let got = committer
+                .allocate(reqs, dry_run)
+                .await
+                .map_err(|e| match e {
+                    CommitError::Alloc(a) => {
+                        let first = &plans[idx[0]];
+                        format!(
+                            "network {network}: {a} (requested for {})",
+                            first.request.owner
+                        )
+                    }
+                    other => other.to_string(),
+                })?;
+            for (&i, a) in idx.iter().zip(got) {
+                out[i] = Some(a);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
 
 /// The webhook's HTTP routes.
-pub fn router() -> Router {
+pub fn router(state: Arc<Webhook>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/webhooks/validation/ippool", post(validate_ippool))
+        .route(PATH_MUTATE_IPPOOL, post(mutate_ippool))
+        .route(PATH_VALIDATE_IPPOOL, post(validate_ippool_route))
+        .route(PATH_MUTATE_VMNETCFG, post(mutate_vmnetcfg))
+        .route(PATH_VALIDATE_VMNETCFG, post(validate_vmnetcfg))
+        .route(PATH_MUTATE_VM, post(mutate_vm))
+        .with_state(state)
 }
 
 /// Reads an AdmissionReview; a body that is not one is the caller's error, never ours.
@@ -36,31 +153,286 @@ fn read_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, (StatusCo
     })
 }
 
-async fn validate_ippool(body: Bytes) -> Response {
-    let req = match read_review(&body) {
-        Ok(req) => req,
-        Err(rejection) => return rejection.into_response(),
-    };
-    Json(validate_ippool_request(&req).into_review()).into_response()
+fn typed<K: DeserializeOwned>(obj: &DynamicObject, kind: &str) -> Result<K, String> {
+    serde_json::to_value(obj)
+        .and_then(serde_json::from_value)
+        .map_err(|e| format!("object is not a valid {kind}: {e}"))
 }
 
-fn validate_ippool_request(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-    let resp = AdmissionResponse::from(req);
-    if !matches!(req.operation, Operation::Create | Operation::Update) {
-        return resp;
+fn operation(op: &Operation) -> &'static str {
+    match op {
+        Operation::Create => "create",
+        Operation::Update => "update",
+        Operation::Delete => "delete",
+        Operation::Connect => "connect",
     }
-    let Some(object) = &req.object else {
-        return resp.deny("the request carries no object to validate");
+}
+
+/// Runs one admission: decodes, decides, records the metric, answers.
+async fn admit<F, Fut>(
+    state: &Webhook,
+    resource: &'static str,
+    kind: &'static str,
+    body: Bytes,
+    decide: F,
+) -> Response
+where
+    F: FnOnce(AdmissionRequest<DynamicObject>) -> Fut,
+    Fut: std::future::Future<Output = Result<AdmissionResponse, String>>,
+{
+    let req = match read_review(&body) {
+        Ok(req) => req,
+        Err(rejection) => {
+            state.metrics.admission(resource, "unknown", "malformed");
+            return rejection.into_response();
+        }
     };
-    let pool: IPPool = match serde_json::to_value(object).and_then(serde_json::from_value) {
-        Ok(pool) => pool,
-        Err(e) => return resp.deny(format!("object is not a valid IPPool: {e}")),
+    let op = operation(&req.operation);
+    let what = format!(
+        "{kind} {}/{}",
+        req.namespace.as_deref().unwrap_or_default(),
+        req.name
+    );
+    let base = AdmissionResponse::from(&req);
+    let resp = match decide(req).await {
+        Ok(resp) => {
+            state.metrics.admission(
+                resource,
+                op,
+                if resp.allowed { "allowed" } else { "denied" },
+            );
+            resp
+        }
+        Err(reason) => {
+            state.metrics.admission(resource, op, "denied");
+            tracing::info!(%what, %reason, "admission denied");
+            base.deny(format!("cannot {op} {what} because {reason}"))
+        }
     };
-    let Some(config) = &pool.spec.ipv4_config else {
-        return resp.deny("spec.ipv4Config is required");
-    };
-    match PoolLayout::from_config(config) {
-        Ok(_) => resp,
-        Err(e) => resp.deny(format!("spec.ipv4Config: {e}")),
+    Json(resp.into_review()).into_response()
+}
+
+fn with_patch(
+    resp: AdmissionResponse,
+    ops: Vec<serde_json::Value>,
+) -> Result<AdmissionResponse, String> {
+    if ops.is_empty() {
+        return Ok(resp);
     }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+        .map_err(|e| format!("building the patch: {e}"))?;
+    resp.with_patch(patch)
+        .map_err(|e| format!("serializing the patch: {e}"))
+}
+
+fn json_pointer_escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+async fn mutate_ippool(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
+    admit(&state, "ippools", "IPPool", body, |req| async move {
+        let resp = AdmissionResponse::from(&req);
+        if req.operation != Operation::Create {
+            return Ok(resp);
+        }
+        let obj = req.object.as_ref().ok_or("the request carries no object")?;
+        let raw = serde_json::to_value(obj).map_err(|e| e.to_string())?;
+        let ops = ippool_defaults(&raw)?
+            .into_iter()
+            .map(|d| serde_json::json!({"op": if d.exists { "replace" } else { "add" }, "path": d.path, "value": d.value}))
+            .collect::<Vec<_>>();
+        // `add` needs the parent objects to exist.
+        let mut parents = Vec::new();
+        if !ops.is_empty() && raw.pointer("/spec/ipv4Config/pool").is_none() {
+            parents.push(serde_json::json!({"op": "add", "path": "/spec/ipv4Config/pool", "value": {}}));
+        }
+        with_patch(resp, parents.into_iter().chain(ops).collect())
+    })
+    .await
+}
+
+async fn validate_ippool_route(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
+    let st = state.clone();
+    admit(&state, "ippools", "IPPool", body, |req| async move {
+        let resp = AdmissionResponse::from(&req);
+        match req.operation {
+            Operation::Delete => {
+                let old = req
+                    .old_object
+                    .as_ref()
+                    .ok_or("the request carries no old object")?;
+                validate_ippool_delete(&typed::<IPPool>(old, "IPPool")?)?;
+                Ok(resp)
+            }
+            Operation::Create | Operation::Update => {
+                let pool: IPPool = typed(
+                    req.object.as_ref().ok_or("the request carries no object")?,
+                    "IPPool",
+                )?;
+                if pool.metadata.deletion_timestamp.is_some() {
+                    return Ok(resp);
+                }
+                let old = req
+                    .old_object
+                    .as_ref()
+                    .map(|o| typed::<IPPool>(o, "IPPool"))
+                    .transpose()?;
+                let ctx = PoolContext {
+                    others: st
+                        .pools
+                        .state()
+                        .iter()
+                        .map(|p| {
+                            let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+                            let name = p.metadata.name.as_deref().unwrap_or_default();
+                            (format!("{ns}/{name}"), network_key(&p.spec.network_name))
+                        })
+                        .collect(),
+                    service_cidr: st.service_cidr,
+                };
+                validate_ippool(&pool, old.as_ref(), &ctx)?;
+                Ok(resp)
+            }
+            Operation::Connect => Ok(resp),
+        }
+    })
+    .await
+}
+
+async fn mutate_vmnetcfg(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
+    let st = state.clone();
+    admit(&state, "virtualmachinenetworkconfigs", "VirtualMachineNetworkConfig", body, |req| async move {
+        let resp = AdmissionResponse::from(&req);
+        if !matches!(req.operation, Operation::Create | Operation::Update) {
+            return Ok(resp);
+        }
+        let cfg: VirtualMachineNetworkConfig =
+            typed(req.object.as_ref().ok_or("the request carries no object")?, "VirtualMachineNetworkConfig")?;
+        if cfg.metadata.deletion_timestamp.is_some() || cfg.spec.paused == Some(true) {
+            return Ok(resp);
+        }
+        let namespace = req.namespace.clone().unwrap_or_default();
+        let plans = plan_vmnetcfg(&cfg, &namespace, |n| st.pool_for(n).is_some())?;
+        let got = st.allocate(&plans, req.dry_run).await?;
+        let entries = cfg.spec.network_configs.unwrap_or_default();
+        let ops = plans
+            .iter()
+            .zip(&got)
+            .filter(|(p, a)| entries[p.index].ip_address.as_deref() != Some(a.ip.to_string().as_str()))
+            .map(|(p, a)| {
+                let op = if entries[p.index].ip_address.is_some() { "replace" } else { "add" };
+                serde_json::json!({"op": op, "path": format!("/spec/networkConfigs/{}/ipAddress", p.index), "value": a.ip.to_string()})
+            })
+            .collect();
+        with_patch(resp, ops)
+    })
+    .await
+}
+
+async fn validate_vmnetcfg(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
+    let st = state.clone();
+    admit(&state, "virtualmachinenetworkconfigs", "VirtualMachineNetworkConfig", body, |req| async move {
+        let resp = AdmissionResponse::from(&req);
+        if !matches!(req.operation, Operation::Create | Operation::Update) {
+            return Ok(resp);
+        }
+        let cfg: VirtualMachineNetworkConfig =
+            typed(req.object.as_ref().ok_or("the request carries no object")?, "VirtualMachineNetworkConfig")?;
+        let namespace = req.namespace.clone().unwrap_or_default();
+        let plans = plan_vmnetcfg(&cfg, &namespace, |n| st.pool_for(n).is_some())?;
+        // After mutation every managed entry carries the address it holds.
+        if cfg.spec.paused != Some(true) && cfg.metadata.deletion_timestamp.is_none() {
+            if let Some(p) = plans.iter().find(|p| p.request.want.is_none()) {
+                return Err(format!(
+                    "spec.networkConfigs[{}].ipAddress was not allocated (is the mutating webhook registered?)",
+                    p.index
+                ));
+            }
+        }
+        Ok(resp)
+    })
+    .await
+}
+
+async fn mutate_vm(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
+    let st = state.clone();
+    admit(&state, "virtualmachines", "VirtualMachine", body, |req| async move {
+        let resp = AdmissionResponse::from(&req);
+        if !matches!(req.operation, Operation::Create | Operation::Update) {
+            return Ok(resp);
+        }
+        let obj = req.object.as_ref().ok_or("the request carries no object")?;
+        let mut vm: VirtualMachine = typed(obj, "VirtualMachine")?;
+        if vm.metadata.namespace.is_none() {
+            vm.metadata.namespace = req.namespace.clone();
+        }
+        if vm.metadata.deletion_timestamp.is_some() {
+            return Ok(resp);
+        }
+        let plans = plan_vm(&vm, |n| st.pool_for(n).is_some())?;
+        if let (Operation::Update, Some(old)) = (&req.operation, req.old_object.as_ref()) {
+            let mut old_vm: VirtualMachine = typed(old, "VirtualMachine")?;
+            old_vm.metadata.namespace = vm.metadata.namespace.clone();
+            let old_plans = plan_vm(&old_vm, |n| st.pool_for(n).is_some()).unwrap_or_default();
+            let recorded = vm.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ALLOCATIONS_ANNOTATION));
+            if old_plans == plans && recorded {
+                return Ok(resp); // no NIC changed: nothing to allocate
+            }
+        }
+        if plans.is_empty() {
+            return Ok(resp);
+        }
+        let got = st.allocate(&plans, req.dry_run).await?;
+        let mut ops = Vec::new();
+        for (plan, a) in plans.iter().zip(&got) {
+            if matches!(plan.request.mac, MacChoice::Generate { .. }) {
+                ops.push(serde_json::json!({"op": "add",
+                    "path": format!("/spec/template/spec/domain/devices/interfaces/{}/macAddress", plan.index),
+                    "value": a.mac.to_string()}));
+            }
+        }
+        let record: Vec<_> = plans.iter().zip(&got).map(|(p, a)| nic_allocation(p, a)).collect();
+        let value = serde_json::to_string(&record).map_err(|e| e.to_string())?;
+        if vm.metadata.annotations.is_none() {
+            ops.push(serde_json::json!({"op": "add", "path": "/metadata/annotations",
+                "value": {ALLOCATIONS_ANNOTATION: value}}));
+        } else {
+            ops.push(serde_json::json!({"op": "add",
+                "path": format!("/metadata/annotations/{}", json_pointer_escape(ALLOCATIONS_ANNOTATION)),
+                "value": value}));
+        }
+        with_patch(resp, ops)
+    })
+    .await
+}
+
+/// Starts the IPPool cache (a reflector over every namespace) and returns the webhook state
+/// once the cache has synced: readiness means the cache is complete.
+pub async fn start(
+    client: kube::Client,
+    service_cidr: Option<Ipv4Net>,
+    metrics: Metrics,
+) -> Result<Arc<Webhook>, kube::runtime::reflector::store::WriterDropped> {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+    let (store, writer) = reflector::store();
+    let pools: Api<IPPool> = Api::all(client.clone());
+    let stream = reflector(writer, watcher(pools, watcher::Config::default()))
+        .default_backoff()
+        .applied_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "IPPool watch failed; retrying");
+            }
+        }
+    });
+    store.wait_until_ready().await?;
+    Ok(Arc::new(Webhook::new(
+        Some(client),
+        store,
+        service_cidr,
+        metrics,
+    )))
 }

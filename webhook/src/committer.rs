@@ -1,0 +1,217 @@
+//! One committer per pool: it gathers the allocation jobs that arrive while a write is in
+//! flight and commits them together (group commit) as one merge patch of `status.ipv4`
+//! guarded by the pool's resourceVersion. On 409 Conflict (another replica wrote) it reads
+//! the pool again and decides again, so IP and MAC uniqueness are checked inside the very
+//! update that makes them durable.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use tokio::sync::{mpsc, oneshot};
+use vm_dhcp_core::PoolLayout;
+use vm_dhcp_core::alloc::{AllocError, AllocRequest, Allocation, PoolBook};
+use vm_dhcp_core::crd::{IPPool, IPv4Status};
+
+use crate::metrics::Metrics;
+
+/// Jobs taken into one commit at most.
+const MAX_BATCH: usize = 512;
+/// Conflicts tolerated for one batch before giving up (each one means another writer won).
+const MAX_ATTEMPTS: u32 = 50;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    #[error("{0}")]
+    Alloc(#[from] AllocError),
+    #[error("IPPool {pool}: {message}")]
+    Pool { pool: String, message: String },
+    #[error("could not commit the allocation to IPPool {pool}: {message}; retry the request")]
+    Api { pool: String, message: String },
+}
+
+struct Job {
+    requests: Vec<AllocRequest>,
+    dry_run: bool,
+    reply: oneshot::Sender<Result<Vec<Allocation>, CommitError>>,
+}
+
+/// The handle to one pool's committer task.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    pub fn spawn(api: Api<IPPool>, name: String, metrics: Metrics) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(run(api, name, rx, metrics));
+        Committer { tx }
+    }
+
+    /// Allocates every request or none, durably (unless `dry_run`), and returns the results.
+    pub async fn allocate(
+        &self,
+        requests: Vec<AllocRequest>,
+        dry_run: bool,
+    ) -> Result<Vec<Allocation>, CommitError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || CommitError::Api {
+            pool: "?".into(),
+            message: "the committer stopped".into(),
+        };
+        self.tx
+            .send(Job {
+                requests,
+                dry_run,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+async fn run(api: Api<IPPool>, name: String, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
+    let pool_name = format!("{}/{name}", api.namespace().unwrap_or_default());
+    // The pool as our last write left it: saves a read per batch while we are the only writer.
+    let mut cached: Option<IPPool> = None;
+    while let Some(first) = rx.recv().await {
+        let started = Instant::now();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = commit_batch(&api, &name, &pool_name, &mut cached, &batch, &metrics).await;
+        metrics.observe_commit(started.elapsed(), batch.len());
+        match outcome {
+            Ok(results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+type JobResult = Result<Vec<Allocation>, CommitError>;
+
+async fn commit_batch(
+    api: &Api<IPPool>,
+    name: &str,
+    pool_name: &str,
+    cached: &mut Option<IPPool>,
+    batch: &[Job],
+    metrics: &Metrics,
+) -> Result<Vec<JobResult>, CommitError> {
+    let api_err = |e: kube::Error| CommitError::Api {
+        pool: pool_name.to_string(),
+        message: e.to_string(),
+    };
+    for attempt in 0..MAX_ATTEMPTS {
+        let pool = match cached.take() {
+            Some(pool) => pool,
+            None => api.get(name).await.map_err(api_err)?,
+        };
+        let pool_err = |message: String| CommitError::Pool {
+            pool: pool_name.to_string(),
+            message,
+        };
+        if pool.metadata.deletion_timestamp.is_some() {
+            return Err(pool_err("the pool is being deleted".into()));
+        }
+        let config = pool
+            .spec
+            .ipv4_config
+            .as_ref()
+            .ok_or_else(|| pool_err("spec.ipv4Config is missing".into()))?;
+        let layout = PoolLayout::from_config(config).map_err(|e| pool_err(e.to_string()))?;
+        let before = pool.status.as_ref().and_then(|s| s.ipv4.clone());
+        let (mut book, _issues) =
+            PoolBook::from_status(layout, before.as_ref()).map_err(|e| pool_err(e.to_string()))?;
+        let results: Vec<JobResult> = batch
+            .iter()
+            .map(|job| {
+                if job.dry_run {
+                    book.clone()
+                        .allocate_all(&job.requests)
+                        .map_err(CommitError::from)
+                } else {
+                    book.allocate_all(&job.requests).map_err(CommitError::from)
+                }
+            })
+            .collect();
+        if !book.is_dirty() {
+            *cached = Some(pool);
+            return Ok(results);
+        }
+        let patch = status_patch(&pool, before.as_ref(), &book.status());
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(updated) => {
+                *cached = Some(updated);
+                metrics.committed(results.iter().filter(|r| r.is_ok()).count());
+                return Ok(results);
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                metrics.conflict();
+                // Another writer won: read again and decide again.
+                if attempt > 3 {
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
+                }
+            }
+            Err(e) => return Err(api_err(e)),
+        }
+    }
+    Err(CommitError::Api {
+        pool: pool_name.to_string(),
+        message: format!("{MAX_ATTEMPTS} write conflicts in a row"),
+    })
+}
+
+/// A merge patch carrying only what changed, guarded by the resourceVersion that was read
+/// (the apiserver answers 409 when it moved on).
+fn status_patch(
+    pool: &IPPool,
+    before: Option<&IPv4Status>,
+    after: &IPv4Status,
+) -> serde_json::Value {
+    fn added(
+        before: Option<&BTreeMap<String, String>>,
+        after: Option<&BTreeMap<String, String>>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        after
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| before.and_then(|b| b.get(*k)) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect()
+    }
+    serde_json::json!({
+        "metadata": {"resourceVersion": pool.metadata.resource_version},
+        "status": {
+            "lastUpdate": Time(k8s_openapi::jiff::Timestamp::now()),
+            "ipv4": {
+                "allocated": added(before.and_then(|b| b.allocated.as_ref()), after.allocated.as_ref()),
+                "owners": added(before.and_then(|b| b.owners.as_ref()), after.owners.as_ref()),
+                "used": after.used,
+                "available": after.available,
+            }
+        }
+    })
+}

@@ -1,0 +1,122 @@
+//! The webhook configurations, generated here so that the chart, the self-managed mode and
+//! the tests register exactly the same rules.
+//!
+//! Narrowness matters: a webhook outage must not block unrelated writes. VirtualMachine
+//! updates reach us only when their template or a static-IP annotation changed, or when no
+//! allocation is recorded yet (`matchConditions`); status updates never do (the rules name
+//! the main resource only).
+
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use serde_json::json;
+
+use crate::{
+    PATH_MUTATE_IPPOOL, PATH_MUTATE_VM, PATH_MUTATE_VMNETCFG, PATH_VALIDATE_IPPOOL,
+    PATH_VALIDATE_VMNETCFG,
+};
+
+/// Where the apiserver reaches the webhook.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// The in-cluster Service (port 443).
+    Service { namespace: String, name: String },
+    /// A URL base such as `https://127.0.0.1:8443` (tests, out-of-cluster runs).
+    Url(String),
+}
+
+impl Endpoint {
+    fn client_config(&self, path: &str, ca_bundle: &str) -> serde_json::Value {
+        match self {
+            Endpoint::Service { namespace, name } => json!({
+                "service": {"namespace": namespace, "name": name, "path": path, "port": 443},
+                "caBundle": ca_bundle,
+            }),
+            Endpoint::Url(base) => json!({
+                "url": format!("{}{path}", base.trim_end_matches('/')),
+                "caBundle": ca_bundle,
+            }),
+        }
+    }
+}
+
+/// Allocation webhooks answer well within the apiserver's own request timeout.
+const TIMEOUT_SECONDS: i32 = 10;
+
+/// The CEL condition under which a VirtualMachine request is sent to us.
+pub const VM_MATCH_CONDITION: &str = "request.operation == 'CREATE' \
+    || !has(oldObject.spec.template) || !has(object.spec.template) \
+    || object.spec.template != oldObject.spec.template \
+    || !has(object.metadata.annotations) \
+    || !('dhcp.harvesterhci.io/allocations' in object.metadata.annotations) \
+    || object.metadata.annotations.exists(k, k.startsWith('static-ip.harvesterhci.io/') \
+         && (!has(oldObject.metadata.annotations) || !(k in oldObject.metadata.annotations) \
+             || oldObject.metadata.annotations[k] != object.metadata.annotations[k]))";
+
+fn rule(group: &str, version: &str, resource: &str, ops: &[&str]) -> serde_json::Value {
+    json!({"apiGroups": [group], "apiVersions": [version], "resources": [resource],
+           "operations": ops, "scope": "Namespaced"})
+}
+
+/// (mutating, validating) configurations, both named `name`. `ca_bundle` is base64 PEM.
+pub fn webhook_configurations(
+    name: &str,
+    endpoint: &Endpoint,
+    ca_bundle: &str,
+) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+    let net = "network.harvesterhci.io";
+    let common = |hook: &str, path: &str, rules: serde_json::Value, side_effects: &str| {
+        json!({
+            "name": format!("{hook}.{name}.harvesterhci.io"),
+            "clientConfig": endpoint.client_config(path, ca_bundle),
+            "rules": rules,
+            "failurePolicy": "Fail",
+            "sideEffects": side_effects,
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": TIMEOUT_SECONDS,
+            "matchPolicy": "Equivalent",
+        })
+    };
+    let mut vm = common(
+        "virtualmachines.mutator",
+        PATH_MUTATE_VM,
+        json!([rule(
+            "kubevirt.io",
+            "v1",
+            "virtualmachines",
+            &["CREATE", "UPDATE"]
+        )]),
+        "NoneOnDryRun",
+    );
+    vm["reinvocationPolicy"] = "IfNeeded".into();
+    vm["matchConditions"] =
+        json!([{"name": "nics-or-static-ips-changed", "expression": VM_MATCH_CONDITION}]);
+    let mutating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "vm-dhcp"}},
+        "webhooks": [
+            common("ippools.mutator", PATH_MUTATE_IPPOOL,
+                   json!([rule(net, "v1alpha1", "ippools", &["CREATE"])]), "None"),
+            common("vmnetcfgs.mutator", PATH_MUTATE_VMNETCFG,
+                   json!([rule(net, "v1alpha1", "virtualmachinenetworkconfigs", &["CREATE", "UPDATE"])]),
+                   "NoneOnDryRun"),
+            vm,
+        ]
+    });
+    let validating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "vm-dhcp"}},
+        "webhooks": [
+            common("ippools.validator", PATH_VALIDATE_IPPOOL,
+                   json!([rule(net, "v1alpha1", "ippools", &["CREATE", "UPDATE", "DELETE"])]), "None"),
+            common("vmnetcfgs.validator", PATH_VALIDATE_VMNETCFG,
+                   json!([rule(net, "v1alpha1", "virtualmachinenetworkconfigs", &["CREATE", "UPDATE"])]), "None"),
+        ]
+    });
+    (
+        serde_json::from_value(mutating).expect("static mutating configuration shape"),
+        serde_json::from_value(validating).expect("static validating configuration shape"),
+    )
+}
