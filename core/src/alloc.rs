@@ -17,7 +17,9 @@ use crate::mac::MacAddr;
 pub enum MacChoice {
     Given(MacAddr),
     /// Pick a stable locally administered MAC from this seed that no one holds in the network.
-    Generate { seed: u64 },
+    Generate {
+        seed: u64,
+    },
 }
 
 /// One NIC's request.
@@ -79,9 +81,7 @@ impl PoolBook {
         layout: PoolLayout,
         status: Option<&IPv4Status>,
     ) -> Result<(Self, Vec<RebuildIssue>), IpamError> {
-        let allocated = status
-            .and_then(|s| s.allocated.clone())
-            .unwrap_or_default();
+        let allocated = status.and_then(|s| s.allocated.clone()).unwrap_or_default();
         let owners = status.and_then(|s| s.owners.clone()).unwrap_or_default();
         let (ipam, issues) = Ipam::rebuild(layout, &allocated)?;
         let by_mac = allocated
@@ -120,8 +120,8 @@ impl PoolBook {
             )
             .collect();
         for (ip, mark) in marks {
-            if !self.allocated.contains_key(&ip) {
-                self.allocated.insert(ip, mark.to_string());
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.allocated.entry(ip) {
+                slot.insert(mark.to_string());
                 self.dirty = true;
             }
         }

@@ -341,13 +341,12 @@ async fn validate_vmnetcfg(State(state): State<Arc<Webhook>>, body: Bytes) -> Re
         let namespace = req.namespace.clone().unwrap_or_default();
         let plans = plan_vmnetcfg(&cfg, &namespace, |n| st.pool_for(n).is_some())?;
         // After mutation every managed entry carries the address it holds.
-        if cfg.spec.paused != Some(true) && cfg.metadata.deletion_timestamp.is_none() {
-            if let Some(p) = plans.iter().find(|p| p.request.want.is_none()) {
-                return Err(format!(
-                    "spec.networkConfigs[{}].ipAddress was not allocated (is the mutating webhook registered?)",
-                    p.index
-                ));
-            }
+        let active = cfg.spec.paused != Some(true) && cfg.metadata.deletion_timestamp.is_none();
+        if let Some(p) = plans.iter().find(|p| active && p.request.want.is_none()) {
+            return Err(format!(
+                "spec.networkConfigs[{}].ipAddress was not allocated (is the mutating webhook registered?)",
+                p.index
+            ));
         }
         Ok(resp)
     })
