@@ -1,5 +1,6 @@
 //! Command line: every flag also reads an environment variable.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -19,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the CustomResourceDefinitions (IPPool, VirtualMachineNetworkConfig) as YAML.
     Crd(CrdArgs),
+    /// Serve DHCPv4 for one IP pool on one interface.
+    Agent(AgentArgs),
 }
 
 #[derive(Args, Debug)]
@@ -27,4 +30,49 @@ pub struct CrdArgs {
     /// printing a multi-document YAML stream.
     #[arg(long, env = "VM_DHCP_CRD_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The IPPool to serve, as <namespace>/<name> (cluster mode, watched through the API).
+    #[arg(long, env = "IPPOOL_REF")]
+    pub ippool_ref: Option<String>,
+
+    /// Serve the IPPool in this YAML file (with status.ipv4.allocated) instead of watching the
+    /// cluster; the file is reloaded when it changes. Offline mode: no cluster needed.
+    #[arg(long, env = "VM_DHCP_AGENT_IPPOOL_FILE")]
+    pub ippool_file: Option<PathBuf>,
+
+    /// Network interface to serve DHCP on (the pool's VM network).
+    #[arg(long, env = "VM_DHCP_AGENT_NIC", default_value = "eth1")]
+    pub nic: String,
+
+    /// Receive and decide, log each reply that would be sent, send nothing.
+    #[arg(long, env = "VM_DHCP_AGENT_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Name of this agent (used in logs).
+    #[arg(long, env = "VM_DHCP_AGENT_NAME")]
+    pub name: Option<String>,
+
+    /// Address of the HTTP server (/healthz, /readyz, /leases, /api/v1/leases, /metrics).
+    #[arg(long, env = "VM_DHCP_AGENT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Kubeconfig for cluster mode (in-cluster configuration when absent).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Seconds between full rebuilds of the lease table, which also re-resolve NTP server
+    /// names.
+    #[arg(long, env = "VM_DHCP_AGENT_RESYNC_SECONDS", default_value_t = 300)]
+    pub resync_seconds: u64,
+
+    /// Log at debug level (RUST_LOG, when set, takes precedence).
+    #[arg(long, env = "VM_DHCP_AGENT_DEBUG")]
+    pub debug: bool,
+
+    /// Log at trace level (RUST_LOG, when set, takes precedence).
+    #[arg(long, env = "VM_DHCP_AGENT_TRACE")]
+    pub trace: bool,
 }

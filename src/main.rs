@@ -1,5 +1,6 @@
 //! `vm-dhcp`: one binary, one subcommand per component.
 
+mod agent;
 mod cli;
 
 use anyhow::Context;
@@ -9,6 +10,7 @@ fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Crd(args) => print_crds(args),
+        cli::Command::Agent(args) => agent::run(args),
     }
 }
 

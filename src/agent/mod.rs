@@ -1,0 +1,232 @@
+//! `vm-dhcp agent`: the DHCPv4 server of one pool.
+//!
+//! Pieces, each a task on one current-thread runtime:
+//! - a pool source sends whole IPPool snapshots (offline: a watched file; in the cluster, a
+//!   watch on the IPPool — next step) into a channel;
+//! - the table task turns each snapshot into a [`LeaseTable`] (resolving NTP host names) and
+//!   publishes it; a periodic resync rebuilds it and re-resolves names;
+//! - the DHCP task owns the socket: receive → decide (pure, in core) → send;
+//! - the HTTP task serves health, readiness, leases and metrics.
+//!
+//! `active` is the hook for active/standby (a Lease lock, next step): a standby keeps its
+//! table warm and answers nothing. Offline there is no lock, so the agent is always active.
+
+mod http;
+mod metrics;
+mod packet;
+mod socket;
+mod source;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use vm_dhcp_core::dhcp::{LeaseBook, LeaseTable};
+
+use crate::cli::AgentArgs;
+
+pub use metrics::Metrics;
+
+/// What the tasks share.
+pub struct AgentState {
+    pub name: String,
+    pub dry_run: bool,
+    /// The table in force; `None` until the first pool snapshot is loaded.
+    pub table: watch::Sender<Option<Arc<LeaseTable>>>,
+    pub book: Mutex<LeaseBook>,
+    pub metrics: Metrics,
+    pub registry: Registry,
+    pub socket_bound: AtomicBool,
+    /// Only an active agent answers (see the module docs).
+    pub active: AtomicBool,
+}
+
+impl AgentState {
+    pub fn new(name: String, dry_run: bool) -> Self {
+        let mut registry = Registry::with_prefix("vmdhcp_agent");
+        let metrics = Metrics::register(&mut registry);
+        AgentState {
+            name,
+            dry_run,
+            table: watch::Sender::new(None),
+            book: Mutex::new(LeaseBook::new()),
+            metrics,
+            registry,
+            socket_bound: AtomicBool::new(false),
+            active: AtomicBool::new(true),
+        }
+    }
+
+    pub fn current_table(&self) -> Option<Arc<LeaseTable>> {
+        self.table.borrow().clone()
+    }
+
+    /// The lease book; a panic elsewhere while holding it cannot leave it half-written in a
+    /// way that matters (it is activity, rebuilt by traffic), so poisoning is ignored.
+    pub fn book(&self) -> MutexGuard<'_, LeaseBook> {
+        self.book
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Ready means: the socket is bound and a lease table is loaded.
+    pub fn is_ready(&self) -> bool {
+        self.socket_bound.load(Ordering::Relaxed) && self.table.borrow().is_some()
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); only SIGINT stops the agent");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
+
+/// Waits until the shutdown flag flips (or its sender is gone).
+pub async fn stopped(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn init_logging(args: &AgentArgs) {
+    use tracing_subscriber::EnvFilter;
+    let level = if args.trace {
+        "trace"
+    } else if args.debug {
+        "debug"
+    } else {
+        "info"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // try_init: a second subscriber (tests) is not an error worth dying for.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    init_logging(&args);
+    let Some(file) = args.ippool_file.clone() else {
+        match &args.ippool_ref {
+            Some(pool) => bail!(
+                "--ippool-ref {pool}: cluster mode (watching the IPPool through the API) lands with the next step of the agent; for now run offline with --ippool-file <pool.yaml>"
+            ),
+            None => bail!(
+                "nothing to serve: pass --ippool-file <pool.yaml> (offline) or --ippool-ref <namespace>/<name> (cluster)"
+            ),
+        }
+    };
+    if args.resync_seconds == 0 {
+        bail!("--resync-seconds must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args, file))
+}
+
+async fn serve(args: AgentArgs, file: std::path::PathBuf) -> anyhow::Result<()> {
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("vm-dhcp-agent-{}", args.nic));
+    if let Some(pool) = &args.ippool_ref {
+        tracing::info!(
+            ippool_ref = %pool,
+            "--ippool-ref noted; --ippool-file is served (offline mode)"
+        );
+    }
+    if let Some(kubeconfig) = &args.kubeconfig {
+        tracing::debug!(kubeconfig = %kubeconfig.display(), "kubeconfig is not used offline");
+    }
+    let state = Arc::new(AgentState::new(name.clone(), args.dry_run));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let socket = socket::open(&args.nic).with_context(|| {
+        format!(
+            "opening the DHCP socket (UDP 0.0.0.0:67 on {nic}); the agent needs root or CAP_NET_BIND_SERVICE + CAP_NET_RAW, and the interface must exist in this network namespace (--nic)",
+            nic = args.nic
+        )
+    })?;
+    state.socket_bound.store(true, Ordering::Relaxed);
+
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the HTTP server to {} (--http-addr)",
+                args.http_addr
+            )
+        })?;
+
+    tracing::info!(
+        agent = %name,
+        nic = %args.nic,
+        pool_file = %file.display(),
+        http = %args.http_addr,
+        dry_run = args.dry_run,
+        "agent starting"
+    );
+
+    let (pool_tx, pool_rx) = watch::channel(None);
+    let file_task = tokio::spawn(source::watch_file(
+        file,
+        pool_tx,
+        state.clone(),
+        stop_rx.clone(),
+    ));
+    let table_task = tokio::spawn(source::build_tables(
+        pool_rx,
+        state.clone(),
+        Duration::from_secs(args.resync_seconds),
+        stop_rx.clone(),
+    ));
+    let dhcp_task = tokio::spawn(socket::serve(socket, state.clone(), stop_rx.clone()));
+    let http_task = tokio::spawn(http::serve(listener, state.clone(), stop_rx.clone()));
+
+    let mut dhcp_task = dhcp_task;
+    let result = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        r = &mut dhcp_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.context("the DHCP server stopped")),
+            Err(e) => Err(anyhow::anyhow!("the DHCP task failed: {e}")),
+        },
+    };
+    let _ = stop_tx.send(true);
+    for task in [file_task, table_task] {
+        let _ = task.await;
+    }
+    match http_task.await {
+        Ok(Err(e)) => tracing::warn!("HTTP server: {e:#}"),
+        Err(e) => tracing::warn!("HTTP task: {e}"),
+        Ok(Ok(())) => {}
+    }
+    if !dhcp_task.is_finished() {
+        let _ = dhcp_task.await;
+    }
+    tracing::info!("agent stopped");
+    result
+}
