@@ -51,6 +51,12 @@ crds:
 bench:
 	$(CARGO) bench --locked -p vm-dhcp-core
 
+## demo-agent: the DHCP agent offline in a network namespace, a real DHCP client in another (root).
+.PHONY: demo-agent
+demo-agent:
+	$(CARGO) build --locked --bin vm-dhcp
+	scripts/demo-agent.sh "$(CARGO_TARGET_DIR)/debug/vm-dhcp"
+
 run-controller:
 	$(CARGO) run --locked --bin vm-dhcp -- controller $(ARGS)
 

@@ -118,18 +118,32 @@ fn compat_leases(table: &LeaseTable) -> Map<String, Value> {
         .leases()
         .into_iter()
         .map(|(mac, ip)| {
-            let lease = json!({
-                "ServerIP": o.server_ip.to_string(),
-                "ClientIP": ip.to_string(),
-                "SubnetMask": base64_mask(o.subnet_mask()),
-                "Router": o.router.map(|r| r.to_string()).unwrap_or_default(),
-                "DNS": go_list(&o.dns),
-                "DomainName": o.domain_name.clone().unwrap_or_default(),
-                "DomainSearch": go_list(&o.domain_search),
-                "NTP": go_list(&o.ntp),
-                "LeaseTime": o.lease_time,
-            });
-            (mac.to_string(), Value::String(lease.to_string()))
+            // Go's field order (serde_json's map would sort the keys).
+            let fields: [(&str, Value); 9] = [
+                ("ServerIP", Value::String(o.server_ip.to_string())),
+                ("ClientIP", Value::String(ip.to_string())),
+                ("SubnetMask", Value::String(base64_mask(o.subnet_mask()))),
+                (
+                    "Router",
+                    Value::String(o.router.map(|r| r.to_string()).unwrap_or_default()),
+                ),
+                ("DNS", go_list(&o.dns)),
+                (
+                    "DomainName",
+                    Value::String(o.domain_name.clone().unwrap_or_default()),
+                ),
+                ("DomainSearch", go_list(&o.domain_search)),
+                ("NTP", go_list(&o.ntp)),
+                ("LeaseTime", Value::from(o.lease_time)),
+            ];
+            let body: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", Value::String((*k).to_string())))
+                .collect();
+            (
+                mac.to_string(),
+                Value::String(format!("{{{}}}", body.join(","))),
+            )
         })
         .collect()
 }
@@ -202,6 +216,37 @@ mod tests {
         assert_eq!(base64_mask(Ipv4Addr::new(255, 255, 240, 0)), "///wAA==");
         assert_eq!(base64_mask(Ipv4Addr::new(255, 255, 255, 252)), "/////A==");
         assert_eq!(base64_mask(Ipv4Addr::new(0, 0, 0, 0)), "AAAAAA==");
+    }
+
+    #[test]
+    fn compat_leases_have_the_seed_readme_shape() {
+        let pool: vm_dhcp_core::crd::IPPool = serde_yaml::from_str(
+            r#"
+metadata: {name: net-48, namespace: default}
+spec:
+  networkName: default/net-48
+  ipv4Config:
+    serverIP: 192.168.48.77
+    cidr: 192.168.48.0/24
+    pool: {start: 192.168.48.81, end: 192.168.48.90}
+    router: 192.168.48.1
+    dns: [1.1.1.1]
+    domainName: aibao.moe
+    domainSearch: [aibao.moe]
+    ntp: [122.117.253.246, 17.253.116.253, 114.35.131.27, 103.147.22.149]
+    leaseTime: 300
+status:
+  ipv4: {allocated: {192.168.48.86: "C6:D6:82:39:D3:C3"}, used: 1, available: 7}
+"#,
+        )
+        .expect("pool");
+        let table = LeaseTable::from_pool(&pool, &Default::default()).expect("servable pool");
+        let leases = compat_leases(&table);
+        // Byte for byte the seed README's first /leases entry.
+        assert_eq!(
+            leases["c6:d6:82:39:d3:c3"],
+            r#"{"ServerIP":"192.168.48.77","ClientIP":"192.168.48.86","SubnetMask":"////AA==","Router":"192.168.48.1","DNS":["1.1.1.1"],"DomainName":"aibao.moe","DomainSearch":["aibao.moe"],"NTP":["122.117.253.246","17.253.116.253","114.35.131.27","103.147.22.149"],"LeaseTime":300}"#
+        );
     }
 
     #[test]
