@@ -64,7 +64,7 @@ impl ControlPlane {
             return cp;
         }
         // Start on a thread of its own: it runs its own runtime, which cannot nest in ours.
-        let cp = tokio::task::spawn_blocking(|| {
+        tokio::task::spawn_blocking(|| {
             let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
             if CP.get().is_none() {
                 let started = std::thread::spawn(|| {
@@ -86,8 +86,7 @@ impl ControlPlane {
             CP.get().expect("control plane set above")
         })
         .await
-        .expect("control-plane start-up task");
-        cp
+        .expect("control-plane start-up task")
     }
 
     /// Starts etcd and kube-apiserver, waits until ready, installs the CRDs.
@@ -101,7 +100,10 @@ impl ControlPlane {
         let ca = Ca::new("vm-dhcp-e2e-ca")?;
         let serving_ca = Ca::new("vm-dhcp-e2e-serving-ca")?;
         let fp_ca = Ca::new("vm-dhcp-e2e-front-proxy-ca")?;
-        let apiserver_cert = ca.serving("kube-apiserver", &["127.0.0.1", "localhost", "kubernetes.default.svc"])?;
+        let apiserver_cert = ca.serving(
+            "kube-apiserver",
+            &["127.0.0.1", "localhost", "kubernetes.default.svc"],
+        )?;
         let admin = ca.client("admin", &["system:masters"])?;
         let fp_client = fp_ca.client(FRONT_PROXY_CLIENT, &[])?;
         let (sa_key, sa_pub) = crate::pki::service_account_keys()?;
@@ -203,9 +205,10 @@ impl ControlPlane {
     /// A new client on the caller's runtime (a kube Client is bound to the runtime that made
     /// it, and every `#[tokio::test]` has its own).
     pub async fn client(&self) -> Client {
-        let config = Config::from_custom_kubeconfig(self.kubeconfig.clone(), &KubeConfigOptions::default())
-            .await
-            .expect("test kubeconfig is valid");
+        let config =
+            Config::from_custom_kubeconfig(self.kubeconfig.clone(), &KubeConfigOptions::default())
+                .await
+                .expect("test kubeconfig is valid");
         Client::try_from(config).expect("building a kube client")
     }
 
@@ -237,7 +240,11 @@ impl ControlPlane {
         let mut procs = self.processes.lock().unwrap_or_else(|e| e.into_inner());
         for proc in procs.iter_mut() {
             if let Some(status) = proc.exited() {
-                bail!("{} exited ({status}); its log:\n{}", proc.name, proc.log_tail(40));
+                bail!(
+                    "{} exited ({status}); its log:\n{}",
+                    proc.name,
+                    proc.log_tail(40)
+                );
             }
         }
         Ok(())
@@ -248,7 +255,14 @@ impl ControlPlane {
         let procs = self.processes.lock().unwrap_or_else(|e| e.into_inner());
         procs
             .iter()
-            .map(|p| format!("----- {} ({}) -----\n{}", p.name, p.log.display(), log_tail(&p.log, lines)))
+            .map(|p| {
+                format!(
+                    "----- {} ({}) -----\n{}",
+                    p.name,
+                    p.log.display(),
+                    log_tail(&p.log, lines)
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -257,7 +271,9 @@ impl ControlPlane {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut files = Vec::new();
         for dir in [root.join("../chart/crds"), root.join("crds")] {
-            for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            for entry in
+                std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+            {
                 files.push(entry?.path());
             }
         }
@@ -265,22 +281,35 @@ impl ControlPlane {
         let client = self.client().await;
         let crds: Api<CustomResourceDefinition> = Api::all(client);
         let mut names = Vec::new();
-        for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        for file in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "yaml"))
+        {
             let text = std::fs::read_to_string(file)?;
-            let crd: CustomResourceDefinition =
-                serde_yaml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+            let crd: CustomResourceDefinition = serde_yaml::from_str(&text)
+                .with_context(|| format!("parsing {}", file.display()))?;
             let name = crd.metadata.name.clone().context("CRD without a name")?;
-            crds.patch(&name, &PatchParams::apply("vm-dhcp-e2e").force(), &Patch::Apply(&crd))
-                .await
-                .with_context(|| format!("applying {}", file.display()))?;
+            crds.patch(
+                &name,
+                &PatchParams::apply("vm-dhcp-e2e").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .with_context(|| format!("applying {}", file.display()))?;
             names.push(name);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         for name in names {
             loop {
-                let established = crds.get(&name).await?.status.and_then(|s| s.conditions).is_some_and(|c| {
-                    c.iter().any(|c| c.type_ == "Established" && c.status == "True")
-                });
+                let established = crds
+                    .get(&name)
+                    .await?
+                    .status
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
                 if established {
                     break;
                 }
@@ -306,7 +335,9 @@ impl ControlPlane {
             "metadata": {"name": name}
         }))
         .expect("namespace object");
-        ns.create(&PostParams::default(), &obj).await.expect("creating test namespace");
+        ns.create(&PostParams::default(), &obj)
+            .await
+            .expect("creating test namespace");
         TestNamespace {
             name,
             client,
@@ -329,12 +360,19 @@ impl ControlPlane {
 /// Waits until something listens on 127.0.0.1:`port`, or `proc` exits.
 async fn wait_tcp(port: u16, proc: &mut Process) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         if let Some(status) = proc.exited() {
             bail!("{} exited ({status}):\n{}", proc.name, proc.log_tail(40));
         }
         if Instant::now() > deadline {
-            bail!("{} did not listen on port {port} within 20 s:\n{}", proc.name, proc.log_tail(40));
+            bail!(
+                "{} did not listen on port {port} within 20 s:\n{}",
+                proc.name,
+                proc.log_tail(40)
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -342,7 +380,9 @@ async fn wait_tcp(port: u16, proc: &mut Process) -> Result<()> {
 }
 
 fn http_get(path: &str) -> http::Request<Vec<u8>> {
-    http::Request::get(path).body(Vec::new()).expect("static request")
+    http::Request::get(path)
+        .body(Vec::new())
+        .expect("static request")
 }
 
 fn kubeconfig(port: u16, ca_pem: &str, admin: &CertPair) -> Kubeconfig {

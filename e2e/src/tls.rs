@@ -32,8 +32,23 @@ pub fn server_config(pair: &CertPair) -> Result<rustls::ServerConfig> {
 /// Serves `router` over TLS on a free 127.0.0.1 port, on the caller's runtime, until the
 /// runtime ends. Returns the port.
 pub async fn serve(router: axum::Router, pair: &CertPair) -> Result<u16> {
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(pair)?));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
+    serve_on(listener, router, pair)
+}
+
+/// A listener on 127.0.0.1:`port` (0: a free one) with SO_REUSEPORT, so that several
+/// "replicas" can share one port and the kernel spreads connections between them.
+pub fn reuseport_listener(port: u16) -> Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseport(true)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
+    Ok(socket.listen(1024)?)
+}
+
+/// Serves `router` over TLS on `listener` until the runtime ends. Returns the port.
+pub fn serve_on(listener: TcpListener, router: axum::Router, pair: &CertPair) -> Result<u16> {
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(pair)?));
     let port = listener.local_addr()?.port();
     tokio::spawn(async move {
         loop {

@@ -67,6 +67,11 @@ impl Webhook {
         }
     }
 
+    /// Does the cache know an IPPool for this network?
+    pub fn knows_network(&self, network: &str) -> bool {
+        self.pool_for(network).is_some()
+    }
+
     /// The IPPool serving a network (`<namespace>/<name>`), from the cache.
     fn pool_for(&self, network: &str) -> Option<Arc<IPPool>> {
         self.pools.find(|p| {
