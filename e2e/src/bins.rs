@@ -17,7 +17,11 @@ fn version(key: &str) -> Option<&'static str> {
 
 /// The cache key `build-bins.sh` uses for the pinned versions.
 pub fn cache_key() -> Result<String> {
-    match (version("K8S_VERSION"), version("ETCD_VERSION"), version("HELM_VERSION")) {
+    match (
+        version("K8S_VERSION"),
+        version("ETCD_VERSION"),
+        version("HELM_VERSION"),
+    ) {
         (Some(k), Some(e), Some(h)) => Ok(format!("k8s-{k}_etcd-{e}_helm-{h}")),
         _ => bail!("e2e/go/VERSIONS lacks K8S_VERSION, ETCD_VERSION or HELM_VERSION"),
     }
@@ -30,8 +34,12 @@ pub fn bin_dir() -> Result<PathBuf> {
         None => {
             let root = std::env::var_os("VM_DHCP_BIN_CACHE")
                 .map(PathBuf::from)
-                .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| Path::new(&c).join("vm-dhcp/bins")))
-                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/vm-dhcp/bins")))
+                .or_else(|| {
+                    std::env::var_os("XDG_CACHE_HOME").map(|c| Path::new(&c).join("vm-dhcp/bins"))
+                })
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/vm-dhcp/bins"))
+                })
                 .unwrap_or_else(|| PathBuf::from("/tmp/vm-dhcp/bins"));
             root.join(cache_key()?)
         }
@@ -53,6 +61,9 @@ mod tests {
     fn cache_key_matches_the_build_script_formula() {
         let key = super::cache_key().expect("VERSIONS is complete");
         assert!(key.starts_with("k8s-v1.34."), "{key}");
-        assert!(key.contains("_etcd-v3.") && key.contains("_helm-v3."), "{key}");
+        assert!(
+            key.contains("_etcd-v3.") && key.contains("_helm-v3."),
+            "{key}"
+        );
     }
 }

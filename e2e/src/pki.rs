@@ -46,7 +46,13 @@ impl Ca {
         self.issuer.pem()
     }
 
-    fn issue(&self, cn: &str, orgs: &[&str], sans: &[&str], eku: ExtendedKeyUsagePurpose) -> Result<CertPair> {
+    fn issue(
+        &self,
+        cn: &str,
+        orgs: &[&str],
+        sans: &[&str],
+        eku: ExtendedKeyUsagePurpose,
+    ) -> Result<CertPair> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = name(cn, orgs);
         params.subject_alt_names = sans

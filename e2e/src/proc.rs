@@ -96,7 +96,11 @@ impl Process {
             .recv()
             .map_err(|_| anyhow!("spawner thread is gone"))?
             .with_context(|| format!("starting {name}"))?;
-        record(run_dir, "pids", &format!("{} {}", child.id(), start_time(child.id()).unwrap_or(0)));
+        record(
+            run_dir,
+            "pids",
+            &format!("{} {}", child.id(), start_time(child.id()).unwrap_or(0)),
+        );
         Ok(Process {
             name: name.to_string(),
             log: log.to_path_buf(),
@@ -173,11 +177,15 @@ pub fn clean_stale_runs() {
         if pid_alive(owner) && start_time(owner) == owner_start {
             continue;
         }
-        for line in fs::read_to_string(path.join("pids")).unwrap_or_default().lines() {
+        for line in fs::read_to_string(path.join("pids"))
+            .unwrap_or_default()
+            .lines()
+        {
             let mut it = line.split_whitespace();
-            let (Some(Ok(pid)), Some(Ok(start))) =
-                (it.next().map(str::parse::<u32>), it.next().map(str::parse::<u64>))
-            else {
+            let (Some(Ok(pid)), Some(Ok(start))) = (
+                it.next().map(str::parse::<u32>),
+                it.next().map(str::parse::<u64>),
+            ) else {
                 continue;
             };
             if start_time(pid) == Some(start) {
@@ -187,13 +195,19 @@ pub fn clean_stale_runs() {
                 }
             }
         }
-        for ns in fs::read_to_string(path.join("netns")).unwrap_or_default().lines() {
+        for ns in fs::read_to_string(path.join("netns"))
+            .unwrap_or_default()
+            .lines()
+        {
             let _ = Command::new("ip")
                 .args(["netns", "delete", ns.trim()])
                 .stderr(Stdio::null())
                 .status();
         }
-        for link in fs::read_to_string(path.join("links")).unwrap_or_default().lines() {
+        for link in fs::read_to_string(path.join("links"))
+            .unwrap_or_default()
+            .lines()
+        {
             let _ = Command::new("ip")
                 .args(["link", "delete", link.trim()])
                 .stderr(Stdio::null())

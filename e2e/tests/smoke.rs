@@ -16,7 +16,10 @@ use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_e2e::ControlPlane;
 
 fn fixture(name: &str) -> serde_json::Value {
-    let path = format!("{}/../core/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../core/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_yaml::from_str(&text).expect("fixture YAML")
 }
@@ -27,7 +30,9 @@ fn assert_contains(got: &serde_json::Value, sent: &serde_json::Value, path: &str
         (serde_json::Value::Object(s), serde_json::Value::Object(g)) => {
             for (k, v) in s {
                 let child = format!("{path}.{k}");
-                let got_v = g.get(k).unwrap_or_else(|| panic!("{child} was pruned by the apiserver"));
+                let got_v = g
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{child} was pruned by the apiserver"));
                 assert_contains(got_v, v, &child);
             }
         }
@@ -38,7 +43,8 @@ fn assert_contains(got: &serde_json::Value, sent: &serde_json::Value, path: &str
 #[tokio::test]
 async fn control_plane_starts_and_reports_its_startup_time() {
     let cp = ControlPlane::shared().await;
-    cp.check_alive().expect("etcd and kube-apiserver are running");
+    cp.check_alive()
+        .expect("etcd and kube-apiserver are running");
     eprintln!("control plane started in {:.2} s", cp.startup.as_secs_f64());
     let out = cp.kubectl(&["get", "crd", "-o", "name"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -49,7 +55,10 @@ async fn control_plane_starts_and_reports_its_startup_time() {
         "virtualmachineinstances.kubevirt.io",
         "network-attachment-definitions.k8s.cni.cncf.io",
     ] {
-        assert!(text.contains(crd), "{crd} missing from kubectl get crd:\n{text}");
+        assert!(
+            text.contains(crd),
+            "{crd} missing from kubectl get crd:\n{text}"
+        );
     }
 }
 
@@ -57,15 +66,28 @@ async fn control_plane_starts_and_reports_its_startup_time() {
 async fn seed_samples_are_accepted_and_nothing_is_pruned() {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("smoke-seed").await;
-    for (file, kind) in [("seed-ippool.yaml", "IPPool"), ("seed-vmnetcfg.yaml", "VirtualMachineNetworkConfig")] {
+    for (file, kind) in [
+        ("seed-ippool.yaml", "IPPool"),
+        ("seed-vmnetcfg.yaml", "VirtualMachineNetworkConfig"),
+    ] {
         let mut obj = fixture(file);
         obj["metadata"]["namespace"] = ns.name.clone().into();
         let gvk = GroupVersionKind::gvk("network.harvesterhci.io", "v1alpha1", kind);
-        let plural = if kind == "IPPool" { "ippools" } else { "virtualmachinenetworkconfigs" };
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(ns.client.clone(), &ns.name, &ApiResource::from_gvk_with_plural(&gvk, plural));
+        let plural = if kind == "IPPool" {
+            "ippools"
+        } else {
+            "virtualmachinenetworkconfigs"
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            ns.client.clone(),
+            &ns.name,
+            &ApiResource::from_gvk_with_plural(&gvk, plural),
+        );
         let dynobj: DynamicObject = serde_json::from_value(obj.clone()).expect("dynamic object");
-        let created = api.create(&PostParams::default(), &dynobj).await.expect("create accepted");
+        let created = api
+            .create(&PostParams::default(), &dynobj)
+            .await
+            .expect("create accepted");
         let name = created.metadata.name.clone().expect("name");
         let back = serde_json::to_value(api.get(&name).await.expect("read back")).expect("json");
         assert_contains(&back["spec"], &obj["spec"], &format!("{kind}.spec"));
@@ -86,7 +108,10 @@ async fn cel_rule_rejects_a_cidr_change_with_the_upstream_message() {
     let pools: Api<IPPool> = ns.api();
     let mut pool: IPPool = serde_json::from_value(fixture("seed-ippool.yaml")).expect("IPPool");
     pool.metadata.namespace = Some(ns.name.clone());
-    pools.create(&PostParams::default(), &pool).await.expect("create");
+    pools
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("create");
     let patch = serde_json::json!({"spec": {"ipv4Config": {"cidr": "192.168.49.0/24"}}});
     let err = pools
         .patch("net-48", &PatchParams::default(), &Patch::Merge(&patch))
@@ -100,7 +125,10 @@ async fn cel_rule_rejects_a_cidr_change_with_the_upstream_message() {
     if let Some(cfg) = bad.spec.ipv4_config.as_mut() {
         cfg.pool.exclude = Some(vec!["not-an-ip".into()]);
     }
-    let err = pools.create(&PostParams::default(), &bad).await.expect_err("bad exclude");
+    let err = pools
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("bad exclude");
     assert!(err.to_string().contains("exclude"), "{err}");
 }
 
@@ -108,7 +136,10 @@ async fn cel_rule_rejects_a_cidr_change_with_the_upstream_message() {
 async fn validating_webhook_on_loopback_is_called_and_can_deny() {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("smoke-webhook").await;
-    let cert = cp.serving_ca.serving("webhook", &["127.0.0.1", "localhost"]).expect("cert");
+    let cert = cp
+        .serving_ca
+        .serving("webhook", &["127.0.0.1", "localhost"])
+        .expect("cert");
     let router = axum::Router::new().route(
         "/deny",
         post(|Json(review): Json<serde_json::Value>| async move {
@@ -120,7 +151,9 @@ async fn validating_webhook_on_loopback_is_called_and_can_deny() {
             }))
         }),
     );
-    let port = vm_dhcp_e2e::tls::serve(router, &cert).await.expect("serve webhook");
+    let port = vm_dhcp_e2e::tls::serve(router, &cert)
+        .await
+        .expect("serve webhook");
     let name = format!("{}-deny", ns.name);
     let ca = base64_encode(&cp.serving_ca.cert_pem());
     let config: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
@@ -137,7 +170,10 @@ async fn validating_webhook_on_loopback_is_called_and_can_deny() {
     }))
     .expect("webhook configuration");
     let configs: Api<ValidatingWebhookConfiguration> = Api::all(ns.client.clone());
-    configs.create(&PostParams::default(), &config).await.expect("register webhook");
+    configs
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("register webhook");
     let pools: Api<IPPool> = ns.api();
     let mut pool: IPPool = serde_json::from_value(fixture("seed-ippool.yaml")).expect("IPPool");
     pool.metadata.namespace = Some(ns.name.clone());
@@ -147,14 +183,23 @@ async fn validating_webhook_on_loopback_is_called_and_can_deny() {
         match pools.create(&PostParams::default(), &pool).await {
             Err(e) => break e,
             Ok(_) => {
-                pools.delete("net-48", &DeleteParams::default()).await.expect("cleanup");
+                pools
+                    .delete("net-48", &DeleteParams::default())
+                    .await
+                    .expect("cleanup");
                 assert!(Instant::now() < deadline, "the webhook was never called");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
-    assert!(err.to_string().contains("denied by the e2e smoke webhook"), "{err}");
-    configs.delete(&name, &DeleteParams::default()).await.expect("unregister");
+    assert!(
+        err.to_string().contains("denied by the e2e smoke webhook"),
+        "{err}"
+    );
+    configs
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("unregister");
 }
 
 fn base64_encode(text: &str) -> String {
@@ -187,7 +232,10 @@ async fn aggregated_api_through_externalname_service_reaches_the_test_server() {
         "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}
     }))
     .expect("service");
-    ns.api::<Service>().create(&PostParams::default(), &svc).await.expect("create service");
+    ns.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
     let apisvc: APIService = serde_json::from_value(serde_json::json!({
         "metadata": {"name": format!("v1.{group}")},
         "spec": {"group": group, "version": "v1", "groupPriorityMinimum": 1000, "versionPriority": 15,
@@ -197,7 +245,11 @@ async fn aggregated_api_through_externalname_service_reaches_the_test_server() {
     .expect("APIService");
     let apisvcs: Api<APIService> = Api::all(ns.client.clone());
     apisvcs
-        .patch(&format!("v1.{group}"), &PatchParams::apply("e2e").force(), &Patch::Apply(&apisvc))
+        .patch(
+            &format!("v1.{group}"),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&apisvc),
+        )
         .await
         .expect("register APIService");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -215,10 +267,15 @@ async fn aggregated_api_through_externalname_service_reaches_the_test_server() {
             "aggregated API never answered: {}\n{}",
             String::from_utf8_lossy(&out.stderr),
             String::from_utf8_lossy(
-                &cp.kubectl(&["get", "apiservice", &format!("v1.{group}"), "-o", "yaml"]).await.stdout
+                &cp.kubectl(&["get", "apiservice", &format!("v1.{group}"), "-o", "yaml"])
+                    .await
+                    .stdout
             )
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    apisvcs.delete(&format!("v1.{group}"), &DeleteParams::default()).await.expect("unregister");
+    apisvcs
+        .delete(&format!("v1.{group}"), &DeleteParams::default())
+        .await
+        .expect("unregister");
 }

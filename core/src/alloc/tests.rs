@@ -51,7 +51,9 @@ fn same_owner_same_mac_is_idempotent() {
     assert_eq!((a.ip.to_string().as_str(), a.new), ("10.0.0.11", true));
     let b = book.allocate(&req("ns/vm1", 1, None)).expect("again");
     assert_eq!((b.ip, b.new), (a.ip, false));
-    let c = book.allocate(&req("ns/vm1", 1, Some("10.0.0.11"))).expect("static same");
+    let c = book
+        .allocate(&req("ns/vm1", 1, Some("10.0.0.11")))
+        .expect("static same");
     assert_eq!(c.ip, a.ip);
     assert_eq!(book.status().used, 1);
 }
@@ -60,7 +62,10 @@ fn same_owner_same_mac_is_idempotent() {
 fn a_mac_bound_by_another_owner_is_refused_with_the_holder() {
     let mut book = empty();
     book.allocate(&req("ns/vm1", 1, None)).expect("first");
-    let err = book.allocate(&req("ns/vm2", 1, None)).expect_err("conflict").to_string();
+    let err = book
+        .allocate(&req("ns/vm2", 1, None))
+        .expect_err("conflict")
+        .to_string();
     assert_eq!(
         err,
         "MAC address 52:54:00:00:00:01 is already bound to 10.0.0.11 in this network by ns/vm1"
@@ -70,32 +75,53 @@ fn a_mac_bound_by_another_owner_is_refused_with_the_holder() {
 #[test]
 fn static_errors_name_the_holder_or_reason() {
     let mut book = empty();
-    book.allocate(&req("ns/vm1", 1, Some("10.0.0.15"))).expect("static");
-    let err = book.allocate(&req("ns/vm2", 2, Some("10.0.0.15"))).expect_err("taken").to_string();
+    book.allocate(&req("ns/vm1", 1, Some("10.0.0.15")))
+        .expect("static");
+    let err = book
+        .allocate(&req("ns/vm2", 2, Some("10.0.0.15")))
+        .expect_err("taken")
+        .to_string();
     assert_eq!(
         err,
         "address 10.0.0.15 is already allocated to MAC 52:54:00:00:00:01 (owner ns/vm1)"
     );
-    let err = book.allocate(&req("ns/vm2", 2, Some("10.0.0.12"))).expect_err("excl").to_string();
+    let err = book
+        .allocate(&req("ns/vm2", 2, Some("10.0.0.12")))
+        .expect_err("excl")
+        .to_string();
     assert!(err.contains("excluded"), "{err}");
-    let err = book.allocate(&req("ns/vm2", 2, Some("10.0.0.10"))).expect_err("resv").to_string();
+    let err = book
+        .allocate(&req("ns/vm2", 2, Some("10.0.0.10")))
+        .expect_err("resv")
+        .to_string();
     assert!(err.contains("reserved"), "{err}");
-    let err = book.allocate(&req("ns/vm2", 2, Some("10.0.0.99"))).expect_err("out").to_string();
+    let err = book
+        .allocate(&req("ns/vm2", 2, Some("10.0.0.99")))
+        .expect_err("out")
+        .to_string();
     assert!(err.contains("outside the pool range"), "{err}");
-    let err = book.allocate(&req("ns/vm1", 1, Some("10.0.0.16"))).expect_err("other").to_string();
+    let err = book
+        .allocate(&req("ns/vm1", 1, Some("10.0.0.16")))
+        .expect_err("other")
+        .to_string();
     assert!(err.contains("already holds 10.0.0.15"), "{err}");
 }
 
 #[test]
 fn allocate_all_is_all_or_nothing() {
     let mut book = empty();
-    book.allocate(&req("ns/vm1", 1, Some("10.0.0.15"))).expect("static");
+    book.allocate(&req("ns/vm1", 1, Some("10.0.0.15")))
+        .expect("static");
     let before = book.status();
     let err = book
         .allocate_all(&[req("ns/vm2", 2, None), req("ns/vm2", 3, Some("10.0.0.15"))])
         .expect_err("second fails");
     assert!(matches!(err, AllocError::AddressTaken { .. }));
-    assert_eq!(book.status(), before, "the first NIC's allocation was undone");
+    assert_eq!(
+        book.status(),
+        before,
+        "the first NIC's allocation was undone"
+    );
     assert!(book.lookup(mac(2)).is_none());
     let ok = book
         .allocate_all(&[req("ns/vm2", 2, None), req("ns/vm2", 3, None)])
@@ -139,12 +165,17 @@ fn go_era_allocations_without_owner_are_adopted_once() {
     };
     let (mut book, issues) = PoolBook::from_status(layout(), Some(&status)).expect("book");
     assert!(issues.is_empty());
-    assert!(!book.is_dirty(), "nothing to write for a complete Go-era status");
+    assert!(
+        !book.is_dirty(),
+        "nothing to write for a complete Go-era status"
+    );
     let a = book.allocate(&req("ns/vm7", 7, None)).expect("adopt");
     assert_eq!((a.ip.to_string().as_str(), a.new), ("10.0.0.13", false));
     assert!(book.is_dirty(), "the adoption is recorded");
     assert_eq!(book.lookup(mac(7)), Some((a.ip, Some("ns/vm7"))));
-    let err = book.allocate(&req("ns/intruder", 7, None)).expect_err("now owned");
+    let err = book
+        .allocate(&req("ns/intruder", 7, None))
+        .expect_err("now owned");
     assert!(matches!(err, AllocError::MacBoundElsewhere { .. }));
 }
 
@@ -152,8 +183,15 @@ fn go_era_allocations_without_owner_are_adopted_once() {
 fn exhaustion_is_reported_with_counts() {
     let mut book = empty();
     for n in 1..=9 {
-        book.allocate(&req(&format!("ns/vm{n}"), n, None)).expect("room");
+        book.allocate(&req(&format!("ns/vm{n}"), n, None))
+            .expect("room");
     }
-    let err = book.allocate(&req("ns/vm10", 10, None)).expect_err("full").to_string();
-    assert!(err.contains("no free address left in pool range 10.0.0.10-10.0.0.20"), "{err}");
+    let err = book
+        .allocate(&req("ns/vm10", 10, None))
+        .expect_err("full")
+        .to_string();
+    assert!(
+        err.contains("no free address left in pool range 10.0.0.10-10.0.0.20"),
+        "{err}"
+    );
 }
