@@ -7,6 +7,7 @@
 
 pub mod bins;
 pub mod cluster;
+pub mod nodesim;
 pub mod pki;
 pub mod proc;
 pub mod tls;
