@@ -30,6 +30,7 @@ unit:
 	$(CARGO) test --workspace --locked --exclude vm-dhcp-e2e
 
 e2e: e2e-bins
+	$(CARGO) build --locked --bin vm-dhcp
 	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) test --locked -p vm-dhcp-e2e
 
 ## e2e-bins: build kube-apiserver, etcd, kubectl and helm once into the cache (see e2e/README.md).

@@ -22,6 +22,8 @@ pub enum Command {
     Crd(CrdArgs),
     /// Serve DHCPv4 for one IP pool on one interface.
     Agent(AgentArgs),
+    /// Serve the admission webhooks (allocation at admission) over HTTPS.
+    Webhook(crate::webhook::WebhookArgs),
 }
 
 #[derive(Args, Debug)]

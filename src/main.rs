@@ -2,6 +2,9 @@
 
 mod agent;
 mod cli;
+mod logging;
+mod tls;
+mod webhook;
 
 use anyhow::Context;
 use clap::Parser;
@@ -11,6 +14,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Crd(args) => print_crds(args),
         cli::Command::Agent(args) => agent::run(args),
+        cli::Command::Webhook(args) => webhook::run(args),
     }
 }
 

@@ -19,8 +19,12 @@ use crate::{
 /// Where the apiserver reaches the webhook.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
-    /// The in-cluster Service (port 443).
-    Service { namespace: String, name: String },
+    /// The in-cluster Service (port 443 in the chart).
+    Service {
+        namespace: String,
+        name: String,
+        port: i32,
+    },
     /// A URL base such as `https://127.0.0.1:8443` (tests, out-of-cluster runs).
     Url(String),
 }
@@ -28,8 +32,12 @@ pub enum Endpoint {
 impl Endpoint {
     fn client_config(&self, path: &str, ca_bundle: &str) -> serde_json::Value {
         match self {
-            Endpoint::Service { namespace, name } => json!({
-                "service": {"namespace": namespace, "name": name, "path": path, "port": 443},
+            Endpoint::Service {
+                namespace,
+                name,
+                port,
+            } => json!({
+                "service": {"namespace": namespace, "name": name, "path": path, "port": port},
                 "caBundle": ca_bundle,
             }),
             Endpoint::Url(base) => json!({

@@ -1,0 +1,155 @@
+//! `vm-dhcp webhook` as a process, self-managed certificates: it stores its CA and serving
+//! certificate in a Secret, registers its own configurations with the caBundle, and the
+//! apiserver reaches it through a Service (ExternalName → localhost here) and allocates.
+//! A test binary of its own: the configurations it registers are cluster-wide.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{Api, DeleteParams, PostParams};
+use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
+use vm_dhcp_e2e::ControlPlane;
+use vm_dhcp_e2e::proc::{Process, run_dir};
+
+fn binary() -> PathBuf {
+    // The e2e crate does not depend on the binary crate: find it next to our own test binary.
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("vm-dhcp");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build` first (make e2e does)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_managed_webhook_registers_itself_and_allocates() {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("whbin").await;
+    let name = "vm-dhcp-webhook";
+    let port = vm_dhcp_e2e::free_port().expect("port");
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}
+    }))
+    .expect("service");
+    ns.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("service");
+    let mut cmd = Command::new(binary());
+    cmd.args([
+        "webhook",
+        &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
+        &format!("--namespace={}", ns.name),
+        &format!("--name={name}"),
+        &format!("--https-port={port}"),
+        &format!("--service-port={port}"),
+        "--service-cidr=10.96.0.0/12",
+    ]);
+    let run = run_dir().expect("run dir");
+    let mut proc = Process::spawn(
+        "vm-dhcp-webhook",
+        cmd,
+        &run.join("webhook-binary.log"),
+        &run,
+    )
+    .expect("spawn");
+
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while configs.get_opt(name).await.expect("get").is_none() {
+        assert!(
+            proc.exited().is_none(),
+            "webhook exited:\n{}",
+            proc.log_tail(40)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "configurations never registered:\n{}",
+            proc.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secret = ns
+        .api::<Secret>()
+        .get(&format!("{name}-tls"))
+        .await
+        .expect("self-managed Secret");
+    let data = secret.data.expect("secret data");
+    assert!(
+        data.contains_key("ca.crt") && data.contains_key("tls.crt") && data.contains_key("tls.key")
+    );
+
+    // A pool without serverIP is only valid once the mutator filled it in: proof that the
+    // apiserver reaches the webhook through the Service with the registered caBundle.
+    let pool: IPPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+        "metadata": {"name": "net-1", "namespace": ns.name},
+        "spec": {"networkName": format!("{}/net-1", ns.name), "ipv4Config": {"cidr": "172.20.0.0/24",
+                 "pool": {"start": "172.20.0.10", "end": "172.20.0.20"}}}
+    }))
+    .expect("pool");
+    let pools: Api<IPPool> = ns.api();
+    let created = loop {
+        match pools.create(&PostParams::default(), &pool).await {
+            Ok(p) => break p,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "webhook never answered: {e}\n{}",
+                    proc.log_tail(40)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(
+        created.spec.ipv4_config.map(|c| c.server_ip).as_deref(),
+        Some("172.20.0.1")
+    );
+    // The process's cache learns the pool, then a vmnetcfg is allocated at admission.
+    let cfg: VirtualMachineNetworkConfig = serde_json::from_value(serde_json::json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "VirtualMachineNetworkConfig",
+        "metadata": {"name": "vm1", "namespace": ns.name},
+        "spec": {"vmName": "vm1", "networkConfigs": [{"macAddress": "02:00:00:00:00:01", "networkName": format!("{}/net-1", ns.name)}]}
+    }))
+    .expect("vmnetcfg");
+    let cfgs: Api<VirtualMachineNetworkConfig> = ns.api();
+    let ip = loop {
+        let created = cfgs
+            .create(&PostParams::default(), &cfg)
+            .await
+            .expect("vmnetcfg admitted");
+        let ip = created
+            .spec
+            .network_configs
+            .and_then(|c| c[0].ip_address.clone());
+        if ip.is_some() {
+            break ip;
+        }
+        // Admitted before the cache knew the pool (left alone, as for an unmanaged network).
+        cfgs.delete("vm1", &DeleteParams::default())
+            .await
+            .expect("delete");
+        assert!(Instant::now() < deadline, "never allocated");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ip.as_deref(), Some("172.20.0.10"));
+    // /metrics counts the admissions.
+    proc.kill();
+    for kind in [
+        "mutatingwebhookconfiguration",
+        "validatingwebhookconfiguration",
+    ] {
+        let _ = cp.kubectl(&["delete", kind, name]).await;
+    }
+}

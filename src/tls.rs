@@ -1,0 +1,141 @@
+//! HTTPS serving for the webhook (and the aggregated API): rustls with the ring provider,
+//! a certificate that is reloaded when its files change (cert-manager rotates them), and
+//! an axum Router behind it, HTTP/1.1.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses a PEM certificate chain and private key into what rustls serves.
+pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey> {
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .context("the certificate file is not valid PEM")?;
+    if certs.is_empty() {
+        return Err(anyhow!("the certificate file holds no certificate"));
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .context("the key file is not valid PEM")?
+        .ok_or_else(|| anyhow!("the key file holds no private key"))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| anyhow!("the private key cannot be used: {e}"))?;
+    Ok(CertifiedKey::new(certs, signing))
+}
+
+/// The serving certificate, swapped in place when it changes.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadingCert {
+    pub fn new(key: CertifiedKey) -> Arc<Self> {
+        Arc::new(ReloadingCert {
+            current: RwLock::new(Arc::new(key)),
+        })
+    }
+
+    pub fn set(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+    }
+
+    /// Loads the files now, then re-reads them whenever their modification time changes. A
+    /// broken new pair is logged and the old certificate kept.
+    pub fn watch_files(cert: PathBuf, key: PathBuf) -> Result<Arc<Self>> {
+        let load = |cert: &Path, key: &Path| -> Result<CertifiedKey> {
+            let c = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+            let k = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+            certified_key(&c, &k)
+                .with_context(|| format!("loading {} and {}", cert.display(), key.display()))
+        };
+        let me = Self::new(load(&cert, &key)?);
+        let watched = me.clone();
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        tokio::spawn(async move {
+            let mut seen: (Option<SystemTime>, Option<SystemTime>) = (mtime(&cert), mtime(&key));
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let now = (mtime(&cert), mtime(&key));
+                if now == seen {
+                    continue;
+                }
+                match load(&cert, &key) {
+                    Ok(k) => {
+                        watched.set(k);
+                        seen = now;
+                        tracing::info!(cert = %cert.display(), "serving certificate reloaded");
+                    }
+                    // Half-written files during a rotation: try again at the next tick.
+                    Err(e) => tracing::warn!("keeping the previous certificate: {e:#}"),
+                }
+            }
+        });
+        Ok(me)
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+pub fn server_config(cert: Arc<ReloadingCert>) -> Result<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => return,
+        };
+        let Ok((tcp, peer)) = accepted else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            match acceptor.accept(tcp).await {
+                Ok(tls) => {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                }
+                Err(e) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+            }
+        });
+    }
+}
