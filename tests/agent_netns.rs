@@ -414,17 +414,18 @@ fn write_hook(dir: &Scratch) -> (PathBuf, PathBuf) {
         r#"#!/bin/sh
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 event="${{reason:-$1}}"
-{{
-  echo "event=$event"
-  env | grep -E '^(new_|ip=|subnet=|router=|dns=|domain=|search=|ntpsrv=|lease=|serverid=)' | sort
-  echo "end"
-}} >> "{log}"
+# Configure first, then record: a recorded event means the interface is already set.
 case "$event" in
   BOUND|RENEW|REBIND|REBOOT) ip addr replace "$new_ip_address/$new_subnet_mask" dev "$interface" ;;
   bound|renew) ip addr replace "$ip/$subnet" dev "$interface" ;;
   PREINIT) ip link set dev "$interface" up ;;
   deconfig|EXPIRE|FAIL|RELEASE|STOP) ip -4 addr flush dev "$interface" ;;
 esac
+{{
+  echo "event=$event"
+  env | grep -E '^(new_|ip=|subnet=|router=|dns=|domain=|search=|ntpsrv=|lease=|serverid=)' | sort
+  echo "end"
+}} >> "{log}"
 exit 0
 "#,
         log = log.display()
@@ -642,10 +643,10 @@ fn release_then_discover_again() {
     wait_for("the agent to record the release", || {
         (agent.lease_state() == "released").then_some(())
     });
-    assert!(
-        !agent.net.client_addresses().contains("192.168.48.86"),
-        "released address still configured"
-    );
+    // udhcpc sends the RELEASE before its deconfig hook runs.
+    wait_for("the client to drop the released address", || {
+        (!agent.net.client_addresses().contains("192.168.48.86")).then_some(())
+    });
     assert_eq!(
         agent.metric("vmdhcp_agent_requests_total{type=\"release\"}"),
         1.0

@@ -15,6 +15,9 @@ pub struct Send {
     pub bytes: Vec<u8>,
     pub to: SocketAddrV4,
     pub kind: &'static str,
+    /// For the dry-run log: the client and the address in the reply.
+    pub mac: String,
+    pub yiaddr: std::net::Ipv4Addr,
 }
 
 pub fn unix_now() -> u64 {
@@ -90,10 +93,16 @@ fn handle_inner(state: &AgentState, bytes: &[u8], now: u64) -> Option<Send> {
                 state = ?decision.state,
                 "reply"
             );
+            let chaddr = &out.packet.chaddr;
             Some(Send {
                 bytes: out.packet.encode(),
                 to: out.destination.socket_addr(),
                 kind,
+                mac: format!(
+                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    chaddr[0], chaddr[1], chaddr[2], chaddr[3], chaddr[4], chaddr[5]
+                ),
+                yiaddr: out.packet.yiaddr,
             })
         }
     }

@@ -66,6 +66,8 @@ pub async fn serve(
         if state.dry_run {
             tracing::info!(
                 kind = send.kind,
+                mac = %send.mac,
+                yiaddr = %send.yiaddr,
                 to = %send.to,
                 from = %peer,
                 len = send.bytes.len(),
