@@ -197,6 +197,19 @@ impl VmNetns {
             .await
             .with_context(|| format!("running {program} in {}", self.name))
     }
+
+    /// Starts a long-running `program args` (a DHCP client, a server) in the VM's namespace,
+    /// with its output in `<run dir>/nodesim/<vm>-<log_name>.log`; like every harness child it
+    /// dies with the test process, and is killed when the returned [`Process`] is dropped.
+    pub fn spawn(&self, log_name: &str, program: &str, args: &[&str]) -> Result<Process> {
+        let run = run_dir()?;
+        let dir = run.join("nodesim");
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]).args(args);
+        let log = dir.join(format!("{}-{log_name}.log", self.name));
+        Process::spawn(&format!("{}/{log_name}", self.name), cmd, &log, &run)
+    }
 }
 
 impl Drop for VmNetns {

@@ -655,6 +655,42 @@ async fn vm_namespaces_reach_the_pod_eth1_on_their_own_network_only() {
             vm.name
         );
     }
+    // The other direction, as DHCP replies travel: the pod's namespace reaches a server the
+    // VM runs (a long-running process started with VmNetns::spawn).
+    let _server = vm_a
+        .spawn(
+            "httpd",
+            bb,
+            &[
+                "httpd",
+                "-f",
+                "-p",
+                "8081",
+                "-h",
+                root.to_str().expect("utf-8"),
+            ],
+        )
+        .expect("httpd in the VM");
+    let pod_ns = sim.pod_netns("on-a").expect("netns");
+    let request =
+        format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | {bb} nc -w 5 192.168.77.50 8081");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &pod_ns, bb, "sh", "-c", &request])
+            .output()
+            .await
+            .expect("nc from the pod");
+        let reply = String::from_utf8_lossy(&out.stdout);
+        if reply.starts_with("HTTP/1.1 200") && reply.ends_with(&marker) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod never reached the VM's server: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
