@@ -14,7 +14,7 @@ ARCH ?= $(shell uname -m | sed -e 's/x86_64/amd64/' -e 's/aarch64/arm64/')
 PUSH ?= false
 IMAGE ?= $(REPO)/harvester-vm-dhcp:$(TAG)
 
-.PHONY: all build test unit e2e e2e-bins lint fmt crds bench image \
+.PHONY: all build test unit e2e e2e-bins lint fmt crds bench bench-webhook image \
         run-controller run-agent run-webhook run-apiserver
 
 all: build
@@ -51,6 +51,10 @@ crds:
 
 bench:
 	$(CARGO) bench --locked -p vm-dhcp-core
+
+## bench-webhook: 1,000 VM creates through the real apiserver with and without the webhooks.
+bench-webhook: e2e-bins
+	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --release --locked -p vm-dhcp-e2e --example bench_webhook
 
 ## demo-agent: the DHCP agent offline in a network namespace, a real DHCP client in another (root).
 .PHONY: demo-agent

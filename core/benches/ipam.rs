@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use vm_dhcp_core::alloc::{AllocRequest, MacChoice, PoolBook};
+use vm_dhcp_core::crd::IPv4Status;
 use vm_dhcp_core::crd::{IPv4Config, Pool};
 use vm_dhcp_core::{Ipam, PoolLayout};
 
@@ -63,6 +65,27 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("rebuild a /16 from 65,000 allocated entries", |b| {
         b.iter(|| black_box(Ipam::rebuild(layout.clone(), black_box(&map)).expect("rebuild")))
+    });
+    // The in-process allocation decision of the webhook's committer (target < 50 µs): one
+    // NIC into a pool that already holds 10,000 allocations.
+    let status = IPv4Status {
+        allocated: Some(allocated_map(10_000)),
+        owners: None,
+        used: 10_000,
+        available: 0,
+    };
+    let (book, _) = PoolBook::from_status(layout.clone(), Some(&status)).expect("book");
+    let request = AllocRequest {
+        owner: "bench/vm".into(),
+        mac: MacChoice::Given("02:00:00:99:99:99".parse().expect("mac")),
+        want: None,
+    };
+    group.bench_function("allocation decision in a pool holding 10,000", |b| {
+        b.iter_batched(
+            || book.clone(),
+            |mut book| black_box(book.allocate(&request).expect("room")),
+            BatchSize::LargeInput,
+        )
     });
     group.finish();
 }

@@ -13,3 +13,4 @@ pub mod proc;
 pub mod tls;
 
 pub use cluster::{ControlPlane, TestNamespace, free_port};
+pub mod webhooks;
