@@ -9,11 +9,8 @@ use kube::api::{Api, DeleteParams, PostParams};
 use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::VirtualMachine;
-use vm_dhcp_e2e::pki::CertPair;
 use vm_dhcp_e2e::webhooks::{Replica, webhooks};
 use vm_dhcp_e2e::{ControlPlane, TestNamespace};
-use vm_dhcp_webhook::config::{Endpoint, webhook_configurations};
-use vm_dhcp_webhook::{Metrics, Webhook};
 
 fn pool(ns: &str, name: &str, cidr: &str, start: &str, end: &str, server: Option<&str>) -> IPPool {
     let mut cfg = serde_json::json!({"cidr": cidr, "pool": {"start": start, "end": end}});
