@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod alloc;
+pub mod controller;
 pub mod crd;
 pub mod dhcp;
 pub mod ipam;

@@ -1,0 +1,684 @@
+//! The controller's decisions as pure functions: names, conditions, what the pool status
+//! becomes after releases and adoptions, which allocations have no owner, what a VM's
+//! vmnetcfg should say, and which agent pods to create, delete or force-delete. The binary
+//! (`src/controller/`) reads the cluster, calls these, and writes with the resourceVersion
+//! guard.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::admission::{ALLOCATIONS_ANNOTATION, NicAllocation, network_key};
+use crate::crd::{Condition, IPv4Status, MARK_EXCLUDED, MARK_RESERVED, NetworkConfig};
+use crate::ipam::{AddrState, Ipam, IpamError, PoolLayout};
+use crate::kubevirt::VirtualMachine;
+use crate::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
+
+/// Our finalizer on IPPools and vmnetcfgs (the Go version's are `wrangler.cattle.io/vm-dhcp-*`).
+pub const FINALIZER: &str = "dhcp.harvesterhci.io/controller";
+/// Prefix of the Go version's finalizers, removed on takeover.
+pub const GO_FINALIZER_PREFIX: &str = "wrangler.cattle.io/vm-dhcp-";
+/// The label every agent pod carries (ours and the Go version's).
+pub const AGENT_LABEL: &str = "network.harvesterhci.io/vm-dhcp-controller";
+pub const AGENT_LABEL_VALUE: &str = "agent";
+/// Only our agent pods carry this label: it tells them from the Go version's.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "vm-dhcp-controller";
+/// The pod template's revision (image, arguments, network): pods of another one are rolled.
+pub const REVISION_LABEL: &str = "dhcp.harvesterhci.io/agent-revision";
+/// NAD and agent pod labels naming the pool.
+pub const POOL_NAMESPACE_LABEL: &str = "network.harvesterhci.io/ippool-namespace";
+pub const POOL_NAME_LABEL: &str = "network.harvesterhci.io/ippool-name";
+/// NAD label naming its cluster network (Harvester's network controller writes it).
+pub const CLUSTER_NETWORK_LABEL: &str = "network.harvesterhci.io/clusternetwork";
+/// Node label prefix: `network.harvesterhci.io/<clusternetwork>=true` where the bridge is up.
+pub const NODE_NETWORK_LABEL_PREFIX: &str = "network.harvesterhci.io/";
+pub const WITNESS_LABEL: &str = "node-role.harvesterhci.io/witness";
+/// vmnetcfg label naming its VM.
+pub const VM_NAME_LABEL: &str = "harvesterhci.io/vmName";
+/// IPPool annotation: keep the agents' current image when the controller's changes.
+pub const HOLD_AGENT_UPGRADE_ANNOTATION: &str = "network.harvesterhci.io/hold-ippool-agent-upgrade";
+/// NAD annotation opting in to an IPPool created with the network: the JSON of an IPPool
+/// `spec.ipv4Config` (plus optional `paused`).
+pub const AUTO_POOL_ANNOTATION: &str = "dhcp.harvesterhci.io/ippool";
+/// Label on an IPPool the controller created from a NAD (deleted with the NAD).
+pub const AUTO_POOL_LABEL: &str = "dhcp.harvesterhci.io/created-from-nad";
+/// Multus' annotation listing a pod's secondary networks.
+pub const MULTUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/networks";
+
+/// FNV-1a, stable across builds (std's hasher is not), for name suffixes and revisions.
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain([0]) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// `text` if it fits in `max` characters; otherwise its head and a hash of the whole, so two
+/// long names that share a head still differ. Never ends in `-` or `.`.
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let hash = format!("{:08x}", stable_hash(&[text]) as u32);
+    let keep = max.saturating_sub(hash.len() + 1);
+    let head: String = text.chars().take(keep).collect();
+    let head = head.trim_end_matches(['-', '.']);
+    format!("{head}-{hash}")
+}
+
+/// The Lease the agents of a pool compete for (in the agents' namespace).
+pub fn lease_name(pool_ns: &str, pool_name: &str) -> String {
+    shorten(&format!("vmdhcp-{pool_ns}-{pool_name}"), 63)
+}
+
+/// The name of one of our agent pods: `<pool>-agent-<revision>-<n>`, at most 63 characters.
+/// Deterministic, so that a create repeated before the cache shows the first one gets a
+/// harmless AlreadyExists instead of a second pod.
+pub fn agent_pod_name(pool_ns: &str, pool_name: &str, revision: &str, n: usize) -> String {
+    let suffix = format!("-agent-{revision}-{n}");
+    let base = shorten(
+        &format!("{pool_ns}-{pool_name}"),
+        63usize.saturating_sub(suffix.len()),
+    );
+    format!("{base}{suffix}")
+}
+
+/// The Go version's agent pod name (`SafeAgentConcatName`), to find it on takeover.
+pub fn go_agent_pod_name(pool_ns: &str, pool_name: &str) -> String {
+    let joined = format!("{pool_ns}-{pool_name}");
+    if joined.len() < 58 {
+        return format!("{joined}-agent");
+    }
+    // Upstream: SHA-256; we only need it to recognise the pod, which we also find by label.
+    joined.chars().take(51).collect::<String>() + "-agent"
+}
+
+/// Splits an image as upstream does: the tag follows the last `:` unless that colon is part
+/// of a registry port (before the last `/`); no tag means `latest`.
+pub fn parse_image(image: &str) -> Result<(String, String), String> {
+    let image = image.trim();
+    if image.is_empty() {
+        return Err(
+            "the agent image is empty: set --image (e.g. rancher/harvester-vm-dhcp:v1.0.0)".into(),
+        );
+    }
+    let colons = image.matches(':').count();
+    if colons > 2 {
+        return Err(format!(
+            "invalid image name {image:?}: multiple colons found"
+        ));
+    }
+    let last_slash = image.rfind('/');
+    match image.rfind(':') {
+        Some(i) if last_slash.is_none_or(|s| i > s) => {
+            let (repo, tag) = (&image[..i], &image[i + 1..]);
+            if tag.is_empty() {
+                return Err(format!("invalid image name {image:?}: colon without tag"));
+            }
+            Ok((repo.to_string(), tag.to_string()))
+        }
+        _ => Ok((image.to_string(), "latest".to_string())),
+    }
+}
+
+/// The cluster network of a NAD: its label, else the bridge name in its CNI config
+/// (`<cn>-br`).
+pub fn cluster_network(labels: Option<&BTreeMap<String, String>>, config: &str) -> Option<String> {
+    if let Some(cn) = labels
+        .and_then(|l| l.get(CLUSTER_NETWORK_LABEL))
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+    {
+        return Some(cn.to_string());
+    }
+    let cfg: serde_json::Value = serde_json::from_str(config).ok()?;
+    let bridge = cfg.get("bridge")?.as_str()?;
+    bridge
+        .strip_suffix("-br")
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Sets a condition; keeps `lastTransitionTime` when the status did not change. Returns
+/// whether anything changed.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    now: &str,
+) -> bool {
+    let status = if status { "True" } else { "False" };
+    let reason = (!reason.is_empty()).then(|| reason.to_string());
+    let message = (!message.is_empty()).then(|| message.to_string());
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) if c.status == status && c.reason == reason && c.message == message => false,
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Some(now.to_string());
+            }
+            c.status = status.to_string();
+            c.reason = reason;
+            c.message = message;
+            c.last_update_time = Some(now.to_string());
+            true
+        }
+        None => {
+            conditions.push(Condition {
+                type_: type_.to_string(),
+                status: status.to_string(),
+                reason,
+                message,
+                last_update_time: Some(now.to_string()),
+                last_transition_time: Some(now.to_string()),
+            });
+            true
+        }
+    }
+}
+
+pub fn condition_is(conditions: Option<&Vec<Condition>>, type_: &str, status: &str) -> bool {
+    conditions
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == type_ && c.status == status)
+}
+
+/// One allocation of a pool: the address, the MAC holding it and its recorded owner.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Held {
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    pub owner: Option<String>,
+}
+
+/// The MAC allocations of a pool status (marks and unreadable entries left out).
+pub fn held(status: Option<&IPv4Status>) -> Vec<Held> {
+    let Some(status) = status else {
+        return Vec::new();
+    };
+    status
+        .allocated
+        .iter()
+        .flatten()
+        .filter_map(|(ip, value)| {
+            let ip: Ipv4Addr = ip.trim().parse().ok()?;
+            let mac: MacAddr = value.parse().ok()?;
+            let owner = status
+                .owners
+                .as_ref()
+                .and_then(|o| o.get(&ip.to_string()))
+                .cloned();
+            Some(Held { ip, mac, owner })
+        })
+        .collect()
+}
+
+/// What a pool status becomes: `release` entries removed (only where the address still
+/// holds that MAC), `adopt` owners written (only where none is recorded), the spec's marks
+/// present, and the counts recomputed from the result, so they are never stale.
+pub fn next_ipv4(
+    layout: &PoolLayout,
+    before: Option<&IPv4Status>,
+    release: &[(Ipv4Addr, MacAddr)],
+    adopt: &[(Ipv4Addr, String)],
+) -> Result<IPv4Status, IpamError> {
+    let mut allocated = before.and_then(|b| b.allocated.clone()).unwrap_or_default();
+    let mut owners = before.and_then(|b| b.owners.clone()).unwrap_or_default();
+    for (ip, mac) in release {
+        let key = ip.to_string();
+        if allocated
+            .get(&key)
+            .and_then(|v| v.parse::<MacAddr>().ok())
+            .is_some_and(|held| held == *mac)
+        {
+            allocated.remove(&key);
+            owners.remove(&key);
+        }
+    }
+    for (ip, owner) in adopt {
+        let key = ip.to_string();
+        if allocated.contains_key(&key) {
+            owners.entry(key).or_insert_with(|| owner.clone());
+        }
+    }
+    // Owners of addresses no longer allocated are dropped (a half-finished older write).
+    owners.retain(|ip, _| allocated.contains_key(ip));
+    let (ipam, _issues) = Ipam::rebuild(layout.clone(), &allocated)?;
+    for (ip, state) in ipam.taken() {
+        let mark = match state {
+            AddrState::Reserved => MARK_RESERVED,
+            AddrState::Excluded => MARK_EXCLUDED,
+            _ => continue,
+        };
+        allocated
+            .entry(ip.to_string())
+            .or_insert_with(|| mark.to_string());
+    }
+    for ip in &layout.exclude {
+        allocated
+            .entry(ip.to_string())
+            .or_insert_with(|| MARK_EXCLUDED.to_string());
+    }
+    Ok(IPv4Status {
+        allocated: (!allocated.is_empty()).then_some(allocated),
+        owners: (!owners.is_empty()).then_some(owners),
+        used: i64::from(ipam.used()),
+        available: i64::from(ipam.available()),
+    })
+}
+
+/// A JSON merge patch turning `before` into `after` for `status.ipv4` (removed keys as null).
+pub fn ipv4_merge_patch(before: Option<&IPv4Status>, after: &IPv4Status) -> serde_json::Value {
+    fn diff(
+        before: Option<&BTreeMap<String, String>>,
+        after: Option<&BTreeMap<String, String>>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        for (k, _) in before.into_iter().flatten() {
+            if after.is_none_or(|a| !a.contains_key(k)) {
+                out.insert(k.clone(), serde_json::Value::Null);
+            }
+        }
+        for (k, v) in after.into_iter().flatten() {
+            if before.and_then(|b| b.get(k)) != Some(v) {
+                out.insert(k.clone(), v.clone().into());
+            }
+        }
+        out
+    }
+    serde_json::json!({
+        "allocated": diff(before.and_then(|b| b.allocated.as_ref()), after.allocated.as_ref()),
+        "owners": diff(before.and_then(|b| b.owners.as_ref()), after.owners.as_ref()),
+        "used": after.used,
+        "available": after.available,
+    })
+}
+
+/// Whether two statuses say the same (maps compared as maps, absent = empty).
+pub fn same_ipv4(a: Option<&IPv4Status>, b: &IPv4Status) -> bool {
+    let Some(a) = a else {
+        return b.allocated.as_ref().is_none_or(BTreeMap::is_empty)
+            && b.owners.as_ref().is_none_or(BTreeMap::is_empty)
+            && b.used == 0
+            && b.available == 0;
+    };
+    let empty = BTreeMap::new();
+    a.allocated.as_ref().unwrap_or(&empty) == b.allocated.as_ref().unwrap_or(&empty)
+        && a.owners.as_ref().unwrap_or(&empty) == b.owners.as_ref().unwrap_or(&empty)
+        && a.used == b.used
+        && a.available == b.available
+}
+
+/// Who may hold an allocation: (network key, MAC) → owner `<namespace>/<vm>`, from every
+/// vmnetcfg entry and every VM NIC that exists and is not being deleted.
+#[derive(Debug, Clone, Default)]
+pub struct LiveOwners {
+    owners: BTreeMap<(String, MacAddr), String>,
+}
+
+impl LiveOwners {
+    pub fn insert(&mut self, network: &str, mac: MacAddr, owner: String) {
+        self.owners
+            .entry((network_key(network), mac))
+            .or_insert(owner);
+    }
+
+    pub fn get(&self, network: &str, mac: MacAddr) -> Option<&str> {
+        self.owners
+            .get(&(network_key(network), mac))
+            .map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.owners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owners.is_empty()
+    }
+
+    /// Adds every NIC of a VM on a known MAC (spec, Harvester annotation, or the webhook's
+    /// record), skipping absent NICs and the pod network.
+    pub fn add_vm(&mut self, vm: &VirtualMachine) {
+        let ns = vm.metadata.namespace.as_deref().unwrap_or_default();
+        let owner = format!("{ns}/{}", vm.metadata.name.as_deref().unwrap_or_default());
+        for nic in vm_nics(vm) {
+            if let Some(mac) = nic.mac {
+                self.insert(&nic.network, mac, owner.clone());
+            }
+        }
+    }
+}
+
+/// One NIC of a VM on a Multus network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNic {
+    pub interface: String,
+    /// Network key `<namespace>/<name>` (a bare name means the VM's namespace).
+    pub network: String,
+    pub mac: Option<MacAddr>,
+    /// The address the webhook recorded for this NIC (allocations annotation).
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// The Multus NICs of a VM in spec order, absent ones left out. The MAC is the spec's, else
+/// Harvester's annotation, else the webhook's record; unreadable MACs count as unknown.
+pub fn vm_nics(vm: &VirtualMachine) -> Vec<VmNic> {
+    let ns = vm.metadata.namespace.as_deref().unwrap_or_default();
+    let annotations = vm.metadata.annotations.as_ref();
+    let observed = annotations
+        .and_then(|a| a.get(MAC_ANNOTATION))
+        .and_then(|a| parse_mac_annotation(a).ok());
+    let records: Vec<NicAllocation> = annotations
+        .and_then(|a| a.get(ALLOCATIONS_ANNOTATION))
+        .and_then(|a| serde_json::from_str(a).ok())
+        .unwrap_or_default();
+    let Some(spec) = vm.spec.template.as_ref().and_then(|t| t.spec.as_ref()) else {
+        return Vec::new();
+    };
+    let networks: BTreeMap<&str, &str> = spec
+        .networks
+        .iter()
+        .filter_map(|n| Some((n.name.as_str(), n.multus.as_ref()?.network_name.as_str())))
+        .collect();
+    let interfaces = spec
+        .domain
+        .as_ref()
+        .and_then(|d| d.devices.as_ref())
+        .map(|d| d.interfaces.as_slice())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for nic in interfaces {
+        if nic.state.as_deref() == Some("absent") {
+            continue;
+        }
+        let Some(raw) = networks.get(nic.name.as_str()) else {
+            continue;
+        };
+        let network = if raw.contains('/') {
+            network_key(raw)
+        } else {
+            format!("{ns}/{}", raw.trim())
+        };
+        let record = records
+            .iter()
+            .find(|r| r.interface == nic.name && network_key(&r.network) == network);
+        let mac = nic_mac(nic.mac_address.as_deref(), observed.as_ref(), &nic.name)
+            .ok()
+            .flatten()
+            .or_else(|| record.and_then(|r| r.mac_address.parse().ok()));
+        let ip = record
+            .filter(|r| r.mac_address.parse::<MacAddr>().ok() == mac)
+            .and_then(|r| r.ip_address.parse().ok());
+        out.push(VmNic {
+            interface: nic.name.clone(),
+            network,
+            mac,
+            ip,
+        });
+    }
+    out
+}
+
+/// The `spec.networkConfigs` a VM's vmnetcfg should hold: its NICs on managed networks with a
+/// known MAC, in the VM's interface order. The address is the webhook's record, else what
+/// the existing vmnetcfg says for that (network, MAC), else what the pool holds for the MAC.
+pub fn desired_network_configs(
+    vm: &VirtualMachine,
+    managed: impl Fn(&str) -> bool,
+    existing: &[NetworkConfig],
+    held_ip: impl Fn(&str, MacAddr) -> Option<Ipv4Addr>,
+) -> Vec<NetworkConfig> {
+    let mut seen = BTreeSet::new();
+    vm_nics(vm)
+        .into_iter()
+        .filter(|n| managed(&n.network))
+        .filter_map(|n| {
+            let mac = n.mac?;
+            if !seen.insert((n.network.clone(), mac)) {
+                return None;
+            }
+            let kept = existing
+                .iter()
+                .find(|e| {
+                    network_key(&e.network_name) == n.network
+                        && e.mac_address.parse::<MacAddr>().ok() == Some(mac)
+                })
+                .and_then(|e| e.ip_address.as_deref()?.parse::<Ipv4Addr>().ok());
+            let ip = n.ip.or(kept).or_else(|| held_ip(&n.network, mac));
+            Some(NetworkConfig {
+                network_name: n.network,
+                mac_address: mac.to_string(),
+                ip_address: ip.map(|ip| ip.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// Whether two entry lists say the same, with MACs compared canonically.
+pub fn same_network_configs(a: &[NetworkConfig], b: &[NetworkConfig]) -> bool {
+    let canon = |list: &[NetworkConfig]| -> Vec<(String, String, Option<String>)> {
+        list.iter()
+            .map(|e| {
+                (
+                    network_key(&e.network_name),
+                    e.mac_address
+                        .parse::<MacAddr>()
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|_| e.mac_address.clone()),
+                    e.ip_address.clone(),
+                )
+            })
+            .collect()
+    };
+    canon(a) == canon(b)
+}
+
+/// An allocation whose owner is nowhere to be seen, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// A live vmnetcfg entry or VM NIC holds it; `adopt` carries the owner to record when
+    /// the status has none (an allocation the Go version made).
+    Owned { adopt: Option<String> },
+    /// Nobody holds it.
+    Orphan,
+}
+
+pub fn ownership(network: &str, h: &Held, live: &LiveOwners) -> Ownership {
+    match live.get(network, h.mac) {
+        Some(owner) => Ownership::Owned {
+            adopt: h.owner.is_none().then(|| owner.to_string()),
+        },
+        None => Ownership::Orphan,
+    }
+}
+
+/// The sweep's memory: when each orphan was first seen. Entries that are owned again (or
+/// gone) are forgotten; those orphaned for longer than `grace` are returned for release.
+#[derive(Debug, Clone, Default)]
+pub struct OrphanClock {
+    first_seen: BTreeMap<(String, Ipv4Addr, MacAddr), Duration>,
+}
+
+impl OrphanClock {
+    /// `now` is a monotonic time (e.g. since process start). Returns the orphans to release.
+    pub fn observe(
+        &mut self,
+        pool: &str,
+        orphans: &[(Ipv4Addr, MacAddr)],
+        now: Duration,
+        grace: Duration,
+    ) -> Vec<(Ipv4Addr, MacAddr)> {
+        let current: BTreeSet<(Ipv4Addr, MacAddr)> = orphans.iter().copied().collect();
+        self.first_seen
+            .retain(|(p, ip, mac), _| p != pool || current.contains(&(*ip, *mac)));
+        let mut due = Vec::new();
+        for (ip, mac) in current {
+            let since = *self
+                .first_seen
+                .entry((pool.to_string(), ip, mac))
+                .or_insert(now);
+            if now.saturating_sub(since) >= grace {
+                due.push((ip, mac));
+            }
+        }
+        due
+    }
+
+    /// Forgets a pool (deleted).
+    pub fn forget(&mut self, pool: &str) {
+        self.first_seen.retain(|(p, _, _), _| p != pool);
+    }
+
+    /// How long until the next orphan of any pool is due (to schedule the next sweep).
+    pub fn next_due(&self, now: Duration, grace: Duration) -> Option<Duration> {
+        self.first_seen
+            .values()
+            .map(|since| (*since + grace).saturating_sub(now))
+            .min()
+    }
+}
+
+/// One existing agent pod of a pool, as the planner needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentPod {
+    pub name: String,
+    /// Ours (managed-by label), else the Go version's.
+    pub ours: bool,
+    pub revision: Option<String>,
+    pub ready: bool,
+    pub terminating: bool,
+    /// How long its node has been unreachable (Ready not True with the unreachable taint).
+    pub node_lost_for: Option<Duration>,
+    /// Holds the pool's Lease (not expired).
+    pub lease_holder: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInput {
+    pub pool_ns: String,
+    pub pool_name: String,
+    /// Agents wanted: the replica count, capped by the eligible nodes (0 when paused).
+    pub want: usize,
+    pub revision: String,
+    pub pods: Vec<AgentPod>,
+    pub lost_grace: Duration,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentPlan {
+    pub create: Vec<String>,
+    pub delete: Vec<String>,
+    pub force_delete: Vec<String>,
+    /// The Go version's agent pods to delete (ours is active).
+    pub delete_go: Vec<String>,
+}
+
+/// Which agent pods to create and remove, DaemonSet-style with surge:
+/// - a pod whose node has been lost for longer than the grace period is force-deleted (a
+///   kubelet that is gone never confirms a deletion: harvester#8205);
+/// - new pods are created until `want` pods of the current revision are alive;
+/// - pods of another revision are deleted only once `want` current pods are Ready, so an
+///   image roll never leaves the pool without an active agent;
+/// - extra current pods are removed (not-ready and non-holders first);
+/// - the Go version's pods are deleted once one of ours is a Ready Lease holder.
+pub fn plan_agents(input: &AgentInput) -> AgentPlan {
+    let mut plan = AgentPlan::default();
+    let lost = |p: &AgentPod| p.node_lost_for.is_some_and(|d| d >= input.lost_grace);
+    for p in input.pods.iter().filter(|p| p.ours && lost(p)) {
+        plan.force_delete.push(p.name.clone());
+    }
+    let alive: Vec<&AgentPod> = input
+        .pods
+        .iter()
+        .filter(|p| p.ours && !p.terminating && !lost(p))
+        .collect();
+    let (current, outdated): (Vec<&AgentPod>, Vec<&AgentPod>) = alive
+        .iter()
+        .partition(|p| p.revision.as_deref() == Some(input.revision.as_str()));
+    let used: BTreeSet<&str> = input.pods.iter().map(|p| p.name.as_str()).collect();
+    let mut n = 0;
+    for _ in current.len()..input.want {
+        loop {
+            let name = agent_pod_name(&input.pool_ns, &input.pool_name, &input.revision, n);
+            n += 1;
+            if !used.contains(name.as_str()) {
+                plan.create.push(name);
+                break;
+            }
+        }
+    }
+    let ready_current = current.iter().filter(|p| p.ready).count();
+    if input.want == 0 || ready_current >= input.want {
+        plan.delete.extend(outdated.iter().map(|p| p.name.clone()));
+    }
+    if current.len() > input.want {
+        let mut extra = current.clone();
+        // Keep the Ready Lease holder and Ready pods; remove the rest first.
+        extra.sort_by_key(|p| (p.lease_holder, p.ready, std::cmp::Reverse(p.name.clone())));
+        plan.delete.extend(
+            extra
+                .iter()
+                .take(current.len() - input.want)
+                .map(|p| p.name.clone()),
+        );
+    }
+    let ours_active = input
+        .pods
+        .iter()
+        .any(|p| p.ours && p.ready && p.lease_holder && !p.terminating);
+    if ours_active || input.want == 0 {
+        plan.delete_go.extend(
+            input
+                .pods
+                .iter()
+                .filter(|p| !p.ours && !p.terminating)
+                .map(|p| p.name.clone()),
+        );
+    }
+    plan
+}
+
+/// The status a vmnetcfg shows: one entry per spec entry on a managed network with the
+/// address its MAC holds in the pool (`Allocated`), or `Pending` when it holds none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryStatus {
+    pub network: String,
+    pub mac: String,
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// The upstream message of a paused vmnetcfg or pool.
+pub fn disabled_message(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind} {ns}/{name} was administratively disabled")
+}
+
+/// The pool entries whose (network, MAC) a vmnetcfg no longer lists: its status shows them,
+/// its spec does not (a NIC removed from the VM, or an entry edited away).
+pub fn stale_entries(
+    spec: &[NetworkConfig],
+    status: &[crate::crd::NetworkConfigStatus],
+) -> Vec<(String, MacAddr, Ipv4Addr)> {
+    let listed: BTreeSet<(String, MacAddr)> = spec
+        .iter()
+        .filter_map(|e| Some((network_key(&e.network_name), e.mac_address.parse().ok()?)))
+        .collect();
+    status
+        .iter()
+        .filter_map(|s| {
+            let network = network_key(s.network_name.as_deref()?);
+            let mac: MacAddr = s.mac_address.as_deref()?.parse().ok()?;
+            let ip: Ipv4Addr = s.allocated_ip_address.as_deref()?.parse().ok()?;
+            (!listed.contains(&(network.clone(), mac))).then_some((network, mac, ip))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
