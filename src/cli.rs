@@ -65,6 +65,24 @@ pub struct AgentArgs {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Active/standby (cluster mode): only the holder of this coordination.k8s.io Lease,
+    /// <namespace>/<name>, answers; its holderIdentity is --name.
+    #[arg(long, env = "VM_DHCP_AGENT_LEASE_LOCK")]
+    pub lease_lock: Option<String>,
+
+    /// Lease duration: a standby takes over this long after the holder's last renewal.
+    #[arg(
+        long,
+        env = "VM_DHCP_AGENT_LEASE_DURATION_SECONDS",
+        default_value_t = 5
+    )]
+    pub lease_duration_seconds: u64,
+
+    /// The Lease holder adds the pool's server IP to --nic (and announces it by gratuitous
+    /// ARP); a standby keeps it off. Needs --lease-lock and CAP_NET_ADMIN.
+    #[arg(long, env = "VM_DHCP_AGENT_MANAGE_SERVER_IP")]
+    pub manage_server_ip: bool,
+
     /// Seconds between full rebuilds of the lease table, which also re-resolve NTP server
     /// names.
     #[arg(long, env = "VM_DHCP_AGENT_RESYNC_SECONDS", default_value_t = 300)]

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub leases: Gauge,
     pub table_reloads: Family<Labels, Counter>,
     pub handling_seconds: Histogram,
+    /// 1 while this agent answers (holds the Lease, or runs without one).
+    pub active: Gauge,
+    pub takeovers: Counter,
 }
 
 impl Metrics {
@@ -33,6 +36,8 @@ impl Metrics {
             table_reloads: Family::default(),
             // 1 µs … ~16 ms: handling is a few µs; the top buckets catch stalls.
             handling_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 15)),
+            active: Gauge::default(),
+            takeovers: Counter::default(),
         };
         registry.register(
             "requests",
@@ -65,6 +70,16 @@ impl Metrics {
             "handling_seconds",
             "Time from a received datagram to its reply being ready",
             m.handling_seconds.clone(),
+        );
+        registry.register(
+            "active",
+            "1 when this agent answers DHCP (holds the pool's Lease, or runs without one), 0 on standby",
+            m.active.clone(),
+        );
+        registry.register(
+            "takeovers",
+            "Times this agent took the pool's Lease and became active",
+            m.takeovers.clone(),
         );
         m
     }

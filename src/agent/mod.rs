@@ -2,17 +2,21 @@
 //!
 //! Pieces, each a task on one current-thread runtime:
 //! - a pool source sends whole IPPool snapshots (offline: a watched file; in the cluster, a
-//!   watch on the IPPool — next step) into a channel;
+//!   watch on the IPPool plus a periodic re-read) into a channel;
 //! - the table task turns each snapshot into a [`LeaseTable`] (resolving NTP host names) and
 //!   publishes it; a periodic resync rebuilds it and re-resolves names;
 //! - the DHCP task owns the socket: receive → decide (pure, in core) → send;
 //! - the HTTP task serves health, readiness, leases and metrics.
 //!
-//! `active` is the hook for active/standby (a Lease lock, next step): a standby keeps its
-//! table warm and answers nothing. Offline there is no lock, so the agent is always active.
+//! `active` says whether this agent answers: with `--lease-lock` only the Lease holder does
+//! (see [`lock`]); a standby keeps its table warm and answers nothing. Without a lock the
+//! agent is always active.
 
+mod cluster;
 mod http;
+mod lock;
 mod metrics;
+mod netif;
 mod packet;
 mod socket;
 mod source;
@@ -48,6 +52,7 @@ impl AgentState {
     pub fn new(name: String, dry_run: bool) -> Self {
         let mut registry = Registry::with_prefix("vmdhcp_agent");
         let metrics = Metrics::register(&mut registry);
+        metrics.active.set(1);
         AgentState {
             name,
             dry_run,
@@ -125,18 +130,55 @@ fn init_logging(args: &AgentArgs) {
         .try_init();
 }
 
+/// Where the pool comes from.
+enum Mode {
+    File(std::path::PathBuf),
+    Cluster {
+        pool: cluster::ObjectRef,
+        lock: Option<lock::LockConfig>,
+    },
+}
+
+fn mode(args: &AgentArgs, name: &str) -> anyhow::Result<Mode> {
+    let lock = match &args.lease_lock {
+        Some(lease) => Some(lock::config(
+            lease,
+            name,
+            args.lease_duration_seconds,
+            args.manage_server_ip.then(|| args.nic.clone()),
+        )?),
+        None if args.manage_server_ip => bail!(
+            "--manage-server-ip needs --lease-lock: without a Lease two agents could hold the server IP at once"
+        ),
+        None => None,
+    };
+    match (&args.ippool_file, &args.ippool_ref) {
+        (Some(_), Some(_)) => bail!(
+            "--ippool-file and --ippool-ref (IPPOOL_REF) both given: pass one (the file is the offline mode)"
+        ),
+        (Some(file), None) => {
+            if lock.is_some() {
+                bail!("--lease-lock needs cluster mode (--ippool-ref), not --ippool-file");
+            }
+            Ok(Mode::File(file.clone()))
+        }
+        (None, Some(pool)) => Ok(Mode::Cluster {
+            pool: cluster::parse_ref("--ippool-ref", pool)?,
+            lock,
+        }),
+        (None, None) => bail!(
+            "nothing to serve: pass --ippool-file <pool.yaml> (offline) or --ippool-ref <namespace>/<name> (cluster)"
+        ),
+    }
+}
+
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     init_logging(&args);
-    let Some(file) = args.ippool_file.clone() else {
-        match &args.ippool_ref {
-            Some(pool) => bail!(
-                "--ippool-ref {pool}: cluster mode (watching the IPPool through the API) lands with the next step of the agent; for now run offline with --ippool-file <pool.yaml>"
-            ),
-            None => bail!(
-                "nothing to serve: pass --ippool-file <pool.yaml> (offline) or --ippool-ref <namespace>/<name> (cluster)"
-            ),
-        }
-    };
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("vm-dhcp-agent-{}", args.nic));
+    let mode = mode(&args, &name)?;
     if args.resync_seconds == 0 {
         bail!("--resync-seconds must be at least 1");
     }
@@ -144,25 +186,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args, file))
+    runtime.block_on(serve(args, name, mode))
 }
 
-async fn serve(args: AgentArgs, file: std::path::PathBuf) -> anyhow::Result<()> {
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("vm-dhcp-agent-{}", args.nic));
-    if let Some(pool) = &args.ippool_ref {
-        tracing::info!(
-            ippool_ref = %pool,
-            "--ippool-ref noted; --ippool-file is served (offline mode)"
-        );
-    }
-    if let Some(kubeconfig) = &args.kubeconfig {
-        tracing::debug!(kubeconfig = %kubeconfig.display(), "kubeconfig is not used offline");
-    }
+async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> {
     let state = Arc::new(AgentState::new(name.clone(), args.dry_run));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // A client first: a bad kubeconfig is reported before any socket is opened.
+    let client = match &mode {
+        Mode::File(_) => None,
+        Mode::Cluster { .. } => Some(cluster::client(args.kubeconfig.as_deref()).await?),
+    };
 
     let socket = socket::open(&args.nic).with_context(|| {
         format!(
@@ -181,28 +215,61 @@ async fn serve(args: AgentArgs, file: std::path::PathBuf) -> anyhow::Result<()> 
             )
         })?;
 
-    tracing::info!(
-        agent = %name,
-        nic = %args.nic,
-        pool_file = %file.display(),
-        http = %args.http_addr,
-        dry_run = args.dry_run,
-        "agent starting"
-    );
-
+    let resync = Duration::from_secs(args.resync_seconds);
     let (pool_tx, pool_rx) = watch::channel(None);
-    let file_task = tokio::spawn(source::watch_file(
-        file,
-        pool_tx,
-        state.clone(),
-        stop_rx.clone(),
-    ));
-    let table_task = tokio::spawn(source::build_tables(
+    let mut background = Vec::new();
+    let mut lock_task = None;
+    match (mode, client) {
+        (Mode::File(file), _) => {
+            tracing::info!(
+                agent = %name, nic = %args.nic, pool_file = %file.display(),
+                http = %args.http_addr, dry_run = args.dry_run, "agent starting (offline)"
+            );
+            background.push(tokio::spawn(source::watch_file(
+                file,
+                pool_tx,
+                state.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        (Mode::Cluster { pool, lock }, Some(client)) => {
+            tracing::info!(
+                agent = %name, nic = %args.nic, ippool = %pool, http = %args.http_addr,
+                lease_lock = lock.as_ref().map(|l| l.lease.to_string()).unwrap_or_default(),
+                manage_server_ip = args.manage_server_ip, dry_run = args.dry_run,
+                "agent starting (cluster)"
+            );
+            let pools: kube::Api<vm_dhcp_core::crd::IPPool> =
+                kube::Api::namespaced(client.clone(), &pool.namespace);
+            background.push(tokio::spawn(cluster::watch_pool(
+                pools,
+                pool,
+                pool_tx,
+                state.clone(),
+                resync,
+                stop_rx.clone(),
+            )));
+            if let Some(lock) = lock {
+                // Standby until the Lease says otherwise.
+                state.active.store(false, Ordering::Relaxed);
+                state.metrics.active.set(0);
+                let leases = kube::Api::namespaced(client, &lock.lease.namespace);
+                lock_task = Some(tokio::spawn(lock::run(
+                    leases,
+                    lock,
+                    state.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+        }
+        (Mode::Cluster { .. }, None) => bail!("cluster mode without a client"),
+    }
+    background.push(tokio::spawn(source::build_tables(
         pool_rx,
         state.clone(),
-        Duration::from_secs(args.resync_seconds),
+        resync,
         stop_rx.clone(),
-    ));
+    )));
     let dhcp_task = tokio::spawn(socket::serve(socket, state.clone(), stop_rx.clone()));
     let http_task = tokio::spawn(http::serve(listener, state.clone(), stop_rx.clone()));
 
@@ -216,7 +283,12 @@ async fn serve(args: AgentArgs, file: std::path::PathBuf) -> anyhow::Result<()> 
         },
     };
     let _ = stop_tx.send(true);
-    for task in [file_task, table_task] {
+    // The lock first: it drops the server IP and releases the Lease so a standby takes
+    // over at once.
+    if let Some(task) = lock_task {
+        let _ = task.await;
+    }
+    for task in background {
         let _ = task.await;
     }
     match http_task.await {
