@@ -18,11 +18,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
+use kube::runtime::WatchStreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -125,6 +127,12 @@ pub async fn run(
     };
     lock.set_active(false);
     let mut tables = lock.state.table.subscribe();
+    // The Lease is watched as well as polled: a standby sees each renewal when it happens,
+    // so it can take over right when the Lease expires instead of at its next poll.
+    let events =
+        kube::runtime::watcher::watch_object(lock.api.clone(), &lock.cfg.lease.name.clone())
+            .default_backoff();
+    tokio::pin!(events);
     let stop = stopped(stop);
     tokio::pin!(stop);
     let mut next = Instant::now();
@@ -136,6 +144,20 @@ pub async fn run(
         tokio::select! {
             _ = &mut stop => break,
             _ = tokio::time::sleep_until(wake) => {}
+            event = events.next() => {
+                match event {
+                    Some(Ok(Some(lease))) => {
+                        if let Some(expiry) = lock.seen(lease).await {
+                            next = next.min(expiry);
+                        }
+                    }
+                    Some(Ok(None)) => {}
+                    Some(Err(e)) => tracing::debug!("watching the Lease: {e}; polling meanwhile"),
+                    // The watch never ends by itself; polling carries on if it does.
+                    None => std::future::pending::<()>().await,
+                }
+                continue;
+            }
             // A new server IP in the pool is applied at once, not at the next tick.
             changed = tables.changed() => {
                 if changed.is_err() {
@@ -171,6 +193,33 @@ impl Lock {
     fn set_active(&self, active: bool) {
         self.state.active.store(active, Ordering::Relaxed);
         self.state.metrics.active.set(i64::from(active));
+    }
+
+    /// A Lease from the watch. The holder only looks for someone else's name in it (its
+    /// own writes carry the resourceVersion it renews from); a standby records it and
+    /// returns when the Lease expires, to try then.
+    async fn seen(&mut self, lease: Lease) -> Option<Instant> {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        if self.active() {
+            if let Some(other) = holder.filter(|h| *h != self.cfg.identity) {
+                self.step_down(&format!("the Lease was taken by {other:?}"))
+                    .await;
+            }
+            return None;
+        }
+        self.observe(lease);
+        if holder.is_none() {
+            return Some(Instant::now());
+        }
+        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(1) as u64);
+        let by_record = spec.renew_time.map_or(Duration::ZERO, |t| {
+            let age = Timestamp::now().duration_since(t.0).as_secs_f64().max(0.0);
+            duration.saturating_sub(Duration::from_secs_f64(age))
+        });
+        let here = (self.last_change + duration).saturating_duration_since(Instant::now());
+        // Just past both expiry rules (see try_acquire).
+        Some(Instant::now() + by_record.max(here) + Duration::from_millis(20))
     }
 
     fn observe(&mut self, lease: Lease) {

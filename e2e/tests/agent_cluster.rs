@@ -1,0 +1,762 @@
+//! `vm-dhcp agent` in cluster mode, run by the node simulator as agent pods against the real
+//! control plane: it watches an IPPool (`--ippool-ref`), holds a Lease (`--lease-lock`) and
+//! the pool's server IP (`--manage-server-ip`) while active, and a real DHCP client (busybox
+//! udhcpc) in a "VM" namespace on the pool's network talks to it.
+//!
+//! Needs root (network namespaces); without it each test says why it skips. The simulator
+//! removes every namespace and process when dropped, also when an assertion fails. Waits
+//! poll for an event with a generous deadline; the one timed bound, the takeover, is the
+//! correctness bound the design promises (Lease duration + slack), not a speed check.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_e2e::nodesim::{NETWORKS_ANNOTATION, NodeSim, NodeSpec, VmNetns};
+use vm_dhcp_e2e::proc::Process;
+use vm_dhcp_e2e::{ControlPlane, TestNamespace};
+
+const POOL: &str = "net-48";
+const LEASE: &str = "vm-dhcp-net-48";
+const SERVER_IP: &str = "192.168.48.77";
+const VM_IP: &str = "192.168.48.86";
+/// Upper case in the pool, as upstream writes MACs; the agent compares case-insensitively.
+const VM_MAC: &str = "02:00:5e:30:00:86";
+const VM_MAC_IN_POOL: &str = "02:00:5E:30:00:86";
+const IMAGE: &str = "docker.io/rancher/harvester-vm-dhcp:test";
+const LEASE_SECONDS: u64 = 5;
+/// For anything that is eventually true (pods running, clients bound).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn skip_reason() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    (unsafe { libc::geteuid() } != 0)
+        .then_some("not root: the node simulator needs network namespaces (CAP_SYS_ADMIN)")
+}
+
+macro_rules! require_root {
+    () => {
+        if let Some(why) = skip_reason() {
+            eprintln!("SKIPPED {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
+fn vm_dhcp_binary() -> PathBuf {
+    // The e2e crate does not depend on the binary crate: find it next to our test binary.
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("vm-dhcp");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --bin vm-dhcp` first (make e2e does)",
+        bin.display()
+    );
+    bin
+}
+
+fn busybox() -> String {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("busybox"))
+                .find(|p| p.is_file())
+        })
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| panic!("busybox not found in PATH (apt-get install busybox)"))
+}
+
+/// What every test starts from: a namespace with the agents' RBAC and the pool, and a
+/// simulator for `nodes`.
+struct Cluster {
+    ns: TestNamespace,
+    sim: NodeSim,
+}
+
+async fn cluster(prefix: &str, nodes: &[&str]) -> Cluster {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace(prefix).await;
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "vm-dhcp-agent"}}))
+        .expect("service account");
+    ns.api::<ServiceAccount>()
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("create service account");
+    // What the chart grants the agent, narrowed to the test namespace.
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "vm-dhcp-agent"},
+        "rules": [
+            {"apiGroups": ["network.harvesterhci.io"], "resources": ["ippools"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["get", "create", "update"]}
+        ]
+    }))
+    .expect("role");
+    ns.api::<Role>()
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("create role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "vm-dhcp-agent"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-dhcp-agent"},
+        "subjects": [{"kind": "ServiceAccount", "name": "vm-dhcp-agent", "namespace": ns.name}]
+    }))
+    .expect("binding");
+    ns.api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create binding");
+
+    let pool: IPPool = serde_json::from_value(json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+        "metadata": {"name": POOL},
+        "spec": {
+            "networkName": format!("{}/{POOL}", ns.name),
+            "ipv4Config": {
+                "serverIP": SERVER_IP,
+                "cidr": "192.168.48.0/24",
+                "pool": {"start": "192.168.48.81", "end": "192.168.48.90"},
+                "router": "192.168.48.1",
+                "dns": ["192.168.48.53"],
+                "leaseTime": 300
+            }
+        }
+    }))
+    .expect("pool");
+    let pools: Api<IPPool> = ns.api();
+    pools
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("create pool");
+    // Allocation happens at admission (webhook) in a real cluster; here it is written
+    // directly, as the webhook would commit it.
+    let status = json!({"status": {"ipv4": {
+        "allocated": {SERVER_IP: "RESERVED", VM_IP: VM_MAC_IN_POOL},
+        "used": 1, "available": 9
+    }}});
+    pools
+        .patch_status(POOL, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("write pool status");
+
+    let programs = HashMap::from([("harvester-vm-dhcp".to_string(), vm_dhcp_binary())]);
+    let nodes = nodes.iter().map(|n| NodeSpec::new(n)).collect();
+    let sim = NodeSim::start(cp, &ns.name, nodes, programs)
+        .await
+        .expect("node simulator");
+    Cluster { ns, sim }
+}
+
+impl Cluster {
+    /// An agent pod pinned to `node`, as the controller would create it.
+    async fn agent(&self, name: &str, node: &str) {
+        let ns = &self.ns.name;
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": name,
+                "labels": {"network.harvesterhci.io/vm-dhcp-controller": "agent"},
+                "annotations": {NETWORKS_ANNOTATION:
+                    json!([{"namespace": ns, "name": POOL, "interface": "eth1"}]).to_string()}
+            },
+            "spec": {
+                "serviceAccountName": "vm-dhcp-agent",
+                "nodeSelector": {"kubernetes.io/hostname": self.sim.node_name(node)},
+                "terminationGracePeriodSeconds": 3,
+                "containers": [{
+                    "name": "agent",
+                    "image": IMAGE,
+                    "args": [
+                        "agent",
+                        "--ippool-ref", format!("{ns}/{POOL}"),
+                        "--lease-lock", format!("{ns}/{LEASE}"),
+                        "--lease-duration-seconds", LEASE_SECONDS.to_string(),
+                        "--manage-server-ip",
+                        "--nic", "eth1",
+                        "--name", name,
+                        "--http-addr", "0.0.0.0:8080"
+                    ],
+                    "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080},
+                                       "periodSeconds": 1}
+                }]
+            }
+        }))
+        .expect("pod");
+        self.ns
+            .api::<Pod>()
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("create agent pod");
+    }
+
+    async fn wait_ready(&self, pod: &str) {
+        let pods: Api<Pod> = self.ns.api();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let ready = pods
+                .get_opt(pod)
+                .await
+                .expect("reading pod")
+                .and_then(|p| p.status?.conditions)
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {pod} never became Ready; its log:\n{}\nsimulator:\n{}",
+                self.sim.log(pod, "agent"),
+                self.sim.sim_log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn holder(&self) -> Option<String> {
+        self.ns
+            .api::<Lease>()
+            .get_opt(LEASE)
+            .await
+            .expect("reading the Lease")
+            .and_then(|l| l.spec?.holder_identity)
+            .filter(|h| !h.is_empty())
+    }
+
+    async fn wait_holder(&self) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(h) = self.holder().await {
+                return h;
+            }
+            assert!(Instant::now() < deadline, "no agent ever took the Lease");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// GET from an agent's HTTP server at its pod IP.
+    async fn agent_json(&self, pod: &str, path: &str) -> Option<Value> {
+        let ip = self.sim.pod_ip(pod)?;
+        let mut stream = tokio::net::TcpStream::connect((ip, 8080)).await.ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        let (_, body) = text.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    }
+
+    async fn vm(&self) -> VmNetns {
+        self.sim
+            .attach_vm_with_mac(&format!("{}/{POOL}", self.ns.name), Some(VM_MAC))
+            .await
+            .expect("VM namespace")
+    }
+}
+
+// ------------------------------------------------------------------ the DHCP client
+
+/// A hook for udhcpc (-s) that records each event and what the client was told, and
+/// configures only the VM's interface.
+fn write_hook(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("hook dir");
+    let log = dir.join("events.log");
+    let hook = dir.join("hook.sh");
+    let script = format!(
+        r#"#!/bin/sh
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# Configure first, then record: a recorded event means the interface is already set.
+case "$1" in
+  bound|renew) ip addr replace "$ip/$subnet" dev "$interface" ;;
+  deconfig) ip -4 addr flush dev "$interface" ;;
+esac
+{{
+  echo "event=$1"
+  env | grep -E '^(ip=|subnet=|router=|dns=|lease=|serverid=)' | sort
+  echo "end"
+}} >> "{log}"
+exit 0
+"#,
+        log = log.display()
+    );
+    std::fs::write(&hook, script).expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let _ = std::fs::remove_file(&log);
+    (hook, log)
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    name: String,
+    vars: BTreeMap<String, String>,
+}
+
+impl Event {
+    fn var(&self, key: &str) -> &str {
+        self.vars.get(key).map(String::as_str).unwrap_or("")
+    }
+}
+
+fn events(log: &Path) -> Vec<Event> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut current: Option<Event> = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("event=") {
+            current = Some(Event {
+                name: name.to_string(),
+                vars: BTreeMap::new(),
+            });
+        } else if line == "end" {
+            out.extend(current.take());
+        } else if let (Some(ev), Some((k, v))) = (current.as_mut(), line.split_once('=')) {
+            ev.vars.insert(k.to_string(), v.to_string());
+        }
+    }
+    out
+}
+
+struct Client {
+    proc: Process,
+    log: PathBuf,
+}
+
+impl Client {
+    fn start(vm: &VmNetns, dir: &Path) -> Client {
+        let (hook, log) = write_hook(dir);
+        let hook = hook.display().to_string();
+        let proc = vm
+            .spawn(
+                "udhcpc",
+                &busybox(),
+                &[
+                    "udhcpc", "-f", "-i", &vm.ifname, "-t", "10", "-T", "1", "-A", "1", "-s", &hook,
+                ],
+            )
+            .expect("udhcpc");
+        Client { proc, log }
+    }
+
+    fn events(&self) -> Vec<Event> {
+        events(&self.log)
+    }
+
+    /// Waits for the first event named in `names` after the first `skip` events.
+    async fn wait_event(&mut self, names: &[&str], skip: usize, what: &str) -> Event {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(e) = self
+                .events()
+                .into_iter()
+                .skip(skip)
+                .find(|e| names.contains(&e.name.as_str()))
+            {
+                return e;
+            }
+            assert!(
+                self.proc.exited().is_none(),
+                "udhcpc exited:\n{}",
+                self.proc.log_tail(20)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no {names:?} event; client events: {:?}",
+                self.events()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGUSR1 makes udhcpc renew now (by unicast to the server). Repeated until an event
+    /// in `names` lands after the first `skip`, with a pause long enough for one exchange
+    /// (a second SIGUSR1 during a renewal restarts it from DISCOVER).
+    async fn renew_until(&mut self, names: &[&str], skip: usize, until: Instant) -> Option<Event> {
+        loop {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.proc.id() as i32, libc::SIGUSR1) };
+            let pause = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < pause {
+                if let Some(e) = self
+                    .events()
+                    .into_iter()
+                    .skip(skip)
+                    .find(|e| names.contains(&e.name.as_str()))
+                {
+                    return Some(e);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+        }
+    }
+}
+
+fn scratch(ns: &TestNamespace, what: &str) -> PathBuf {
+    vm_dhcp_e2e::proc::run_dir()
+        .expect("run dir")
+        .join(format!("{}-{what}", ns.name))
+}
+
+// ------------------------------------------------------------------ tests
+
+/// A restarted agent serves every lease from the pool at once: nothing in the IPPool
+/// changes, yet the client's renewal right after the restart is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_serves_a_renewing_client_without_a_pool_change() {
+    require_root!();
+    let c = cluster("agent-restart", &["a"]).await;
+    c.agent("agent-0", "a").await;
+    c.wait_ready("agent-0").await;
+    assert_eq!(c.wait_holder().await, "agent-0");
+    let vm = c.vm().await;
+    let mut client = Client::start(&vm, &scratch(&c.ns, "client"));
+    let bound = client.wait_event(&["bound"], 0, "first lease").await;
+    assert_eq!(bound.var("ip"), VM_IP);
+    assert_eq!(bound.var("serverid"), SERVER_IP);
+
+    let pools: Api<IPPool> = c.ns.api();
+    let version = pools
+        .get(POOL)
+        .await
+        .expect("pool")
+        .metadata
+        .resource_version;
+    // A crash: SIGKILL leaves the server IP on eth1 and the Lease naming this pod; the
+    // simulator restarts the container (restartPolicy Always) in the same namespace.
+    let pid = c.sim.pid("agent-0", "agent").expect("agent process");
+    // SAFETY: kill(2) on a process the simulator started for this test.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + DEADLINE;
+    while c.sim.pid("agent-0", "agent").is_none_or(|p| p == pid) {
+        assert!(Instant::now() < deadline, "the agent was never restarted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = client.events().len();
+    let renewed = client
+        .renew_until(&["renew"], seen, Instant::now() + DEADLINE)
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the restarted agent never acknowledged a renewal; its log:\n{}",
+                c.sim.log("agent-0", "agent")
+            )
+        });
+    assert_eq!(renewed.var("ip"), VM_IP);
+    assert_eq!(renewed.var("dns"), "192.168.48.53");
+    assert_eq!(
+        pools
+            .get(POOL)
+            .await
+            .expect("pool")
+            .metadata
+            .resource_version,
+        version,
+        "the IPPool changed during the test: the restart was not the only event"
+    );
+    let view = c
+        .agent_json("agent-0", "/api/v1/leases")
+        .await
+        .expect("lease view");
+    assert_eq!(view["active"], json!(true), "{view}");
+    assert_eq!(view["items"][0]["address"], json!(VM_IP), "{view}");
+}
+
+/// An option edit in the IPPool reaches a client at its next renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn option_edit_in_the_ippool_reaches_a_renewing_client() {
+    require_root!();
+    let c = cluster("agent-edit", &["a"]).await;
+    c.agent("agent-0", "a").await;
+    c.wait_ready("agent-0").await;
+    c.wait_holder().await;
+    let vm = c.vm().await;
+    let mut client = Client::start(&vm, &scratch(&c.ns, "client"));
+    let bound = client.wait_event(&["bound"], 0, "first lease").await;
+    assert_eq!(bound.var("dns"), "192.168.48.53");
+
+    let pools: Api<IPPool> = c.ns.api();
+    let edit = json!({"spec": {"ipv4Config": {"dns": ["192.168.48.99", "192.168.48.98"],
+                                              "leaseTime": 600}}});
+    pools
+        .patch(POOL, &PatchParams::default(), &Patch::Merge(edit))
+        .await
+        .expect("edit the pool");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let lease = c
+            .agent_json("agent-0", "/leases")
+            .await
+            .and_then(|v| v[VM_MAC].as_str().map(str::to_string))
+            .unwrap_or_default();
+        if lease.contains("192.168.48.99") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never loaded the edited pool; /leases: {lease}; log:\n{}",
+            c.sim.log("agent-0", "agent")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = client.events().len();
+    let renewed = client
+        .renew_until(&["renew"], seen, Instant::now() + DEADLINE)
+        .await
+        .expect("a renewal after the edit");
+    assert_eq!(renewed.var("ip"), VM_IP);
+    assert_eq!(renewed.var("dns"), "192.168.48.99 192.168.48.98");
+    assert_eq!(renewed.var("lease"), "600");
+}
+
+fn netns_of(netns: &[(String, String)], pod: &str) -> String {
+    netns
+        .iter()
+        .find(|(p, _)| p == pod)
+        .map(|(_, ns)| ns.clone())
+        .expect("pod netns")
+}
+
+/// The MAC after `lladdr` (ip neigh) or `link/ether` (ip link).
+fn link_address(text: &str) -> Option<String> {
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "lladdr" || w == "link/ether" {
+            return words.next().map(str::to_lowercase);
+        }
+    }
+    None
+}
+
+async fn eth1_mac(netns: &str) -> String {
+    let out = tokio::process::Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", "dev", "eth1"])
+        .output()
+        .await
+        .expect("ip link");
+    link_address(&String::from_utf8_lossy(&out.stdout)).expect("eth1 has a MAC")
+}
+
+/// Whether `netns` has the server IP on an up eth1: an address on a downed link (a lost
+/// node's, which no process is left to remove) answers nobody.
+async fn holds_server_ip(netns: &str) -> bool {
+    let out = tokio::process::Command::new("ip")
+        .args(["-n", netns, "-o", "-4", "addr", "show", "dev", "eth1"])
+        .output()
+        .await;
+    let has_addr = out
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("inet {SERVER_IP}/")));
+    if !has_addr {
+        return false;
+    }
+    let link = tokio::process::Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", "dev", "eth1"])
+        .output()
+        .await;
+    link.is_ok_and(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        text.split_once('<')
+            .and_then(|(_, rest)| rest.split_once('>'))
+            .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
+    })
+}
+
+/// Two agents on one pool on two nodes; the active one's node is lost. The standby takes
+/// the Lease and the server IP and answers the client within the Lease duration (+ slack),
+/// and at no sampled moment do both pods hold the server IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_when_the_active_agents_node_is_lost() {
+    require_root!();
+    let c = cluster("agent-takeover", &["a", "b"]).await;
+    c.agent("agent-a", "a").await;
+    c.agent("agent-b", "b").await;
+    c.wait_ready("agent-a").await;
+    c.wait_ready("agent-b").await;
+    let netns: Vec<(String, String)> = ["agent-a", "agent-b"]
+        .iter()
+        .map(|p| (p.to_string(), c.sim.pod_netns(p).expect("pod netns")))
+        .collect();
+
+    // The sampler: every ~50 ms, who holds the server IP.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let netns = netns.clone();
+        tokio::spawn(async move {
+            let mut samples = 0u64;
+            let mut both = Vec::new();
+            let mut held_by: BTreeMap<String, u64> = BTreeMap::new();
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let mut holders = Vec::new();
+                for (pod, ns) in &netns {
+                    if holds_server_ip(ns).await {
+                        holders.push(pod.clone());
+                        *held_by.entry(pod.clone()).or_default() += 1;
+                    }
+                }
+                samples += 1;
+                if holders.len() > 1 {
+                    both.push(started.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (samples, both, held_by)
+        })
+    };
+
+    let active = c.wait_holder().await;
+    let standby = if active == "agent-a" {
+        "agent-b"
+    } else {
+        "agent-a"
+    };
+    let active_node = if active == "agent-a" { "a" } else { "b" };
+    let view = c
+        .agent_json(standby, "/api/v1/leases")
+        .await
+        .expect("standby's lease view");
+    assert_eq!(view["active"], json!(false), "{view}");
+    assert_eq!(
+        view["items"][0]["mac"],
+        json!(VM_MAC),
+        "a warm table: {view}"
+    );
+
+    let vm = c.vm().await;
+    let mut client = Client::start(&vm, &scratch(&c.ns, "client"));
+    let bound = client.wait_event(&["bound"], 0, "first lease").await;
+    assert_eq!(bound.var("ip"), VM_IP);
+    // One renewal with the active agent, so the VM holds its MAC for the server IP (a
+    // neighbour entry the takeover's gratuitous ARP must replace).
+    let seen = client.events().len();
+    client
+        .renew_until(&["renew"], seen, Instant::now() + DEADLINE)
+        .await
+        .expect("a renewal with the active agent");
+
+    let vm_neighbour = || async {
+        let out = vm
+            .run("ip", &["neigh", "show", SERVER_IP, "dev", &vm.ifname])
+            .await
+            .expect("ip neigh");
+        link_address(&String::from_utf8_lossy(&out.stdout))
+    };
+    let active_mac = eth1_mac(&netns_of(&netns, &active)).await;
+    let standby_mac = eth1_mac(&netns_of(&netns, standby)).await;
+    assert_eq!(
+        vm_neighbour().await.as_deref(),
+        Some(active_mac.as_str()),
+        "the VM should have reached the server IP at the active agent's MAC"
+    );
+
+    c.sim.lose_node(active_node).await.expect("lose node");
+    let lost_at = Instant::now();
+    let bound_by = Duration::from_secs(LEASE_SECONDS) + Duration::from_secs(5);
+    // The VM stays quiet until the Lease moves: nothing but the gratuitous ARP can teach
+    // it the new MAC of the server IP.
+    while c.holder().await.as_deref() != Some(standby) {
+        assert!(
+            lost_at.elapsed() <= bound_by,
+            "{standby} did not take the Lease within {bound_by:?}; its log:\n{}",
+            c.sim.log(standby, "agent")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took_lease = lost_at.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mac = vm_neighbour().await;
+        if mac.as_deref() == Some(standby_mac.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM still maps {SERVER_IP} to {mac:?}, not {standby}'s {standby_mac}: no gratuitous ARP?"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The client renews by unicast to the server IP, now at the standby.
+    let seen = client.events().len();
+    let answered = client
+        .renew_until(&["renew"], seen, lost_at + bound_by)
+        .await;
+    let took = lost_at.elapsed();
+    let answered = answered.unwrap_or_else(|| {
+        panic!(
+            "no renewal answered within {bound_by:?} of losing {active}'s node; client events {:?}; standby log:\n{}",
+            client.events(),
+            c.sim.log(standby, "agent")
+        )
+    });
+    assert_eq!(answered.var("ip"), VM_IP);
+    assert_eq!(answered.var("serverid"), SERVER_IP);
+    assert!(took <= bound_by, "answered after {took:?}");
+    assert_eq!(c.holder().await.as_deref(), Some(standby));
+    let lease =
+        c.ns.api::<Lease>()
+            .get(LEASE)
+            .await
+            .expect("Lease")
+            .spec
+            .expect("spec");
+    assert!(
+        lease.lease_transitions.unwrap_or(0) >= 1,
+        "takeover not counted: {lease:?}"
+    );
+    let view = c
+        .agent_json(standby, "/api/v1/leases")
+        .await
+        .expect("new active's lease view");
+    assert_eq!(view["active"], json!(true), "{view}");
+    let metrics = {
+        let ip = c.sim.pod_ip(standby).expect("pod ip");
+        let mut s = tokio::net::TcpStream::connect((ip, 8080))
+            .await
+            .expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.expect("read");
+        text
+    };
+    assert!(metrics.contains("vmdhcp_agent_active 1"), "{metrics}");
+
+    // A little longer on the sampler: the new holder keeps the IP, alone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (samples, both, held_by) = sampler.await.expect("sampler");
+    eprintln!(
+        "takeover: Lease taken {took_lease:?} and renewal answered {took:?} after losing {active}'s node; {samples} samples, held: {held_by:?}"
+    );
+    assert!(
+        both.is_empty(),
+        "both agents held {SERVER_IP} at {} of {samples} samples (at {both:?})",
+        both.len()
+    );
+    assert!(
+        held_by.get(standby).copied().unwrap_or(0) > 0,
+        "the sampler never saw {standby} hold {SERVER_IP}: {held_by:?}"
+    );
+    assert!(
+        held_by.get(&active).copied().unwrap_or(0) > 0,
+        "the sampler never saw {active} hold {SERVER_IP}: {held_by:?}"
+    );
+}
