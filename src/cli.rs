@@ -24,6 +24,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// Serve the admission webhooks (allocation at admission) over HTTPS.
     Webhook(crate::webhook::WebhookArgs),
+    /// Reconcile pools, agents and vmnetcfgs; release addresses; sweep leaks (leader-elected).
+    Controller(crate::controller::ControllerArgs),
 }
 
 #[derive(Args, Debug)]

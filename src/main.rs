@@ -2,6 +2,7 @@
 
 mod agent;
 mod cli;
+mod controller;
 mod logging;
 mod tls;
 mod webhook;
@@ -15,6 +16,7 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Crd(args) => print_crds(args),
         cli::Command::Agent(args) => agent::run(args),
         cli::Command::Webhook(args) => webhook::run(args),
+        cli::Command::Controller(args) => controller::run(args),
     }
 }
 

@@ -1,0 +1,916 @@
+//! `vm-dhcp controller` as a process against the real control plane, with the webhooks in
+//! process and the agents (the real `vm-dhcp agent`, cluster mode) run by the node simulator:
+//! placement, conditions, VM → vmnetcfg with the webhook's address, releases, lost nodes,
+//! pause, restarts, the leak sweep, takeover from the Go version, metrics and debug views.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
+use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
+use vm_dhcp_e2e::nodesim::{NodeSim, NodeSpec};
+use vm_dhcp_e2e::proc::{Process, run_dir};
+use vm_dhcp_e2e::webhooks::{Replica, webhooks};
+use vm_dhcp_e2e::{ControlPlane, TestNamespace};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const AGENT_IMAGE: &str = "registry.local/vm-dhcp-agent:test";
+const AGENT_SA: &str = "vm-dhcp-agent";
+
+fn binary() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("vm-dhcp");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --bin vm-dhcp` first (make e2e does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Skips (with a message) where network namespaces cannot be made.
+fn can_run_pods() -> bool {
+    let ok = unsafe { libc::geteuid() } == 0;
+    if !ok {
+        eprintln!("skipped: the node simulator needs root for network namespaces");
+    }
+    ok
+}
+
+/// The controller under test, as a process; killed when dropped.
+struct Controller {
+    proc: Process,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Controller {
+    fn start(cp: &'static ControlPlane, ns: &str, extra: &[&str]) -> Controller {
+        let port = vm_dhcp_e2e::free_port().expect("port");
+        let mut cmd = Command::new(binary());
+        cmd.args([
+            "controller",
+            &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
+            &format!("--namespace={ns}"),
+            &format!("--watch-namespace={ns}"),
+            &format!("--image={AGENT_IMAGE}"),
+            &format!("--service-account-name={AGENT_SA}"),
+            &format!("--leader-election-namespace={ns}"),
+            "--lost-node-grace-seconds=3",
+            "--leak-grace-seconds=3",
+            "--resync-seconds=5",
+            "--agent-lease-duration-seconds=3",
+            "--leader-election-lease-seconds=6",
+            "--enable-cache-dump-api",
+            &format!("--http-addr=127.0.0.1:{port}"),
+        ]);
+        cmd.args(extra);
+        cmd.env("RUST_LOG", "info,kube=warn");
+        let run = run_dir().expect("run dir");
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = run.join(format!("controller-{ns}-{n}.log"));
+        let proc = Process::spawn("vm-dhcp-controller", cmd, &log, &run).expect("spawn controller");
+        Controller { proc, port, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                let req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+                if s.write_all(req.as_bytes()).await.is_ok() {
+                    let mut text = String::new();
+                    if s.read_to_string(&mut text).await.is_ok() {
+                        let code = text
+                            .split_whitespace()
+                            .nth(1)
+                            .and_then(|c| c.parse().ok())
+                            .unwrap_or(0);
+                        let body = text
+                            .split_once("\r\n\r\n")
+                            .map(|x| x.1)
+                            .unwrap_or("")
+                            .to_string();
+                        return (code, body);
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "controller HTTP never answered:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- controller log -----\n{}",
+                vm_dhcp_e2e::proc::log_tail(&self.log, 80)
+            );
+        }
+        self.proc.kill();
+    }
+}
+
+/// Everything one test needs: namespace, webhooks, nodes and agents, the controller.
+struct World {
+    ns: TestNamespace,
+    _replicas: Vec<Replica>,
+    sim: NodeSim,
+    cn: String,
+    network: String,
+}
+
+async fn agent_rbac(ns: &TestNamespace) {
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": AGENT_SA}})).expect("sa");
+    ns.api::<ServiceAccount>()
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("service account");
+    // As chart/templates/rbac.yaml grants the agents.
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "vm-dhcp-agent"},
+        "rules": [
+            {"apiGroups": ["network.harvesterhci.io"], "resources": ["ippools"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["get", "list", "watch", "create", "update", "patch"]}
+        ]
+    }))
+    .expect("role");
+    ns.api::<Role>()
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "vm-dhcp-agent"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-dhcp-agent"},
+        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SA, "namespace": ns.name}]
+    }))
+    .expect("binding");
+    ns.api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("binding");
+}
+
+impl World {
+    /// `nodes`: (short name, carries the cluster network, is a witness).
+    async fn new(prefix: &str, nodes: &[(&str, bool, bool)]) -> World {
+        Self::with_webhooks(prefix, nodes, true).await
+    }
+
+    /// Without webhooks: objects as a cluster running the Go version holds them.
+    async fn with_webhooks(prefix: &str, nodes: &[(&str, bool, bool)], hooks: bool) -> World {
+        let cp = ControlPlane::shared().await;
+        let ns = cp.namespace(prefix).await;
+        let replicas = if hooks {
+            webhooks(cp, &ns, 1).await
+        } else {
+            Vec::new()
+        };
+        agent_rbac(&ns).await;
+        // A cluster network of this test only: the Node objects are cluster-wide.
+        let cn = format!("cn{}", ns.name.rsplit('-').next().unwrap_or("0"));
+        let specs = nodes
+            .iter()
+            .map(|(name, on, witness)| {
+                let mut s = NodeSpec::new(name);
+                if *on {
+                    s = s.label(&format!("network.harvesterhci.io/{cn}"), "true");
+                }
+                if *witness {
+                    s = s.label("node-role.harvesterhci.io/witness", "true");
+                }
+                s
+            })
+            .collect();
+        let programs = HashMap::from([("vm-dhcp-agent".to_string(), binary())]);
+        let sim = NodeSim::start(cp, &ns.name, specs, programs)
+            .await
+            .expect("node simulator");
+        let network = format!("{}/net-1", ns.name);
+        let nad: NetworkAttachmentDefinition = serde_json::from_value(json!({
+            "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": "net-1", "namespace": ns.name,
+                         "labels": {"network.harvesterhci.io/clusternetwork": cn}},
+            "spec": {"config": json!({"cniVersion": "0.3.1", "name": "net-1", "type": "bridge",
+                     "bridge": format!("{cn}-br"), "promiscMode": true, "vlan": 0, "ipam": {}}).to_string()}
+        }))
+        .expect("nad");
+        ns.api::<NetworkAttachmentDefinition>()
+            .create(&PostParams::default(), &nad)
+            .await
+            .expect("nad");
+        World {
+            ns,
+            _replicas: replicas,
+            sim,
+            cn,
+            network,
+        }
+    }
+
+    /// Creates the pool (through the webhooks: the mutator fills serverIP in) and waits
+    /// until the webhook's cache knows it.
+    async fn pool(&self, cidr: &str, start: &str, end: &str) -> IPPool {
+        let pool: IPPool = serde_json::from_value(json!({
+            "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": "net-1", "namespace": self.ns.name},
+            "spec": {"networkName": self.network, "ipv4Config": {"cidr": cidr,
+                     "pool": {"start": start, "end": end}}}
+        }))
+        .expect("pool");
+        let api: Api<IPPool> = self.ns.api();
+        let deadline = Instant::now() + DEADLINE;
+        let created = loop {
+            match api.create(&PostParams::default(), &pool).await {
+                Ok(p) => break p,
+                Err(e) => assert!(Instant::now() < deadline, "pool never admitted: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while !self
+            ._replicas
+            .iter()
+            .all(|r| r.webhook.knows_network(&self.network))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "webhook cache never saw the pool"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        created
+    }
+
+    fn pools(&self) -> Api<IPPool> {
+        self.ns.api()
+    }
+
+    fn cfgs(&self) -> Api<VirtualMachineNetworkConfig> {
+        self.ns.api()
+    }
+
+    fn vms(&self) -> Api<VirtualMachine> {
+        self.ns.api()
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        self.ns.api()
+    }
+
+    async fn wait_pool(&self, what: &str, ok: impl Fn(&IPPool) -> bool) -> IPPool {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let p = self.pools().get("net-1").await.expect("pool");
+            if ok(&p) {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pool never {what}; last:\n{:#?}\nsimulator:\n{}",
+                p.status,
+                self.sim.sim_log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Our agent pods (name → node), as the API shows them.
+    async fn agents(&self) -> BTreeMap<String, Option<String>> {
+        self.pods()
+            .list(&Default::default())
+            .await
+            .expect("pods")
+            .items
+            .into_iter()
+            .filter(|p| {
+                p.labels()
+                    .get("app.kubernetes.io/managed-by")
+                    .map(String::as_str)
+                    == Some("vm-dhcp-controller")
+            })
+            .map(|p| (p.name_any(), p.spec.and_then(|s| s.node_name)))
+            .collect()
+    }
+
+    async fn vm(&self, name: &str, nics: &[(&str, &str)]) -> VirtualMachine {
+        let interfaces: Vec<_> = nics
+            .iter()
+            .map(|(nic, mac)| json!({"name": nic, "bridge": {}, "macAddress": mac}))
+            .collect();
+        let networks: Vec<_> = nics
+            .iter()
+            .map(|(nic, _)| json!({"name": nic, "multus": {"networkName": self.network}}))
+            .collect();
+        let vm: VirtualMachine = serde_json::from_value(json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": self.ns.name},
+            "spec": {"runStrategy": "Halted", "template": {"spec": {
+                "domain": {"devices": {"interfaces": interfaces}}, "networks": networks}}}
+        }))
+        .expect("vm");
+        self.vms()
+            .create(&PostParams::default(), &vm)
+            .await
+            .expect("VM admitted")
+    }
+
+    async fn wait_cfg(
+        &self,
+        name: &str,
+        what: &str,
+        ok: impl Fn(Option<&VirtualMachineNetworkConfig>) -> bool,
+    ) -> Option<VirtualMachineNetworkConfig> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let c = self.cfgs().get_opt(name).await.expect("vmnetcfg");
+            if ok(c.as_ref()) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vmnetcfg {name} never {what}; last:\n{c:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The value of the series `name` whose labels include every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (set, value) = rest.split_once("} ")?;
+        labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+fn cond(pool: &IPPool, type_: &str) -> Option<String> {
+    pool.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
+}
+
+fn all_true(p: &IPPool) -> bool {
+    ["Registered", "CacheReady", "AgentReady"]
+        .iter()
+        .all(|t| cond(p, t).as_deref() == Some("True"))
+        && cond(p, "Stopped").as_deref() == Some("False")
+}
+
+fn allocated(p: &IPPool) -> BTreeMap<String, String> {
+    p.status
+        .as_ref()
+        .and_then(|s| s.ipv4.as_ref())
+        .and_then(|s| s.allocated.clone())
+        .unwrap_or_default()
+}
+
+fn counts(p: &IPPool) -> (i64, i64) {
+    p.status
+        .as_ref()
+        .and_then(|s| s.ipv4.as_ref())
+        .map(|s| (s.used, s.available))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_eligible_distinct_nodes_and_the_vm_lifecycle_allocates_and_releases() {
+    if !can_run_pods() {
+        return;
+    }
+    // c lacks the cluster network; w is a witness node: neither may run an agent.
+    let w = World::new(
+        "ctl-life",
+        &[
+            ("a", true, false),
+            ("b", true, false),
+            ("c", false, false),
+            ("w", true, true),
+        ],
+    )
+    .await;
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &w.ns.name, &[]);
+    w.pool("10.77.0.0/24", "10.77.0.10", "10.77.0.19").await;
+
+    let pool = w
+        .wait_pool("Registered, CacheReady and AgentReady", all_true)
+        .await;
+    let agents = w.agents().await;
+    assert_eq!(agents.len(), 2, "two agents: {agents:?}");
+    let nodes: BTreeSet<String> = agents.values().flatten().cloned().collect();
+    let expected: BTreeSet<String> = ["a", "b"].iter().map(|n| w.sim.node_name(n)).collect();
+    assert_eq!(nodes, expected, "only eligible nodes, one agent each");
+    let holder = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.agent_pod_ref.as_ref())
+        .and_then(|r| r.name.clone())
+        .expect("agentPodRef names the active agent");
+    assert!(agents.contains_key(&holder), "{holder} is one of ours");
+    let pod = w.pods().get(&holder).await.expect("agent pod");
+    let c = &pod.spec.as_ref().expect("spec").containers[0];
+    assert_eq!(c.image.as_deref(), Some(AGENT_IMAGE));
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.windows(2)
+            .any(|a| a[0] == "--ippool-ref" && a[1] == w.network),
+        "{args:?}"
+    );
+    assert!(pod.annotations()["k8s.v1.cni.cncf.io/networks"].contains("\"interface\":\"eth1\""));
+    let nad =
+        w.ns.api::<NetworkAttachmentDefinition>()
+            .get("net-1")
+            .await
+            .expect("nad");
+    assert_eq!(
+        nad.labels()
+            .get("network.harvesterhci.io/ippool-name")
+            .map(String::as_str),
+        Some("net-1")
+    );
+    assert!(
+        pool.finalizers()
+            .iter()
+            .any(|f| f == "dhcp.harvesterhci.io/controller")
+    );
+
+    // A VM: the webhook allocates, the controller writes the vmnetcfg with that address.
+    let vm = w
+        .vm(
+            "vm1",
+            &[
+                ("nic-1", "02:aa:00:00:00:01"),
+                ("nic-2", "02:aa:00:00:00:02"),
+            ],
+        )
+        .await;
+    let record = vm.annotations()["dhcp.harvesterhci.io/allocations"].clone();
+    assert!(
+        record.contains("10.77.0.10") && record.contains("10.77.0.11"),
+        "{record}"
+    );
+    let cfg = w
+        .wait_cfg("vm1", "allocated", |c| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Allocated" && c.status == "True")
+                })
+        })
+        .await
+        .expect("vmnetcfg");
+    let entries = cfg.spec.network_configs.clone().expect("entries");
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| (e.mac_address.as_str(), e.ip_address.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("02:aa:00:00:00:01", Some("10.77.0.10")),
+            ("02:aa:00:00:00:02", Some("10.77.0.11"))
+        ],
+        "NICs in the VM's order with the webhook's addresses"
+    );
+    assert_eq!(
+        cfg.labels()
+            .get("harvesterhci.io/vmName")
+            .map(String::as_str),
+        Some("vm1")
+    );
+    assert_eq!(cfg.owner_references()[0].uid, vm.uid().expect("uid"));
+    let pool = w.pools().get("net-1").await.expect("pool");
+    assert_eq!(counts(&pool), (2, 8));
+
+    // Metrics and debug views.
+    let (code, metrics) = ctl.get("/metrics").await;
+    assert_eq!(code, 200);
+    let pool_key = format!("{}/net-1", w.ns.name);
+    let pool_labels = [
+        ("ippool", pool_key.as_str()),
+        ("cidr", "10.77.0.0/24"),
+        ("network", w.network.as_str()),
+    ];
+    assert_eq!(
+        metric(&metrics, "vmdhcpcontroller_ippool_used", &pool_labels),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "vmdhcpcontroller_ippool_available", &pool_labels),
+        Some(8.0)
+    );
+    let cfg_key = format!("{}/vm1", w.ns.name);
+    assert_eq!(
+        metric(
+            &metrics,
+            "vmdhcpcontroller_vmnetcfg_status",
+            &[
+                ("vmnetcfg", cfg_key.as_str()),
+                ("network", w.network.as_str()),
+                ("mac", "02:aa:00:00:00:01"),
+                ("ip", "10.77.0.10"),
+                ("state", "Allocated")
+            ]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let (_, ipams) = ctl.get(&format!("/ipams/{}", w.network)).await;
+    let ipams: BTreeMap<String, String> = serde_json::from_str(&ipams).expect("ipams JSON");
+    assert_eq!(ipams.len(), 10);
+    assert_eq!(ipams["10.77.0.10"], "true");
+    assert_eq!(ipams["10.77.0.12"], "false");
+    let (_, caches) = ctl.get(&format!("/caches/{}", w.network)).await;
+    let caches: BTreeMap<String, String> = serde_json::from_str(&caches).expect("caches JSON");
+    assert_eq!(caches["02:aa:00:00:00:02"], "10.77.0.11");
+
+    // NIC removed from the VM: its entry goes and its address is freed.
+    let patch = json!({"spec": {"template": {"spec": {
+        "domain": {"devices": {"interfaces": [{"name": "nic-1", "bridge": {}, "macAddress": "02:aa:00:00:00:01"}]}},
+        "networks": [{"name": "nic-1", "multus": {"networkName": w.network}}]}}}});
+    w.vms()
+        .patch("vm1", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("NIC removed");
+    w.wait_pool("released the removed NIC's address", |p| {
+        !allocated(p).contains_key("10.77.0.11") && counts(p) == (1, 9)
+    })
+    .await;
+    w.wait_cfg("vm1", "down to one entry", |c| {
+        c.and_then(|c| c.status.as_ref())
+            .and_then(|s| s.network_configs.as_ref())
+            .is_some_and(|e| e.len() == 1)
+    })
+    .await;
+
+    // VM deleted: vmnetcfg deleted by the controller (no GC runs here), address freed.
+    w.vms()
+        .delete("vm1", &DeleteParams::default())
+        .await
+        .expect("delete VM");
+    w.wait_cfg("vm1", "deleted", |c| c.is_none()).await;
+    let pool = w
+        .wait_pool("released every address", |p| counts(p) == (0, 10))
+        .await;
+    assert!(
+        !allocated(&pool).values().any(|v| v.contains(':')),
+        "{:?}",
+        allocated(&pool)
+    );
+    let (_, metrics) = ctl.get("/metrics").await;
+    assert!(
+        !metrics.contains("vmdhcpcontroller_vmnetcfg_status{"),
+        "series gone with the vmnetcfg:\n{metrics}"
+    );
+
+    // Pool deleted: agents, Lease and NAD labels cleaned up, finalizer removed.
+    w.pools()
+        .delete("net-1", &DeleteParams::default())
+        .await
+        .expect("delete pool");
+    let deadline = Instant::now() + DEADLINE;
+    while w.pools().get_opt("net-1").await.expect("pool").is_some() || !w.agents().await.is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pool or agents never went:\n{}",
+            ctl.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let nad =
+        w.ns.api::<NetworkAttachmentDefinition>()
+            .get("net-1")
+            .await
+            .expect("nad");
+    assert!(
+        !nad.labels()
+            .contains_key("network.harvesterhci.io/ippool-name")
+    );
+    let (_, metrics) = ctl.get("/metrics").await;
+    assert!(
+        !metrics.contains("vmdhcpcontroller_ippool_used{"),
+        "{metrics}"
+    );
+    let _ = &w.cn;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_agent_is_replaced_and_pause_removes_agents() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new(
+        "ctl-lost",
+        &[("a", true, false), ("b", true, false), ("c", true, false)],
+    )
+    .await;
+    let cp = ControlPlane::shared().await;
+    let _ctl = Controller::start(cp, &w.ns.name, &[]);
+    w.pool("10.78.0.0/24", "10.78.0.10", "10.78.0.19").await;
+    let pool = w.wait_pool("ready", all_true).await;
+    let holder = pool
+        .status
+        .and_then(|s| s.agent_pod_ref)
+        .and_then(|r| r.name)
+        .expect("active agent");
+    let agents = w.agents().await;
+    assert_eq!(agents.len(), 2);
+    let lost_node = agents[&holder].clone().expect("bound");
+    let spare = ["a", "b", "c"]
+        .iter()
+        .map(|n| w.sim.node_name(n))
+        .find(|n| !agents.values().flatten().any(|x| x == n))
+        .expect("a spare node");
+
+    w.sim.lose_node(&lost_node).await.expect("lose node");
+    // The pod on the lost node is force-deleted after the grace period and replaced on the
+    // spare node; the other agent takes the Lease.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now = w.agents().await;
+        let on: BTreeSet<String> = now.values().flatten().cloned().collect();
+        if !now.contains_key(&holder) && now.len() == 2 && on.contains(&spare) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent never replaced: {now:?}\n{}",
+            w.sim.sim_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.wait_pool("active again with another agent", |p| {
+        all_true(p)
+            && p.status
+                .as_ref()
+                .and_then(|s| s.agent_pod_ref.as_ref())
+                .and_then(|r| r.name.as_deref())
+                .is_some_and(|n| n != holder)
+    })
+    .await;
+
+    // Pause: agents removed, Stopped=True; unpause: back.
+    w.pools()
+        .patch(
+            "net-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .expect("pause");
+    w.wait_pool("stopped", |p| {
+        cond(p, "Stopped").as_deref() == Some("True")
+            && cond(p, "AgentReady").as_deref() == Some("False")
+    })
+    .await;
+    let deadline = Instant::now() + DEADLINE;
+    while !w.agents().await.is_empty() {
+        assert!(Instant::now() < deadline, "agents stayed while paused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.pools()
+        .patch(
+            "net-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .expect("unpause");
+    w.wait_pool("active after unpause", all_true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaks_are_swept_and_a_restarted_controller_loses_nothing() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-leak", &[("a", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &w.ns.name, &["--agents-per-pool=1"]);
+    w.pool("10.79.0.0/24", "10.79.0.10", "10.79.0.19").await;
+    w.wait_pool("ready", all_true).await;
+    w.vm("keep", &[("nic-1", "02:bb:00:00:00:01")]).await;
+    w.wait_cfg("keep", "created", |c| c.is_some()).await;
+
+    // Kill the controller; meanwhile a second VM comes (the webhook allocates) and an
+    // allocation without any owner appears (an admission later rejected).
+    drop(ctl);
+    w.vm("late", &[("nic-1", "02:bb:00:00:00:02")]).await;
+    let leak = json!({"status": {"ipv4": {"allocated": {"10.79.0.19": "02:bb:00:00:00:99"},
+                                          "owners": {"10.79.0.19": format!("{}/ghost", w.ns.name)}}}});
+    w.pools()
+        .patch_status("net-1", &PatchParams::default(), &Patch::Merge(&leak))
+        .await
+        .expect("leak written");
+
+    let ctl = Controller::start(cp, &w.ns.name, &["--agents-per-pool=1"]);
+    w.wait_cfg("late", "created by the restarted controller", |c| {
+        c.is_some()
+    })
+    .await;
+    let pool = w
+        .wait_pool("swept the leak", |p| {
+            !allocated(p).contains_key("10.79.0.19")
+        })
+        .await;
+    let held = allocated(&pool);
+    assert_eq!(
+        held.get("10.79.0.10").map(String::as_str),
+        Some("02:bb:00:00:00:01")
+    );
+    assert_eq!(
+        held.get("10.79.0.11").map(String::as_str),
+        Some("02:bb:00:00:00:02")
+    );
+    assert_eq!(counts(&pool), (2, 8), "counts fixed in the same write");
+    let (_, metrics) = ctl.get("/metrics").await;
+    let pool_key = format!("{}/net-1", w.ns.name);
+    assert_eq!(
+        metric(
+            &metrics,
+            "vmdhcpcontroller_leaks_swept_total",
+            &[("ippool", pool_key.as_str())]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(ctl.log().contains("leak swept"), "{}", ctl.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_from_the_go_version_keeps_every_allocation() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::with_webhooks("ctl-go", &[("a", true, false)], false).await;
+    let ns = w.ns.name.clone();
+    // Objects exactly as the Go controller leaves them (created without our webhooks' help:
+    // the status is written as the Go controller wrote it).
+    let pool: IPPool = serde_json::from_value(json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+        "metadata": {"name": "net-1", "namespace": ns,
+                     "finalizers": ["wrangler.cattle.io/vm-dhcp-ippool-controller"]},
+        "spec": {"networkName": w.network, "ipv4Config": {"cidr": "10.80.0.0/24",
+                 "serverIP": "10.80.0.2", "router": "10.80.0.1",
+                 "pool": {"start": "10.80.0.10", "end": "10.80.0.19", "exclude": ["10.80.0.15"]}}}
+    }))
+    .expect("pool");
+    w.pools()
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("pool");
+    let status = json!({"status": {
+        "ipv4": {"allocated": {"10.80.0.10": "02:cc:00:00:00:01", "10.80.0.15": "EXCLUDED"},
+                 "used": 1, "available": 8},
+        "agentPodRef": {"namespace": ns, "name": format!("{ns}-net-1-agent"), "image": "rancher/harvester-vm-dhcp-agent:v1.5.0"},
+        "conditions": [{"type": "Registered", "status": "True"}, {"type": "CacheReady", "status": "True"},
+                       {"type": "AgentReady", "status": "True"}, {"type": "Stopped", "status": "False"}]}});
+    w.pools()
+        .patch_status("net-1", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("Go status");
+    let vm: VirtualMachine = serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": "old", "namespace": ns,
+                     "annotations": {"harvesterhci.io/mac-address": "{\"nic-1\":\"02:cc:00:00:00:01\"}"}},
+        "spec": {"runStrategy": "Always", "template": {"spec": {
+            "domain": {"devices": {"interfaces": [{"name": "nic-1", "bridge": {}}]}},
+            "networks": [{"name": "nic-1", "multus": {"networkName": w.network}}]}}}
+    }))
+    .expect("vm");
+    let go_vm = w
+        .vms()
+        .create(&PostParams::default(), &vm)
+        .await
+        .expect("vm");
+    let cfg: VirtualMachineNetworkConfig = serde_json::from_value(json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "VirtualMachineNetworkConfig",
+        "metadata": {"name": "old", "namespace": ns,
+                     "labels": {"harvesterhci.io/vmName": "old"},
+                     "finalizers": ["wrangler.cattle.io/vm-dhcp-vmnetcfg-controller"],
+                     "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                          "name": "old", "uid": go_vm.uid()}]},
+        "spec": {"vmName": "old", "networkConfigs": [{"networkName": w.network, "macAddress": "02:cc:00:00:00:01"}]}
+    }))
+    .expect("cfg");
+    w.cfgs()
+        .create(&PostParams::default(), &cfg)
+        .await
+        .expect("cfg");
+    // The Go agent pod: bound to a node that no longer runs anything (it just sits there).
+    let go_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("{ns}-net-1-agent"), "labels": {
+            "network.harvesterhci.io/vm-dhcp-controller": "agent",
+            "network.harvesterhci.io/ippool-namespace": ns,
+            "network.harvesterhci.io/ippool-name": "net-1"}},
+        "spec": {"nodeName": "go-node-gone", "containers": [{"name": "agent",
+                 "image": "rancher/harvester-vm-dhcp-agent:v1.5.0", "args": ["--ippool-ref", format!("{ns}/net-1")]}]}
+    }))
+    .expect("go pod");
+    w.pods()
+        .create(&PostParams::default(), &go_pod)
+        .await
+        .expect("go pod");
+
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &ns, &["--agents-per-pool=1"]);
+    let pool = w
+        .wait_pool("taken over", |p| {
+            all_true(p)
+                && p.finalizers() == ["dhcp.harvesterhci.io/controller"]
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.ipv4.as_ref())
+                    .and_then(|s| s.owners.as_ref())
+                    .is_some_and(|o| {
+                        o.get("10.80.0.10").map(String::as_str) == Some(&format!("{ns}/old"))
+                    })
+        })
+        .await;
+    let held = allocated(&pool);
+    assert_eq!(
+        held["10.80.0.10"], "02:cc:00:00:00:01",
+        "the Go allocation kept"
+    );
+    assert_eq!(held["10.80.0.15"], "EXCLUDED");
+    assert_eq!(counts(&pool), (1, 8));
+    // The Go agent pod goes once ours is active (it stays Terminating on its dead node).
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let p = w
+            .pods()
+            .get_opt(&format!("{ns}-net-1-agent"))
+            .await
+            .expect("pod");
+        if p.as_ref()
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Go agent pod was never deleted:\n{}",
+            ctl.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cfg = w
+        .wait_cfg("old", "adopted", |c| {
+            c.is_some_and(|c| {
+                c.finalizers() == ["dhcp.harvesterhci.io/controller"]
+                    && c.status
+                        .as_ref()
+                        .and_then(|s| s.network_configs.as_ref())
+                        .is_some_and(|e| {
+                            e.iter()
+                                .any(|e| e.allocated_ip_address.as_deref() == Some("10.80.0.10"))
+                        })
+            })
+        })
+        .await
+        .expect("cfg");
+    assert_eq!(
+        cfg.spec.network_configs.expect("entries")[0]
+            .ip_address
+            .as_deref(),
+        Some("10.80.0.10"),
+        "the controller carries the held address into the entry"
+    );
+}

@@ -1,0 +1,221 @@
+//! HTTP: `/healthz`, `/readyz` (the caches are complete), `/metrics` (computed from the
+//! caches at each scrape, so every replica serves the same figures and a series goes with
+//! its object), and with `--enable-cache-dump-api` the seed README's `/ipams/<network>` and
+//! `/caches/<network>` views.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use kube::ResourceExt;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use vm_dhcp_core::admission::network_key;
+use vm_dhcp_core::controller as decide;
+use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_core::{AddrState, Ipam, PoolLayout};
+
+use super::Ctx;
+
+type Labels = Vec<(String, String)>;
+
+pub(super) fn router(ctx: Arc<Ctx>) -> Router {
+    let mut r = Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    if ctx.args.enable_cache_dump_api {
+        r = r
+            .route("/ipams/{*network}", get(ipams))
+            .route("/caches/{*network}", get(caches));
+    }
+    r.with_state(ctx)
+}
+
+async fn readyz(State(ctx): State<Arc<Ctx>>) -> Response {
+    if ctx.ready.load(Ordering::SeqCst) {
+        axum::Json(serde_json::json!({"ok": true})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet\n").into_response()
+    }
+}
+
+pub(super) fn render(ctx: &Ctx) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    let used = Family::<Labels, Gauge>::default();
+    let available = Family::<Labels, Gauge>::default();
+    let status = Family::<Labels, Gauge>::default();
+    registry.register(
+        "vmdhcpcontroller_ippool_used",
+        "Addresses allocated in the IPPool",
+        used.clone(),
+    );
+    registry.register(
+        "vmdhcpcontroller_ippool_available",
+        "Addresses still free in the IPPool",
+        available.clone(),
+    );
+    registry.register(
+        "vmdhcpcontroller_vmnetcfg_status",
+        "One series per NIC address of a VirtualMachineNetworkConfig (value 1)",
+        status.clone(),
+    );
+    registry.register(
+        "vmdhcpcontroller_leaks_swept",
+        "Allocations released because no vmnetcfg entry or VM NIC held them after the grace period",
+        ctx.swept.clone(),
+    );
+    for pool in ctx.stores.pools.state() {
+        let Some(ipv4) = pool.status.as_ref().and_then(|s| s.ipv4.as_ref()) else {
+            continue;
+        };
+        let labels = vec![
+            (
+                "ippool".to_string(),
+                format!(
+                    "{}/{}",
+                    pool.namespace().unwrap_or_default(),
+                    pool.name_any()
+                ),
+            ),
+            (
+                "cidr".to_string(),
+                pool.spec
+                    .ipv4_config
+                    .as_ref()
+                    .map(|c| c.cidr.clone())
+                    .unwrap_or_default(),
+            ),
+            ("network".to_string(), network_key(&pool.spec.network_name)),
+        ];
+        used.get_or_create(&labels).set(ipv4.used);
+        available.get_or_create(&labels).set(ipv4.available);
+    }
+    for cfg in ctx.stores.cfgs.state() {
+        let key = format!("{}/{}", cfg.namespace().unwrap_or_default(), cfg.name_any());
+        for e in cfg
+            .status
+            .iter()
+            .flat_map(|s| s.network_configs.iter().flatten())
+        {
+            let labels = vec![
+                ("vmnetcfg".to_string(), key.clone()),
+                (
+                    "network".to_string(),
+                    e.network_name.clone().unwrap_or_default(),
+                ),
+                ("mac".to_string(), e.mac_address.clone().unwrap_or_default()),
+                (
+                    "ip".to_string(),
+                    e.allocated_ip_address.clone().unwrap_or_default(),
+                ),
+                ("state".to_string(), e.state.clone().unwrap_or_default()),
+            ];
+            status.get_or_create(&labels).set(1);
+        }
+    }
+    let mut out = String::new();
+    encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    match render(&ctx) {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// The pool of `<ns>/<name>`: a network name first (upstream's key), else a pool name.
+fn find_pool(ctx: &Ctx, path: &str) -> Option<Arc<IPPool>> {
+    ctx.pool_for_network(path).or_else(|| {
+        let (ns, name) = path.split_once('/')?;
+        super::get(&ctx.stores.pools, ns, name)
+    })
+}
+
+fn pool_ipam(ctx: &Ctx, path: &str) -> Result<(Arc<IPPool>, Ipam), (StatusCode, String)> {
+    let pool = find_pool(ctx, path).ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            format!("failed to list ipam of {path}: network {path} does not exist\n"),
+        )
+    })?;
+    let fail = |e: String| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to list ipam of {path}: {e}\n"),
+        )
+    };
+    let cfg = pool
+        .spec
+        .ipv4_config
+        .as_ref()
+        .ok_or_else(|| fail("spec.ipv4Config is missing".into()))?;
+    let layout = PoolLayout::from_config(cfg).map_err(|e| fail(e.to_string()))?;
+    let allocated = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.ipv4.as_ref())
+        .and_then(|s| s.allocated.clone())
+        .unwrap_or_default();
+    let (ipam, _) = Ipam::rebuild(layout, &allocated).map_err(|e| fail(e.to_string()))?;
+    Ok((pool, ipam))
+}
+
+/// `{"<ip>": "true"|"false"}` for every address that can be handed out.
+async fn ipams(State(ctx): State<Arc<Ctx>>, Path(network): Path<String>) -> Response {
+    let (_, ipam) = match pool_ipam(&ctx, &network) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let layout = ipam.layout().clone();
+    let out: BTreeMap<String, &str> = (u32::from(layout.start)..=u32::from(layout.end))
+        .map(Ipv4Addr::from)
+        .filter_map(|ip| match ipam.state(ip) {
+            AddrState::Free => Some((ip.to_string(), "false")),
+            AddrState::Allocated => Some((ip.to_string(), "true")),
+            _ => None,
+        })
+        .collect();
+    axum::Json(out).into_response()
+}
+
+/// `{"<mac>": "<ip>"}` of the pool.
+async fn caches(State(ctx): State<Arc<Ctx>>, Path(network): Path<String>) -> Response {
+    let Some(pool) = find_pool(&ctx, &network) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("failed to list cache of {network}: network {network} does not exist\n"),
+        )
+            .into_response();
+    };
+    let out: BTreeMap<String, String> =
+        decide::held(pool.status.as_ref().and_then(|s| s.ipv4.as_ref()))
+            .into_iter()
+            .map(|h| (h.mac.to_string(), h.ip.to_string()))
+            .collect();
+    axum::Json(out).into_response()
+}

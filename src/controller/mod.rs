@@ -1,0 +1,611 @@
+//! `vm-dhcp controller`: keeps the world in order and holds no state of its own
+//! (DESIGN.md §2). Every replica watches the cluster into caches and serves metrics and
+//! readiness from them; only the leader (a coordination.k8s.io Lease) writes:
+//! - IPPools: finalizer, NAD labels, marks and counts, conditions, agent pods;
+//! - VMs → vmnetcfgs (created, updated and deleted by us, never by the garbage collector);
+//! - releases: the only component that gives addresses back, when a VM, NIC or vmnetcfg
+//!   entry is really gone, and after a grace period for allocations nobody owns (leaks).
+//!
+//! Decisions are the pure functions of `vm_dhcp_core::controller`; this module reads, calls
+//! them and writes with the resourceVersion guard.
+
+mod http;
+mod leader;
+mod pool;
+mod workload;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use vm_dhcp_core::admission::network_key;
+use vm_dhcp_core::controller::{self as decide, OrphanClock};
+use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
+use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
+use vm_dhcp_core::mac::MacAddr;
+
+#[derive(Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Name of this controller (logs, Events' reporting controller).
+    #[arg(
+        long,
+        env = "VM_DHCP_CONTROLLER_NAME",
+        default_value = "vm-dhcp-controller"
+    )]
+    pub name: String,
+    /// Namespace of the agent pods and of their Leases.
+    #[arg(long, env = "AGENT_NAMESPACE", default_value = "harvester-system")]
+    pub namespace: String,
+    /// Agent image `repo[:tag]` (no tag means `latest`, as upstream parses it).
+    #[arg(
+        long,
+        env = "AGENT_IMAGE",
+        default_value = "rancher/harvester-vm-dhcp:latest"
+    )]
+    pub image: String,
+    /// Service account of the agent pods.
+    #[arg(
+        long,
+        env = "AGENT_SERVICE_ACCOUNT_NAME",
+        default_value = "vm-dhcp-agent"
+    )]
+    pub service_account_name: String,
+    /// Run without leader election (only one replica may run then).
+    #[arg(long)]
+    pub no_leader_election: bool,
+    /// Never create, watch or delete agent pods.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Start the agents with --dry-run: they decide but send nothing.
+    #[arg(long)]
+    pub no_dhcp: bool,
+    /// Serve /ipams/<network> and /caches/<network> (debugging views of the pools).
+    #[arg(long)]
+    pub enable_cache_dump_api: bool,
+    /// Agent pods per pool, on distinct eligible nodes (fewer when fewer nodes qualify).
+    #[arg(long, env = "VM_DHCP_AGENTS_PER_POOL", default_value_t = 2)]
+    pub agents_per_pool: usize,
+    /// Also place agents on Harvester witness nodes (they often lack the VM networks'
+    /// uplinks: harvester#6419).
+    #[arg(long, env = "VM_DHCP_AGENTS_ON_WITNESS_NODES")]
+    pub agents_on_witness_nodes: bool,
+    /// Seconds a pod may sit on an unreachable node before it is force-deleted and replaced.
+    #[arg(long, env = "VM_DHCP_LOST_NODE_GRACE_SECONDS", default_value_t = 30)]
+    pub lost_node_grace_seconds: u64,
+    /// Seconds an allocation may have no owner (no vmnetcfg entry or VM NIC with its MAC on
+    /// its network) before it is released as a leak.
+    #[arg(long, env = "VM_DHCP_LEAK_GRACE_SECONDS", default_value_t = 120)]
+    pub leak_grace_seconds: u64,
+    /// Seconds between full passes over every object (the sweep also runs on every change).
+    #[arg(long, env = "VM_DHCP_RESYNC_SECONDS", default_value_t = 30)]
+    pub resync_seconds: u64,
+    /// Lease duration the agents use (passed to them).
+    #[arg(
+        long,
+        env = "VM_DHCP_AGENT_LEASE_DURATION_SECONDS",
+        default_value_t = 5
+    )]
+    pub agent_lease_duration_seconds: u64,
+    /// Namespace of the leader-election Lease `vm-dhcp-controllers`.
+    #[arg(
+        long,
+        env = "VM_DHCP_LEADER_ELECTION_NAMESPACE",
+        default_value = "kube-system"
+    )]
+    pub leader_election_namespace: String,
+    #[arg(
+        long,
+        env = "VM_DHCP_LEADER_ELECTION_NAME",
+        default_value = "vm-dhcp-controllers"
+    )]
+    pub leader_election_name: String,
+    #[arg(
+        long,
+        env = "VM_DHCP_LEADER_ELECTION_LEASE_SECONDS",
+        default_value_t = 15
+    )]
+    pub leader_election_lease_seconds: u64,
+    /// Identity in the leader Lease (default: host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Watch IPPools, vmnetcfgs, VMs and NADs of this namespace only (default: all).
+    #[arg(long, env = "VM_DHCP_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Address of /healthz, /readyz, /metrics and the cache dumps.
+    #[arg(
+        long,
+        env = "VM_DHCP_CONTROLLER_HTTP_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub http_addr: SocketAddr,
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "VM_DHCP_CONTROLLER_DEBUG")]
+    pub debug: bool,
+}
+
+/// What needs a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Key {
+    Pool(String, String),
+    /// A VM and its vmnetcfg (same namespace and name).
+    Workload(String, String),
+    Nad(String, String),
+}
+
+/// A set of keys to reconcile (a key queued twice is reconciled once).
+#[derive(Default)]
+struct Queue {
+    keys: Mutex<BTreeSet<Key>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Queue {
+    fn push(&self, key: Key) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<Key> {
+        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// The caches, shared by every replica.
+#[derive(Clone)]
+struct Stores {
+    pools: Store<IPPool>,
+    cfgs: Store<VirtualMachineNetworkConfig>,
+    vms: Store<VirtualMachine>,
+    nads: Store<NetworkAttachmentDefinition>,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    leases: Store<Lease>,
+}
+
+/// MAC → address of one pool.
+type MacIndex = Arc<HashMap<MacAddr, Ipv4Addr>>;
+
+pub struct Ctx {
+    client: Client,
+    args: ControllerArgs,
+    stores: Stores,
+    queue: Queue,
+    orphans: Mutex<OrphanClock>,
+    started: Instant,
+    /// Leaks released, by pool.
+    swept: Family<Vec<(String, String)>, Counter>,
+    recorder: Recorder,
+    ready: AtomicBool,
+    /// MAC → address of each pool, by pool resourceVersion (vmnetcfg status needs it often).
+    mac_index: Mutex<HashMap<(String, String), (String, MacIndex)>>,
+}
+
+impl Ctx {
+    fn pool_for_network(&self, network: &str) -> Option<Arc<IPPool>> {
+        let network = network_key(network);
+        self.stores.pools.state().into_iter().find(|p| {
+            p.meta().deletion_timestamp.is_none() && network_key(&p.spec.network_name) == network
+        })
+    }
+
+    /// The address a MAC holds in a pool, from the cached pool status.
+    fn held_ip(&self, pool: &IPPool, mac: MacAddr) -> Option<Ipv4Addr> {
+        let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+        let rv = pool.resource_version().unwrap_or_default();
+        let mut index = self.mac_index.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = index
+            .get(&key)
+            .filter(|(v, _)| *v == rv)
+            .map(|(_, m)| m.clone());
+        let map = match fresh {
+            Some(m) => m,
+            None => {
+                let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
+                let map: HashMap<MacAddr, Ipv4Addr> = decide::held(ipv4)
+                    .into_iter()
+                    .map(|h| (h.mac, h.ip))
+                    .collect();
+                let map = Arc::new(map);
+                index.insert(key, (rv, map.clone()));
+                map
+            }
+        };
+        map.get(&mac).copied()
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn requeue_after(self: &Arc<Self>, key: Key, after: Duration) {
+        let ctx = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            ctx.queue.push(key);
+        });
+    }
+
+    fn enqueue_all(&self) {
+        for p in self.stores.pools.state() {
+            self.queue
+                .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+        }
+        for v in self.stores.vms.state() {
+            self.queue.push(Key::Workload(
+                v.namespace().unwrap_or_default(),
+                v.name_any(),
+            ));
+        }
+        for c in self.stores.cfgs.state() {
+            self.queue.push(Key::Workload(
+                c.namespace().unwrap_or_default(),
+                c.name_any(),
+            ));
+        }
+        for n in self.stores.nads.state() {
+            self.queue
+                .push(Key::Nad(n.namespace().unwrap_or_default(), n.name_any()));
+        }
+    }
+
+    fn enqueue_pools_of_network(&self, network: &str) {
+        let network = network_key(network);
+        for p in self.stores.pools.state() {
+            if network_key(&p.spec.network_name) == network {
+                self.queue
+                    .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+            }
+        }
+    }
+}
+
+fn get<K>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+/// Starts a reflector whose events go through `on_event`; returns its store.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    ctx_slot: Arc<std::sync::OnceLock<Arc<Ctx>>>,
+    on_event: fn(&Ctx, &K),
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let kind = K::kind(&()).to_string();
+    tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj))
+                | Ok(watcher::Event::InitApply(obj)) => {
+                    if let Some(ctx) = ctx_slot.get() {
+                        on_event(ctx, &obj);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
+            }
+        }
+    });
+    store
+}
+
+fn on_pool(ctx: &Ctx, p: &IPPool) {
+    ctx.queue
+        .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+}
+
+fn on_cfg(ctx: &Ctx, c: &VirtualMachineNetworkConfig) {
+    let ns = c.namespace().unwrap_or_default();
+    ctx.queue.push(Key::Workload(ns, c.name_any()));
+    let networks = c
+        .spec
+        .network_configs
+        .iter()
+        .flatten()
+        .map(|e| e.network_name.clone())
+        .chain(
+            c.status
+                .iter()
+                .flat_map(|s| s.network_configs.iter().flatten())
+                .filter_map(|s| s.network_name.clone()),
+        )
+        .collect::<BTreeSet<_>>();
+    for n in networks {
+        ctx.enqueue_pools_of_network(&n);
+    }
+}
+
+fn on_vm(ctx: &Ctx, v: &VirtualMachine) {
+    let ns = v.namespace().unwrap_or_default();
+    ctx.queue.push(Key::Workload(ns, v.name_any()));
+    for nic in decide::vm_nics(v) {
+        ctx.enqueue_pools_of_network(&nic.network);
+    }
+}
+
+fn on_nad(ctx: &Ctx, n: &NetworkAttachmentDefinition) {
+    let ns = n.namespace().unwrap_or_default();
+    ctx.queue.push(Key::Nad(ns.clone(), n.name_any()));
+    ctx.enqueue_pools_of_network(&format!("{ns}/{}", n.name_any()));
+}
+
+fn on_pod(ctx: &Ctx, p: &Pod) {
+    let labels = p.labels();
+    if let (Some(ns), Some(name)) = (
+        labels.get(decide::POOL_NAMESPACE_LABEL),
+        labels.get(decide::POOL_NAME_LABEL),
+    ) {
+        ctx.queue.push(Key::Pool(ns.clone(), name.clone()));
+    }
+}
+
+fn on_node(ctx: &Ctx, _: &Node) {
+    for p in ctx.stores.pools.state() {
+        ctx.queue
+            .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+    }
+}
+
+fn on_lease(ctx: &Ctx, l: &Lease) {
+    let name = l.name_any();
+    for p in ctx.stores.pools.state() {
+        let ns = p.namespace().unwrap_or_default();
+        if decide::lease_name(&ns, &p.name_any()) == name {
+            ctx.queue.push(Key::Pool(ns, p.name_any()));
+        }
+    }
+}
+
+fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+pub fn run(args: ControllerArgs) -> Result<()> {
+    crate::logging::init(args.debug);
+    decide::parse_image(&args.image).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: ControllerArgs) -> Result<()> {
+    let client = crate::webhook::client(args.kubeconfig.as_ref()).await?;
+    let slot: Arc<std::sync::OnceLock<Arc<Ctx>>> = Arc::default();
+    let watch_ns = args.watch_namespace.as_deref();
+    let agents = watcher::Config::default().labels(&format!(
+        "{}={}",
+        decide::AGENT_LABEL,
+        decide::AGENT_LABEL_VALUE
+    ));
+    let stores = Stores {
+        pools: watch(
+            scoped(&client, watch_ns),
+            watcher::Config::default(),
+            slot.clone(),
+            on_pool,
+        ),
+        cfgs: watch(
+            scoped(&client, watch_ns),
+            watcher::Config::default(),
+            slot.clone(),
+            on_cfg,
+        ),
+        vms: watch(
+            scoped(&client, watch_ns),
+            watcher::Config::default(),
+            slot.clone(),
+            on_vm,
+        ),
+        nads: watch(
+            scoped(&client, watch_ns),
+            watcher::Config::default(),
+            slot.clone(),
+            on_nad,
+        ),
+        pods: watch(
+            Api::namespaced(client.clone(), &args.namespace),
+            agents,
+            slot.clone(),
+            on_pod,
+        ),
+        nodes: watch(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            slot.clone(),
+            on_node,
+        ),
+        leases: watch(
+            Api::namespaced(client.clone(), &args.namespace),
+            watcher::Config::default(),
+            slot.clone(),
+            on_lease,
+        ),
+    };
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "vm-dhcp-controller".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: args.name.clone(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        args: args.clone(),
+        stores,
+        queue: Queue::default(),
+        orphans: Mutex::new(OrphanClock::default()),
+        started: Instant::now(),
+        swept: Family::default(),
+        recorder,
+        ready: AtomicBool::new(false),
+        mac_index: Mutex::new(HashMap::new()),
+    });
+    let _ = slot.set(ctx.clone());
+
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
+    tracing::info!(addr = %args.http_addr, name = %args.name, "controller serving HTTP");
+    let router = http::router(ctx.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    let s = &ctx.stores;
+    let synced = async {
+        s.pools.wait_until_ready().await?;
+        s.cfgs.wait_until_ready().await?;
+        s.vms.wait_until_ready().await?;
+        s.nads.wait_until_ready().await?;
+        s.pods.wait_until_ready().await?;
+        s.nodes.wait_until_ready().await?;
+        s.leases.wait_until_ready().await
+    };
+    tokio::select! {
+        r = synced => r.context("the caches stopped before they were complete")?,
+        _ = crate::logging::shutdown_signal() => return Ok(()),
+    }
+    ctx.ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        pools = s.pools.state().len(),
+        vmnetcfgs = s.cfgs.state().len(),
+        vms = s.vms.state().len(),
+        "caches synced"
+    );
+
+    let lead = async {
+        if !args.no_leader_election {
+            leader::acquire(&client, &args, &identity).await?;
+        }
+        tracing::info!(%identity, "leading: reconciling");
+        let renew = async {
+            if args.no_leader_election {
+                std::future::pending::<Result<()>>().await
+            } else {
+                leader::keep(&client, &args, &identity).await
+            }
+        };
+        tokio::select! {
+            r = renew => r,
+            r = reconcile_loop(ctx.clone()) => r,
+        }
+    };
+    let result = tokio::select! {
+        r = lead => r,
+        _ = crate::logging::shutdown_signal() => Ok(()),
+    };
+    if !args.no_leader_election {
+        leader::release(&client, &args, &identity).await;
+    }
+    result
+}
+
+/// The leader's loop: everything once at start (this is also the start-up sweep), then what
+/// changes, plus a full pass every `--resync-seconds`.
+async fn reconcile_loop(ctx: Arc<Ctx>) -> Result<()> {
+    ctx.enqueue_all();
+    let resync = Duration::from_secs(ctx.args.resync_seconds.max(1));
+    let mut next_resync = Instant::now() + resync;
+    let mut failures: HashMap<Key, u32> = HashMap::new();
+    loop {
+        let keys = ctx.queue.take();
+        if keys.is_empty() {
+            let wait = next_resync.saturating_duration_since(Instant::now());
+            tokio::select! {
+                _ = ctx.queue.notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if Instant::now() >= next_resync {
+                ctx.enqueue_all();
+                next_resync = Instant::now() + resync;
+            }
+            continue;
+        }
+        for key in keys {
+            let result = match &key {
+                Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
+                Key::Workload(ns, name) => workload::reconcile(&ctx, ns, name).await,
+                Key::Nad(ns, name) => pool::reconcile_nad(&ctx, ns, name).await,
+            };
+            match result {
+                Ok(()) => {
+                    failures.remove(&key);
+                }
+                Err(e) => {
+                    let n = failures.entry(key.clone()).or_default();
+                    *n += 1;
+                    let delay = Duration::from_millis(200 * 2u64.pow((*n).min(7)));
+                    tracing::warn!(?key, error = format!("{e:#}"), retry_in = ?delay, "reconcile failed");
+                    ctx.requeue_after(key, delay);
+                }
+            }
+        }
+    }
+}
+
+/// Whether an API error is a 409 Conflict (someone wrote first: read again, decide again).
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+fn now_text() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,866 @@
+//! IPPool reconcile: finalizer and takeover of the Go version's, NAD labels, the status
+//! (marks, counts, releases of leaks, adoption of ownerless allocations, conditions,
+//! agentPodRef), and the agent pods. Also the shared guarded writer of `status.ipv4`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use vm_dhcp_core::PoolLayout;
+use vm_dhcp_core::admission::network_key;
+use vm_dhcp_core::controller::{
+    self as decide, AgentInput, AgentPod, LiveOwners, Ownership, set_condition,
+};
+use vm_dhcp_core::crd::{Condition, IPPool, IPPoolSpec, IPv4Config, PodReference};
+use vm_dhcp_core::kubevirt::NetworkAttachmentDefinition;
+use vm_dhcp_core::mac::MacAddr;
+
+use super::{Ctx, Key, get, is_conflict, is_not_found, now_text};
+
+const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+const WRITE_ATTEMPTS: usize = 10;
+
+fn pool_key(pool: &IPPool) -> String {
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    )
+}
+
+/// Every vmnetcfg entry and VM NIC that exists and is not being deleted.
+pub(super) fn live_owners(ctx: &Ctx, skip_cfg: Option<(&str, &str)>) -> LiveOwners {
+    let mut live = LiveOwners::default();
+    for cfg in ctx.stores.cfgs.state() {
+        if cfg.meta().deletion_timestamp.is_some() {
+            continue;
+        }
+        let ns = cfg.namespace().unwrap_or_default();
+        let name = cfg.name_any();
+        if skip_cfg == Some((ns.as_str(), name.as_str())) {
+            continue;
+        }
+        let owner = format!("{ns}/{}", cfg.spec.vm_name);
+        for e in cfg.spec.network_configs.iter().flatten() {
+            if let Ok(mac) = e.mac_address.parse::<MacAddr>() {
+                live.insert(&e.network_name, mac, owner.clone());
+            }
+        }
+    }
+    for vm in ctx.stores.vms.state() {
+        if vm.meta().deletion_timestamp.is_none() {
+            live.add_vm(&vm);
+        }
+    }
+    live
+}
+
+/// Writes `status.ipv4` (and whatever `extra` adds to the status) with the resourceVersion
+/// guard: on 409 the pool is read again and `next` decides again. Returns the pool written,
+/// or `None` when there was nothing to change.
+pub(super) async fn write_pool_status<F>(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    start: Option<IPPool>,
+    mut next: F,
+) -> Result<Option<IPPool>>
+where
+    F: FnMut(&IPPool) -> Result<Option<serde_json::Value>>,
+{
+    let api: Api<IPPool> = Api::namespaced(ctx.client.clone(), ns);
+    let mut pool = match start {
+        Some(p) => p,
+        None => api.get(name).await?,
+    };
+    for _ in 0..WRITE_ATTEMPTS {
+        let Some(status_patch) = next(&pool)? else {
+            return Ok(None);
+        };
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": pool.resource_version()},
+            "status": status_patch,
+        });
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(written) => return Ok(Some(written)),
+            Err(e) if is_conflict(&e) => pool = api.get(name).await?,
+            Err(e) => {
+                return Err(e).with_context(|| format!("writing the status of IPPool {ns}/{name}"));
+            }
+        }
+    }
+    Err(anyhow!(
+        "IPPool {ns}/{name}: {WRITE_ATTEMPTS} write conflicts in a row; will retry"
+    ))
+}
+
+fn layout_of(pool: &IPPool) -> Result<PoolLayout, String> {
+    let cfg = pool
+        .spec
+        .ipv4_config
+        .as_ref()
+        .ok_or_else(|| "spec.ipv4Config is missing".to_string())?;
+    PoolLayout::from_config(cfg).map_err(|e| e.to_string())
+}
+
+/// Releases addresses of one network whose (network, MAC) nobody holds any more. Entries
+/// that a live vmnetcfg entry or VM NIC still lists are kept (the owner is still there).
+pub(super) async fn release(
+    ctx: &Ctx,
+    network: &str,
+    entries: &[(MacAddr, Ipv4Addr)],
+    skip_cfg: Option<(&str, &str)>,
+    why: &str,
+) -> Result<()> {
+    let Some(pool) = ctx.pool_for_network(network) else {
+        return Ok(()); // no pool, nothing to give back
+    };
+    let live = live_owners(ctx, skip_cfg);
+    let release: Vec<(Ipv4Addr, MacAddr)> = entries
+        .iter()
+        .filter(|(mac, _)| live.get(network, *mac).is_none())
+        .map(|(mac, ip)| (*ip, *mac))
+        .collect();
+    if release.is_empty() {
+        return Ok(());
+    }
+    let ns = pool.namespace().unwrap_or_default();
+    let name = pool.name_any();
+    let layout = layout_of(&pool).map_err(|e| anyhow!("IPPool {ns}/{name}: {e}"))?;
+    let written = write_pool_status(ctx, &ns, &name, None, |p| {
+        let before = p.status.as_ref().and_then(|s| s.ipv4.as_ref());
+        let after = decide::next_ipv4(&layout, before, &release, &[])?;
+        if decide::same_ipv4(before, &after) {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::json!({
+            "lastUpdate": Timestamp::now().to_string(),
+            "ipv4": decide::ipv4_merge_patch(before, &after),
+        })))
+    })
+    .await?;
+    if written.is_some() {
+        for (ip, mac) in &release {
+            tracing::info!(pool = %format!("{ns}/{name}"), %ip, %mac, %why, "address released");
+        }
+    }
+    Ok(())
+}
+
+fn condition_list(pool: &IPPool) -> Vec<Condition> {
+    pool.status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default()
+}
+
+/// A node's eligibility for agents and, if it is lost, since when.
+struct NodeView {
+    eligible: bool,
+    lost_since: Option<Timestamp>,
+}
+
+fn node_view(node: &Node, cn_label: &str, allow_witness: bool) -> NodeView {
+    let labels = node.labels();
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    let is_ready = ready.is_some_and(|c| c.status == "True");
+    let taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    let unreachable = taints.iter().find(|t| t.key == UNREACHABLE_TAINT);
+    let lost_since = match (is_ready, unreachable) {
+        (false, Some(t)) => t
+            .time_added
+            .as_ref()
+            .map(|t| t.0)
+            .or_else(|| {
+                ready
+                    .and_then(|c| c.last_transition_time.as_ref())
+                    .map(|t| t.0)
+            })
+            .or(Some(Timestamp::now())),
+        _ => None,
+    };
+    let blocked = taints.iter().any(|t| {
+        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+            && !(t.key == NOT_READY_TAINT && is_ready)
+    }) || node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+    let witness = labels.get(decide::WITNESS_LABEL).map(String::as_str) == Some("true");
+    NodeView {
+        eligible: labels.get(cn_label).map(String::as_str) == Some("true")
+            && is_ready
+            && !blocked
+            && (allow_witness || !witness),
+        lost_since,
+    }
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The Lease holder's name if the Lease is not expired.
+fn lease_holder(ctx: &Ctx, pool_ns: &str, pool_name: &str) -> Option<String> {
+    let lease = get(
+        &ctx.stores.leases,
+        &ctx.args.namespace,
+        &decide::lease_name(pool_ns, pool_name),
+    )?;
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
+    let renewed = spec.renew_time.as_ref()?.0;
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+    // A second of tolerance for clock skew between the agent's node and ours.
+    let expires = renewed + k8s_openapi::jiff::SignedDuration::from_secs(duration + 1);
+    (expires > Timestamp::now()).then_some(holder)
+}
+
+struct AgentOutcome {
+    registered: Result<(), String>,
+    ready: Result<PodReference, String>,
+    /// When to look again (a lost node's grace period running out).
+    recheck: Option<Duration>,
+}
+
+fn agent_pod(
+    ctx: &Ctx,
+    pool: &IPPool,
+    name: &str,
+    image: &str,
+    revision: &str,
+    cn: &str,
+    nad: (&str, &str),
+) -> Result<Pod> {
+    let pool_ns = pool.namespace().unwrap_or_default();
+    let pool_name = pool.name_any();
+    let lease = decide::lease_name(&pool_ns, &pool_name);
+    let mut args = vec![
+        "agent".to_string(),
+        "--ippool-ref".into(),
+        format!("{pool_ns}/{pool_name}"),
+        "--lease-lock".into(),
+        format!("{}/{lease}", ctx.args.namespace),
+        "--lease-duration-seconds".into(),
+        ctx.args.agent_lease_duration_seconds.to_string(),
+        "--manage-server-ip".into(),
+        "--nic".into(),
+        "eth1".into(),
+    ];
+    if ctx.args.no_dhcp {
+        args.push("--dry-run".into());
+    }
+    let selector = serde_json::json!({
+        decide::POOL_NAMESPACE_LABEL: pool_ns,
+        decide::POOL_NAME_LABEL: pool_name,
+        decide::REVISION_LABEL: revision,
+    });
+    let mut node_terms = vec![serde_json::json!({
+        "key": format!("{}{cn}", decide::NODE_NETWORK_LABEL_PREFIX), "operator": "In", "values": ["true"]})];
+    if !ctx.args.agents_on_witness_nodes {
+        node_terms.push(serde_json::json!({
+            "key": decide::WITNESS_LABEL, "operator": "NotIn", "values": ["true"]}));
+    }
+    let grace = ctx.args.lost_node_grace_seconds;
+    let networks = serde_json::to_string(&serde_json::json!([
+        {"namespace": nad.0, "name": nad.1, "interface": "eth1"}
+    ]))?;
+    Ok(serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": ctx.args.namespace,
+            "labels": {
+                decide::AGENT_LABEL: decide::AGENT_LABEL_VALUE,
+                decide::MANAGED_BY_LABEL: decide::MANAGED_BY_VALUE,
+                decide::POOL_NAMESPACE_LABEL: pool_ns,
+                decide::POOL_NAME_LABEL: pool_name,
+                decide::REVISION_LABEL: revision,
+            },
+            "annotations": {decide::MULTUS_ANNOTATION: networks},
+        },
+        "spec": {
+            "serviceAccountName": ctx.args.service_account_name,
+            "terminationGracePeriodSeconds": 10,
+            "affinity": {
+                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": node_terms}]}},
+                "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                    "labelSelector": {"matchLabels": selector},
+                    "topologyKey": "kubernetes.io/hostname"}]},
+            },
+            // Lost nodes are handled here (force-delete and replace after the grace
+            // period), not by waiting out the default 300 s eviction.
+            "tolerations": [
+                {"key": UNREACHABLE_TAINT, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace},
+                {"key": NOT_READY_TAINT, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace},
+            ],
+            "containers": [{
+                "name": "agent",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "args": args,
+                "env": [{"name": "VM_DHCP_AGENT_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                "securityContext": {"runAsUser": 0, "runAsGroup": 0,
+                    "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}},
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 2},
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 10,
+                                  "failureThreshold": 6},
+            }],
+        }
+    }))?)
+}
+
+async fn delete_pod(ctx: &Ctx, name: &str, force: bool) -> Result<()> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.args.namespace);
+    let dp = if force {
+        DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        }
+    } else {
+        DeleteParams::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting agent pod {name}")),
+    }
+}
+
+fn pods_of(ctx: &Ctx, pool_ns: &str, pool_name: &str) -> Vec<Arc<Pod>> {
+    ctx.stores
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            let l = p.labels();
+            l.get(decide::POOL_NAMESPACE_LABEL).map(String::as_str) == Some(pool_ns)
+                && l.get(decide::POOL_NAME_LABEL).map(String::as_str) == Some(pool_name)
+        })
+        .collect()
+}
+
+/// Brings a pool's agent pods in line and says whether one is active.
+async fn agents(
+    ctx: &Ctx,
+    pool: &IPPool,
+    paused: bool,
+    nad: Option<&NetworkAttachmentDefinition>,
+) -> Result<AgentOutcome> {
+    let pool_ns = pool.namespace().unwrap_or_default();
+    let pool_name = pool.name_any();
+    let image = match (
+        pool.annotations()
+            .contains_key(decide::HOLD_AGENT_UPGRADE_ANNOTATION),
+        pool.status
+            .as_ref()
+            .and_then(|s| s.agent_pod_ref.as_ref())
+            .and_then(|r| r.image.clone()),
+    ) {
+        (true, Some(held)) => held,
+        _ => ctx.args.image.clone(),
+    };
+    let cn = nad.and_then(|n| decide::cluster_network(n.meta().labels.as_ref(), &n.spec.config));
+    let now = Timestamp::now();
+    let mut views = BTreeMap::new();
+    let mut eligible = 0;
+    if let Some(cn) = &cn {
+        let label = format!("{}{cn}", decide::NODE_NETWORK_LABEL_PREFIX);
+        for node in ctx.stores.nodes.state() {
+            let v = node_view(&node, &label, ctx.args.agents_on_witness_nodes);
+            eligible += usize::from(v.eligible);
+            views.insert(node.name_any(), v);
+        }
+    }
+    let revision = format!(
+        "{:06x}",
+        decide::stable_hash(&[
+            "v1",
+            &image,
+            &ctx.args.no_dhcp.to_string(),
+            &ctx.args.service_account_name,
+            cn.as_deref().unwrap_or_default(),
+            &network_key(&pool.spec.network_name),
+            &ctx.args.agent_lease_duration_seconds.to_string(),
+            &ctx.args.agents_on_witness_nodes.to_string(),
+        ]) & 0xff_ffff
+    );
+    let holder = lease_holder(ctx, &pool_ns, &pool_name);
+    let pods = pods_of(ctx, &pool_ns, &pool_name);
+    let grace = Duration::from_secs(ctx.args.lost_node_grace_seconds);
+    let mut recheck = None;
+    let inputs: Vec<AgentPod> = pods
+        .iter()
+        .map(|p| {
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+            let lost_for = node
+                .and_then(|n| views.get(&n).and_then(|v| v.lost_since))
+                .map(|since| {
+                    let secs = (now - since).get_seconds().max(0) as u64;
+                    Duration::from_secs(secs)
+                });
+            if let Some(d) = lost_for.filter(|d| *d < grace) {
+                recheck = Some(grace - d + Duration::from_millis(500));
+            }
+            AgentPod {
+                name: p.name_any(),
+                ours: p.labels().get(decide::MANAGED_BY_LABEL).map(String::as_str)
+                    == Some(decide::MANAGED_BY_VALUE),
+                revision: p.labels().get(decide::REVISION_LABEL).cloned(),
+                ready: pod_ready(p),
+                terminating: p.meta().deletion_timestamp.is_some(),
+                node_lost_for: lost_for,
+                lease_holder: holder.as_deref() == Some(p.name_any().as_str()),
+            }
+        })
+        .collect();
+    let want = if paused || cn.is_none() {
+        0
+    } else {
+        ctx.args.agents_per_pool.min(eligible)
+    };
+    let plan = decide::plan_agents(&AgentInput {
+        pool_ns: pool_ns.clone(),
+        pool_name: pool_name.clone(),
+        want,
+        revision: revision.clone(),
+        pods: inputs.clone(),
+        lost_grace: grace,
+    });
+    let key = format!("{pool_ns}/{pool_name}");
+    for name in &plan.force_delete {
+        tracing::warn!(pool = %key, pod = %name, "agent pod on a lost node: force-deleting it to replace it");
+        delete_pod(ctx, name, true).await?;
+    }
+    for name in plan.delete.iter() {
+        tracing::info!(pool = %key, pod = %name, "deleting agent pod");
+        delete_pod(ctx, name, false).await?;
+    }
+    for name in &plan.delete_go {
+        tracing::info!(pool = %key, pod = %name, "deleting the Go version's agent pod: ours is active");
+        delete_pod(ctx, name, false).await?;
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.args.namespace);
+    if let (Some(cn), Some(nad)) = (&cn, nad) {
+        let nad_ns = nad.namespace().unwrap_or_default();
+        let nad_name = nad.name_any();
+        for name in &plan.create {
+            let pod = agent_pod(ctx, pool, name, &image, &revision, cn, (&nad_ns, &nad_name))?;
+            match api.create(&PostParams::default(), &pod).await {
+                Ok(_) => tracing::info!(pool = %key, pod = %name, %image, "agent pod created"),
+                Err(e) if is_conflict(&e) => {} // created before; the cache will show it
+                Err(e) => return Err(e).with_context(|| format!("creating agent pod {name}")),
+            }
+        }
+    }
+    let registered = if paused {
+        Err(decide::disabled_message("ippool", &pool_ns, &pool_name))
+    } else if nad.is_none() {
+        let (nad_ns, nad_name) = network_key(&pool.spec.network_name)
+            .split_once('/')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_default();
+        Err(format!(
+            "network-attachment-definitions.k8s.cni.cncf.io \"{nad_name}\" not found (namespace {nad_ns})"
+        ))
+    } else if cn.is_none() {
+        Err(format!(
+            "could not find clusternetwork for nad {}",
+            pool.spec.network_name
+        ))
+    } else if eligible == 0 {
+        Err(format!(
+            "no node can run the agents: none is Ready, schedulable and labelled {}{}=true",
+            decide::NODE_NETWORK_LABEL_PREFIX,
+            cn.as_deref().unwrap_or_default()
+        ))
+    } else {
+        Ok(())
+    };
+    let active = inputs
+        .iter()
+        .find(|p| p.ours && p.ready && p.lease_holder && !p.terminating);
+    let ready = match (&registered, active) {
+        (_, Some(p)) => {
+            let pod = pods.iter().find(|x| x.name_any() == p.name);
+            Ok(PodReference {
+                namespace: Some(ctx.args.namespace.clone()),
+                name: Some(p.name.clone()),
+                image: Some(image.clone()),
+                uid: pod.and_then(|x| x.uid()),
+            })
+        }
+        (Err(e), None) => Err(e.clone()),
+        (Ok(()), None) if inputs.iter().all(|p| !p.ours) && plan.create.is_empty() => Err(format!(
+            "agent for ippool {pool_ns}/{pool_name} is not deployed"
+        )),
+        (Ok(()), None) => Err(match &holder {
+            Some(h) => format!("agent pod {h} holds the lease but is not ready"),
+            None => format!(
+                "no agent of ippool {pool_ns}/{pool_name} is ready and holding lease {}/{} yet",
+                ctx.args.namespace,
+                decide::lease_name(&pool_ns, &pool_name)
+            ),
+        }),
+    };
+    let registered = registered.map(|_| ());
+    Ok(AgentOutcome {
+        registered,
+        ready,
+        recheck,
+    })
+}
+
+/// Takes the Go version's finalizers off and ours on (or ours off when `remove`), guarded.
+pub(super) async fn set_finalizers<K>(api: &Api<K>, obj: &K, remove: bool) -> Result<()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let current = obj.finalizers().to_vec();
+    let mut next: Vec<String> = current
+        .iter()
+        .filter(|f| !f.starts_with(decide::GO_FINALIZER_PREFIX) && *f != decide::FINALIZER)
+        .cloned()
+        .collect();
+    if !remove {
+        next.push(decide::FINALIZER.to_string());
+    }
+    if next == current {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": obj.resource_version(), "finalizers": next}});
+    match api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e).context("writing finalizers"),
+    }
+}
+
+/// Removes our labels from the pool's NAD (if they still name this pool).
+async fn unlabel_nad(ctx: &Ctx, pool: &IPPool) -> Result<()> {
+    let network = network_key(&pool.spec.network_name);
+    let Some((nad_ns, nad_name)) = network.split_once('/') else {
+        return Ok(());
+    };
+    let Some(nad) = get(&ctx.stores.nads, nad_ns, nad_name) else {
+        return Ok(());
+    };
+    let l = nad.labels();
+    if l.get(decide::POOL_NAMESPACE_LABEL) != pool.namespace().as_ref()
+        || l.get(decide::POOL_NAME_LABEL) != Some(&pool.name_any())
+    {
+        return Ok(());
+    }
+    let api: Api<NetworkAttachmentDefinition> = Api::namespaced(ctx.client.clone(), nad_ns);
+    let patch = serde_json::json!({"metadata": {"labels": {
+        decide::POOL_NAMESPACE_LABEL: null, decide::POOL_NAME_LABEL: null}}});
+    match api
+        .patch(nad_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing the IPPool labels of NAD {network}")),
+    }
+}
+
+pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()> {
+    let Some(pool) = get(&ctx.stores.pools, ns, name) else {
+        ctx.orphans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(&format!("{ns}/{name}"));
+        return Ok(());
+    };
+    let api: Api<IPPool> = Api::namespaced(ctx.client.clone(), ns);
+    let key = pool_key(&pool);
+    if pool.meta().deletion_timestamp.is_some() {
+        let finalizers = pool.finalizers();
+        if !finalizers
+            .iter()
+            .any(|f| f == decide::FINALIZER || f.starts_with(decide::GO_FINALIZER_PREFIX))
+        {
+            return Ok(());
+        }
+        if !ctx.args.no_agent {
+            for p in pods_of(ctx, ns, name) {
+                delete_pod(ctx, &p.name_any(), false).await?;
+            }
+            let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+                Api::namespaced(ctx.client.clone(), &ctx.args.namespace);
+            match leases
+                .delete(&decide::lease_name(ns, name), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting the agents' Lease"),
+            }
+        }
+        unlabel_nad(ctx, &pool).await?;
+        set_finalizers(&api, &*pool, true).await?;
+        tracing::info!(pool = %key, "IPPool removed: agents, Lease and NAD labels cleaned up");
+        return Ok(());
+    }
+    set_finalizers(&api, &*pool, false).await?;
+
+    let network = network_key(&pool.spec.network_name);
+    let (nad_ns, nad_name) = network.split_once('/').unwrap_or(("", ""));
+    let nad = get(&ctx.stores.nads, nad_ns, nad_name);
+    if let Some(nad) = &nad {
+        let l = nad.labels();
+        if l.get(decide::POOL_NAMESPACE_LABEL).map(String::as_str) != Some(ns)
+            || l.get(decide::POOL_NAME_LABEL).map(String::as_str) != Some(name)
+        {
+            let nads: Api<NetworkAttachmentDefinition> =
+                Api::namespaced(ctx.client.clone(), nad_ns);
+            let patch = serde_json::json!({"metadata": {"labels": {
+                decide::POOL_NAMESPACE_LABEL: ns, decide::POOL_NAME_LABEL: name}}});
+            nads.patch(nad_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .with_context(|| format!("labelling NAD {network} with its IPPool"))?;
+        }
+    }
+
+    let paused = pool.spec.paused == Some(true);
+    let outcome = if ctx.args.no_agent {
+        AgentOutcome {
+            registered: Ok(()),
+            ready: Ok(PodReference::default()),
+            recheck: None,
+        }
+    } else {
+        agents(ctx, &pool, paused, nad.as_deref()).await?
+    };
+
+    // Sweep: orphans (after the grace period) are released; ownerless allocations that a
+    // live vmnetcfg entry or VM NIC holds are adopted.
+    let layout = layout_of(&pool);
+    let grace = Duration::from_secs(ctx.args.leak_grace_seconds);
+    let (due, adopt) = match &layout {
+        Ok(_) => {
+            let live = live_owners(ctx, None);
+            let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
+            let mut orphans = Vec::new();
+            let mut adopt = Vec::new();
+            for h in decide::held(ipv4) {
+                match decide::ownership(&network, &h, &live) {
+                    Ownership::Owned { adopt: Some(owner) } => adopt.push((h.ip, owner)),
+                    Ownership::Owned { adopt: None } => {}
+                    Ownership::Orphan => orphans.push((h.ip, h.mac)),
+                }
+            }
+            let mut clock = ctx.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            let due = clock.observe(&key, &orphans, ctx.now(), grace);
+            if let Some(next) = clock.next_due(ctx.now(), grace) {
+                ctx.requeue_after(
+                    Key::Pool(ns.into(), name.into()),
+                    next + Duration::from_millis(200),
+                );
+            }
+            (due, adopt)
+        }
+        Err(_) => (Vec::new(), Vec::new()),
+    };
+    if let Some(after) = outcome.recheck {
+        ctx.requeue_after(Key::Pool(ns.into(), name.into()), after);
+    }
+
+    let now = now_text();
+    let written = write_pool_status(ctx, ns, name, Some((*pool).clone()), |p| {
+        let before = p.status.as_ref().and_then(|s| s.ipv4.as_ref());
+        let mut conditions = condition_list(p);
+        let mut changed = false;
+        let mut patch = serde_json::Map::new();
+        let cache = match &layout {
+            Ok(layout) => decide::next_ipv4(layout, before, &due, &adopt).map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        match &cache {
+            Ok(after) if !decide::same_ipv4(before, after) => {
+                patch.insert("ipv4".into(), decide::ipv4_merge_patch(before, after));
+                patch.insert("lastUpdate".into(), Timestamp::now().to_string().into());
+            }
+            _ => {}
+        }
+        let disabled = decide::disabled_message("ippool", ns, name);
+        let cond = |r: &Result<(), String>| match r {
+            Ok(()) => (true, String::new(), String::new()),
+            Err(m) => (false, "Error".to_string(), m.clone()),
+        };
+        let cache_ok = if paused {
+            Err(disabled.clone())
+        } else {
+            cache.as_ref().map(|_| ()).map_err(Clone::clone)
+        };
+        let ready_ok = if paused {
+            Err(disabled.clone())
+        } else {
+            outcome.ready.as_ref().map(|_| ()).map_err(Clone::clone)
+        };
+        for (type_, r) in [
+            ("Registered", outcome.registered.clone()),
+            ("CacheReady", cache_ok),
+            ("AgentReady", ready_ok),
+        ] {
+            let (ok, reason, message) = cond(&r);
+            changed |= set_condition(&mut conditions, type_, ok, &reason, &message, &now);
+        }
+        changed |= set_condition(&mut conditions, "Stopped", paused, "", "", &now);
+        if changed {
+            patch.insert("conditions".into(), serde_json::to_value(&conditions)?);
+        }
+        let want_ref = match &outcome.ready {
+            Ok(r) if !ctx.args.no_agent => Some(r.clone()),
+            _ => None,
+        };
+        let have_ref = p.status.as_ref().and_then(|s| s.agent_pod_ref.clone());
+        if want_ref != have_ref && !ctx.args.no_agent {
+            // Without an active agent the ref keeps only the image (for the hold annotation).
+            let value = match want_ref {
+                Some(r) => serde_json::to_value(r)?,
+                None if paused => serde_json::Value::Null,
+                None => {
+                    let image = have_ref.and_then(|r| r.image).unwrap_or(ctx.args.image.clone());
+                    serde_json::json!({"namespace": null, "name": null, "uid": null, "image": image})
+                }
+            };
+            let unchanged = value
+                == p.status
+                    .as_ref()
+                    .and_then(|s| s.agent_pod_ref.as_ref())
+                    .map(|r| serde_json::to_value(r).unwrap_or_default())
+                    .unwrap_or(serde_json::Value::Null);
+            if !unchanged {
+                patch.insert("agentPodRef".into(), value);
+            }
+        }
+        Ok((!patch.is_empty()).then_some(serde_json::Value::Object(patch)))
+    })
+    .await?;
+
+    if written.is_some() && !due.is_empty() {
+        for (ip, mac) in &due {
+            tracing::warn!(pool = %key, %ip, %mac, grace_seconds = grace.as_secs(),
+                "leak swept: no vmnetcfg entry or VM NIC holds this allocation; released");
+            ctx.swept
+                .get_or_create(&vec![("ippool".to_string(), key.clone())])
+                .inc();
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "LeakSwept".into(),
+                note: Some(format!(
+                    "released {ip} held by {mac}: no vmnetcfg entry or VM NIC on {network} has had that MAC for {}s",
+                    grace.as_secs()
+                )),
+                action: "Release".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+                tracing::warn!(error = %e, "could not record the LeakSwept Event");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// NAD-driven IPPool: created only when the NAD carries the opt-in annotation; deleted by us
+/// when the NAD goes (it is labelled as ours).
+pub(super) async fn reconcile_nad(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()> {
+    let pools: Api<IPPool> = Api::namespaced(ctx.client.clone(), ns);
+    let nad = get(&ctx.stores.nads, ns, name);
+    let auto = get(&ctx.stores.pools, ns, name)
+        .filter(|p| p.labels().get(decide::AUTO_POOL_LABEL).map(String::as_str) == Some("true"));
+    let live_nad = nad.filter(|n| n.meta().deletion_timestamp.is_none());
+    let Some(nad) = live_nad else {
+        if let Some(pool) = auto.filter(|p| p.meta().deletion_timestamp.is_none()) {
+            tracing::info!(pool = %pool_key(&pool), "deleting the IPPool created with NAD {ns}/{name}: the NAD is gone");
+            match pools.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting the NAD's IPPool"),
+            }
+        }
+        return Ok(());
+    };
+    let Some(text) = nad.annotations().get(decide::AUTO_POOL_ANNOTATION) else {
+        return Ok(());
+    };
+    if get(&ctx.stores.pools, ns, name).is_some()
+        || ctx.pool_for_network(&format!("{ns}/{name}")).is_some()
+    {
+        return Ok(());
+    }
+    let settings = serde_json::from_str::<serde_json::Value>(text).and_then(|mut v| {
+        let paused = v
+            .as_object_mut()
+            .and_then(|o| o.remove("paused"))
+            .and_then(|p| p.as_bool());
+        Ok((serde_json::from_value::<IPv4Config>(v)?, paused))
+    });
+    let (ipv4, paused) = match settings {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(nad = %format!("{ns}/{name}"), error = %e,
+                "annotation {} is not an IPPool spec.ipv4Config as JSON; no IPPool created", decide::AUTO_POOL_ANNOTATION);
+            return Ok(());
+        }
+    };
+    let mut pool = IPPool::new(
+        name,
+        IPPoolSpec {
+            network_name: format!("{ns}/{name}"),
+            paused,
+            ipv4_config: Some(ipv4),
+        },
+    );
+    pool.metadata.namespace = Some(ns.to_string());
+    pool.metadata.labels = Some(BTreeMap::from([(
+        decide::AUTO_POOL_LABEL.to_string(),
+        "true".to_string(),
+    )]));
+    match pools.create(&PostParams::default(), &pool).await {
+        Ok(_) => {
+            tracing::info!(nad = %format!("{ns}/{name}"), "IPPool created from the NAD's opt-in annotation");
+            Ok(())
+        }
+        Err(e) if is_conflict(&e) => Ok(()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "creating the IPPool of NAD {ns}/{name} from its {} annotation; fix the annotation",
+                decide::AUTO_POOL_ANNOTATION
+            )
+        }),
+    }
+}
