@@ -1,63 +1,33 @@
-//! The aggregated API `dhcp.harvesterhci.io/v1alpha1`: read-only views of the IPAM.
+//! The aggregated API `dhcp.harvesterhci.io/v1alpha1`: read-only views of the IPAM, served
+//! the way kube-apiserver's aggregator, kubectl and Rancher Steve expect.
 //! Never `network.harvesterhci.io`: an APIService there would hide the CRDs of that group.
+//!
+//! - [`views`]: the objects, computed purely from IPPools, vmnetcfgs, VMs and agent leases;
+//! - [`store`]: the engine holding sources, views and their change history (resourceVersions);
+//! - [`http`]: the axum Router (discovery, OpenAPI, get/list/watch, Table, Status errors,
+//!   authentication and authorization);
+//! - [`auth`]: front-proxy authentication and SubjectAccessReview authorization;
+//! - [`selector`]: label and field selector parsing.
+//!
+//! The binary (`vm-dhcp apiserver`) feeds the engine from kube-rs watchers and the agents,
+//! verifies the aggregator's client certificate in TLS and posts the SubjectAccessReviews.
 
-use axum::Json;
-use axum::Router;
-use axum::routing::get;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    APIGroup, APIResource, APIResourceList, GroupVersionForDiscovery,
-};
+pub mod auth;
+pub mod discovery;
+pub mod http;
+pub mod resources;
+pub mod selector;
+pub mod store;
+pub mod views;
+
+pub use discovery::{api_group, api_resource_list};
+pub use http::{ApiServer, router};
+pub use resources::Resource;
+pub use store::{Change, Engine, SourceKind, SourceObject};
 
 pub const GROUP: &str = "dhcp.harvesterhci.io";
 pub const VERSION: &str = "v1alpha1";
 
-fn group_version() -> String {
+pub fn group_version() -> String {
     format!("{GROUP}/{VERSION}")
-}
-
-/// The resources this server serves, as discovery lists them.
-pub fn resources() -> Vec<APIResource> {
-    vec![APIResource {
-        name: "ipamallocations".into(),
-        singular_name: "ipamallocation".into(),
-        kind: "IPAMAllocation".into(),
-        namespaced: true,
-        short_names: Some(vec!["ipamalloc".into()]),
-        categories: Some(vec!["vm-dhcp".into()]),
-        verbs: vec!["get".into(), "list".into(), "watch".into()],
-        ..Default::default()
-    }]
-}
-
-pub fn api_group() -> APIGroup {
-    let version = GroupVersionForDiscovery {
-        group_version: group_version(),
-        version: VERSION.into(),
-    };
-    APIGroup {
-        name: GROUP.into(),
-        preferred_version: Some(version.clone()),
-        versions: vec![version],
-        server_address_by_client_cidrs: None,
-    }
-}
-
-pub fn api_resource_list() -> APIResourceList {
-    APIResourceList {
-        group_version: group_version(),
-        resources: resources(),
-    }
-}
-
-/// The discovery routes (the served resources come with the aggregated API issue).
-pub fn router() -> Router {
-    Router::new()
-        .route(
-            &format!("/apis/{GROUP}"),
-            get(|| async { Json(api_group()) }),
-        )
-        .route(
-            &format!("/apis/{GROUP}/{VERSION}"),
-            get(|| async { Json(api_resource_list()) }),
-        )
 }

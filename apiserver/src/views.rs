@@ -1,0 +1,602 @@
+//! The views, computed purely from the source objects: IPPools (the one source of truth),
+//! vmnetcfgs and VirtualMachines (who owns an address, and whether it is static) and the
+//! active agent's lease document.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation, STATIC_IP_ANNOTATION_PREFIX};
+use vm_dhcp_core::crd::{IPPool, MARK_EXCLUDED, MARK_RESERVED, VirtualMachineNetworkConfig};
+use vm_dhcp_core::kubevirt::VirtualMachine;
+use vm_dhcp_core::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
+
+use crate::resources::Resource;
+
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+/// Label keys set on view objects (label values cannot hold `/` or `:`, so the network is
+/// split and the MAC written with dashes; the exact values are in the fields).
+pub const LABEL_POOL: &str = "dhcp.harvesterhci.io/pool";
+pub const LABEL_NETWORK: &str = "dhcp.harvesterhci.io/network";
+pub const LABEL_NETWORK_NAMESPACE: &str = "dhcp.harvesterhci.io/network-namespace";
+pub const LABEL_MAC: &str = "dhcp.harvesterhci.io/mac";
+pub const LABEL_STATE: &str = "dhcp.harvesterhci.io/state";
+
+/// Agent pods as the controller labels them (the upstream contract).
+pub const AGENT_LABEL: &str = "network.harvesterhci.io/vm-dhcp-controller";
+pub const AGENT_LABEL_VALUE: &str = "agent";
+pub const AGENT_POOL_NAMESPACE_LABEL: &str = "network.harvesterhci.io/ippool-namespace";
+pub const AGENT_POOL_NAME_LABEL: &str = "network.harvesterhci.io/ippool-name";
+
+/// One object of a view. The fields are the top-level fields besides `apiVersion`, `kind`
+/// and `metadata` (views have no desired state, so no spec/status split, like
+/// metrics.k8s.io).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewObject {
+    pub resource: Resource,
+    pub namespace: String,
+    pub name: String,
+    /// Numeric, derived from the sources' resourceVersions (see `Engine`).
+    pub resource_version: u64,
+    pub labels: BTreeMap<String, String>,
+    pub fields: Map<String, Value>,
+}
+
+impl ViewObject {
+    pub fn key(&self) -> Key {
+        (self.namespace.clone(), self.name.clone())
+    }
+
+    /// Equal apart from the resourceVersion.
+    pub fn same_content(&self, other: &ViewObject) -> bool {
+        self.labels == other.labels && self.fields == other.fields && self.name == other.name
+    }
+
+    pub fn metadata(&self, rv: Option<u64>) -> Value {
+        let mut meta = json!({
+            "name": self.name,
+            "namespace": self.namespace,
+            "resourceVersion": rv.unwrap_or(self.resource_version).to_string(),
+        });
+        if !self.labels.is_empty() {
+            meta["labels"] = json!(self.labels);
+        }
+        meta
+    }
+
+    /// The object as the API serves it; `rv` overrides the resourceVersion (watch events
+    /// carry the stream's version).
+    pub fn to_json(&self, rv: Option<u64>) -> Value {
+        let mut obj = Map::with_capacity(self.fields.len() + 3);
+        obj.insert("apiVersion".into(), crate::group_version().into());
+        obj.insert("kind".into(), self.resource.def().kind.into());
+        obj.insert("metadata".into(), self.metadata(rv));
+        for (k, v) in &self.fields {
+            obj.insert(k.clone(), v.clone());
+        }
+        Value::Object(obj)
+    }
+
+    /// A field-selector field's value: `metadata.name`, `metadata.namespace`, or a top-level
+    /// string field (also under `spec.`/`status.` for clients that assume that layout).
+    pub fn field(&self, path: &str) -> Option<String> {
+        match path {
+            "metadata.name" => Some(self.name.clone()),
+            "metadata.namespace" => Some(self.namespace.clone()),
+            _ => {
+                let name = path
+                    .strip_prefix("spec.")
+                    .or_else(|| path.strip_prefix("status."))
+                    .unwrap_or(path);
+                match self.fields.get(name) {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Null) | None => Some(String::new()),
+                    Some(other) => Some(other.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// The active agent's `/api/v1/leases` document.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentLeases {
+    #[serde(default)]
+    pub agent: Option<String>,
+    #[serde(default)]
+    pub active: bool,
+    #[serde(default, rename = "serverIP")]
+    pub server_ip: Option<String>,
+    #[serde(default)]
+    pub items: Vec<AgentLease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentLease {
+    pub address: String,
+    pub mac: String,
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub lease_start: Option<String>,
+    #[serde(default)]
+    pub expiry: Option<String>,
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    #[serde(default)]
+    pub declines: u64,
+}
+
+/// What the views are computed from.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    pub pools: BTreeMap<Key, Arc<IPPool>>,
+    pub vmnetcfgs: BTreeMap<Key, Arc<VirtualMachineNetworkConfig>>,
+    pub vms: BTreeMap<Key, Arc<VirtualMachine>>,
+    /// Agent pods (labelled `network.harvesterhci.io/vm-dhcp-controller=agent`).
+    pub agents: BTreeMap<Key, Arc<Pod>>,
+    /// Pool → what its active agent serves, with the agent pod's name.
+    pub leases: BTreeMap<Key, Arc<AgentLeases>>,
+}
+
+pub fn rv_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The pool's network as `<namespace>/<name>`.
+pub fn pool_network(pool: &IPPool) -> String {
+    vm_dhcp_core::admission::network_key(&pool.spec.network_name)
+}
+
+/// Who holds a MAC on a network.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Holder {
+    pub vmnetcfg: Option<(Key, u64)>,
+    pub vm: Option<VmNic>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmNic {
+    pub vm: Key,
+    pub rv: u64,
+    pub interface: String,
+    /// The address the `static-ip.harvesterhci.io/<nic>` annotation asks for.
+    pub static_ip: Option<Ipv4Addr>,
+}
+
+/// `(network, MAC)` → holder, for the given networks.
+pub type HolderIndex = BTreeMap<(String, MacAddr), Holder>;
+
+/// The VM's NICs on networks: (network, MAC, interface). MACs come from the spec, Harvester's
+/// MAC annotation, or what the webhook recorded in the allocations annotation.
+pub fn vm_nics(vm: &VirtualMachine) -> Vec<(String, MacAddr, String)> {
+    let annotations = vm.metadata.annotations.clone().unwrap_or_default();
+    let observed = annotations
+        .get(MAC_ANNOTATION)
+        .and_then(|a| parse_mac_annotation(a).ok());
+    let mut out = Vec::new();
+    if let Some(spec) = vm.spec.template.as_ref().and_then(|t| t.spec.as_ref()) {
+        let networks: BTreeMap<&str, &str> = spec
+            .networks
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), n.multus.as_ref()?.network_name.as_str())))
+            .collect();
+        for nic in spec
+            .domain
+            .as_ref()
+            .and_then(|d| d.devices.as_ref())
+            .map(|d| d.interfaces.as_slice())
+            .unwrap_or_default()
+        {
+            if nic.state.as_deref() == Some("absent") {
+                continue;
+            }
+            let Some(network) = networks.get(nic.name.as_str()) else {
+                continue;
+            };
+            if let Ok(Some(mac)) = nic_mac(nic.mac_address.as_deref(), observed.as_ref(), &nic.name)
+            {
+                out.push((
+                    vm_dhcp_core::admission::network_key(network),
+                    mac,
+                    nic.name.clone(),
+                ));
+            }
+        }
+    }
+    if let Some(recorded) = annotations
+        .get(ALLOCATIONS_ANNOTATION)
+        .and_then(|a| serde_json::from_str::<Vec<NicAllocation>>(a).ok())
+    {
+        for a in recorded {
+            let Ok(mac) = a.mac_address.parse::<MacAddr>() else {
+                continue;
+            };
+            let network = vm_dhcp_core::admission::network_key(&a.network);
+            if !out.iter().any(|(n, m, _)| *n == network && *m == mac) {
+                out.push((network, mac, a.interface));
+            }
+        }
+    }
+    out
+}
+
+/// The networks a vmnetcfg or VM has NICs on (to know which pools a change touches).
+pub fn vmnetcfg_networks(cfg: &VirtualMachineNetworkConfig) -> BTreeSet<String> {
+    cfg.spec
+        .network_configs
+        .iter()
+        .flatten()
+        .map(|c| vm_dhcp_core::admission::network_key(&c.network_name))
+        .collect()
+}
+
+pub fn vm_networks(vm: &VirtualMachine) -> BTreeSet<String> {
+    vm_nics(vm).into_iter().map(|(n, _, _)| n).collect()
+}
+
+/// Builds the holder index for `networks` from every vmnetcfg and VM.
+pub fn holder_index(sources: &Sources, networks: &BTreeSet<String>) -> HolderIndex {
+    let mut index = HolderIndex::new();
+    for (key, cfg) in &sources.vmnetcfgs {
+        for entry in cfg.spec.network_configs.iter().flatten() {
+            let network = vm_dhcp_core::admission::network_key(&entry.network_name);
+            if !networks.contains(&network) {
+                continue;
+            }
+            let Ok(mac) = entry.mac_address.parse::<MacAddr>() else {
+                continue;
+            };
+            index.entry((network, mac)).or_default().vmnetcfg =
+                Some((key.clone(), rv_of(&cfg.metadata)));
+        }
+    }
+    for (key, vm) in &sources.vms {
+        let annotations = vm.metadata.annotations.clone().unwrap_or_default();
+        for (network, mac, interface) in vm_nics(vm) {
+            if !networks.contains(&network) {
+                continue;
+            }
+            let static_ip = annotations
+                .get(&format!("{STATIC_IP_ANNOTATION_PREFIX}{interface}"))
+                .and_then(|s| s.trim().parse().ok());
+            index.entry((network, mac)).or_default().vm = Some(VmNic {
+                vm: key.clone(),
+                rv: rv_of(&vm.metadata),
+                interface,
+                static_ip,
+            });
+        }
+    }
+    index
+}
+
+fn dashed(text: &str) -> String {
+    text.replace([':', '.'], "-")
+}
+
+/// A label value only when it is a valid one (at most 63 characters).
+fn label(labels: &mut BTreeMap<String, String>, key: &str, value: &str) {
+    if !value.is_empty()
+        && value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
+        labels.insert(key.to_string(), value.to_string());
+    }
+}
+
+fn common_labels(pool: &str, network: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    label(&mut labels, LABEL_POOL, pool);
+    if let Some((ns, name)) = network.split_once('/') {
+        label(&mut labels, LABEL_NETWORK_NAMESPACE, ns);
+        label(&mut labels, LABEL_NETWORK, name);
+    }
+    labels
+}
+
+/// `allocated`, `static`, `reserved` or `excluded`.
+pub const STATES: [&str; 4] = ["allocated", "static", "reserved", "excluded"];
+
+/// The `ipamallocations` and `macaddresses` objects of one pool.
+pub fn pool_views(pool: &IPPool, holders: &HolderIndex) -> (Vec<ViewObject>, Vec<ViewObject>) {
+    let (namespace, pool_name) = key_of(&pool.metadata);
+    let pool_rv = rv_of(&pool.metadata);
+    let network = pool_network(pool);
+    let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
+    let empty = BTreeMap::new();
+    let allocated = ipv4.and_then(|s| s.allocated.as_ref()).unwrap_or(&empty);
+    let owners = ipv4.and_then(|s| s.owners.as_ref()).unwrap_or(&empty);
+    let mut allocations = Vec::with_capacity(allocated.len());
+    let mut macs = Vec::new();
+    for (address, value) in allocated {
+        let Ok(ip) = address.parse::<Ipv4Addr>() else {
+            continue; // the webhook never writes one; a hand-edited status is skipped
+        };
+        let mut labels = common_labels(&pool_name, &network);
+        let mut rv = pool_rv;
+        let mut fields = Map::new();
+        fields.insert("pool".into(), pool_name.clone().into());
+        fields.insert("network".into(), network.clone().into());
+        fields.insert("address".into(), ip.to_string().into());
+        let state = match value.as_str() {
+            MARK_EXCLUDED => "excluded",
+            MARK_RESERVED => "reserved",
+            mac_text => {
+                let Ok(mac) = mac_text.parse::<MacAddr>() else {
+                    continue;
+                };
+                let holder = holders
+                    .get(&(network.clone(), mac))
+                    .cloned()
+                    .unwrap_or_default();
+                let vm = holder.vm.as_ref();
+                let owner = owners
+                    .get(address)
+                    .cloned()
+                    .or_else(|| vm.map(|v| format!("{}/{}", v.vm.0, v.vm.1)))
+                    .or_else(|| {
+                        holder
+                            .vmnetcfg
+                            .as_ref()
+                            .map(|((ns, name), _)| format!("{ns}/{name}"))
+                    });
+                let is_static = vm.is_some_and(|v| v.static_ip == Some(ip));
+                if let Some((_, cfg_rv)) = &holder.vmnetcfg {
+                    rv = rv.max(*cfg_rv);
+                }
+                if let Some(v) = vm {
+                    rv = rv.max(v.rv);
+                }
+                fields.insert("mac".into(), mac.to_string().into());
+                fields.insert(
+                    "owner".into(),
+                    owner.clone().map_or(Value::Null, Value::from),
+                );
+                fields.insert(
+                    "vmNetworkConfig".into(),
+                    holder
+                        .vmnetcfg
+                        .as_ref()
+                        .map_or(Value::Null, |((ns, name), _)| format!("{ns}/{name}").into()),
+                );
+                fields.insert(
+                    "interface".into(),
+                    vm.map_or(Value::Null, |v| v.interface.clone().into()),
+                );
+                label(&mut labels, LABEL_MAC, &dashed(&mac.to_string()));
+                let mut mac_labels = common_labels(&pool_name, &network);
+                label(&mut mac_labels, LABEL_MAC, &dashed(&mac.to_string()));
+                let mut mac_fields = Map::new();
+                mac_fields.insert("mac".into(), mac.to_string().into());
+                mac_fields.insert("network".into(), network.clone().into());
+                mac_fields.insert("pool".into(), pool_name.clone().into());
+                mac_fields.insert("address".into(), ip.to_string().into());
+                mac_fields.insert("owner".into(), owner.map_or(Value::Null, Value::from));
+                mac_fields.insert(
+                    "interface".into(),
+                    vm.map_or(Value::Null, |v| v.interface.clone().into()),
+                );
+                macs.push(ViewObject {
+                    resource: Resource::MacAddresses,
+                    namespace: namespace.clone(),
+                    name: format!("{pool_name}.{}", dashed(&mac.to_string())),
+                    resource_version: rv,
+                    labels: mac_labels,
+                    fields: mac_fields,
+                });
+                if is_static { "static" } else { "allocated" }
+            }
+        };
+        fields.insert("state".into(), state.into());
+        label(&mut labels, LABEL_STATE, state);
+        // The field order of the served object: keep it stable and readable.
+        let order = [
+            "pool",
+            "network",
+            "address",
+            "mac",
+            "state",
+            "owner",
+            "vmNetworkConfig",
+            "interface",
+        ];
+        let mut ordered = Map::new();
+        for k in order {
+            if let Some(v) = fields.remove(k) {
+                ordered.insert(k.into(), v);
+            }
+        }
+        allocations.push(ViewObject {
+            resource: Resource::IpamAllocations,
+            namespace: namespace.clone(),
+            name: format!("{pool_name}.{}", dashed(&ip.to_string())),
+            resource_version: rv,
+            labels,
+            fields: ordered,
+        });
+    }
+    (allocations, macs)
+}
+
+/// The `dhcpleases` objects of one pool. The resourceVersion is left at 0: the engine sets
+/// the lease stream's version (leases have no etcd revision of their own).
+pub fn lease_views(pool: &IPPool, leases: &AgentLeases) -> Vec<ViewObject> {
+    let (namespace, pool_name) = key_of(&pool.metadata);
+    let network = pool_network(pool);
+    leases
+        .items
+        .iter()
+        .filter_map(|l| {
+            let ip = l.address.parse::<Ipv4Addr>().ok()?;
+            let mac = l.mac.parse::<MacAddr>().ok()?;
+            let mut labels = common_labels(&pool_name, &network);
+            label(&mut labels, LABEL_MAC, &dashed(&mac.to_string()));
+            let state = l.state.clone().unwrap_or_default();
+            label(&mut labels, LABEL_STATE, &state);
+            let opt = |v: &Option<String>| v.clone().map_or(Value::Null, Value::from);
+            let mut fields = Map::new();
+            fields.insert("pool".into(), pool_name.clone().into());
+            fields.insert("network".into(), network.clone().into());
+            fields.insert("address".into(), ip.to_string().into());
+            fields.insert("mac".into(), mac.to_string().into());
+            fields.insert("state".into(), state.into());
+            fields.insert("leaseStart".into(), opt(&l.lease_start));
+            fields.insert("expiry".into(), opt(&l.expiry));
+            fields.insert("lastSeen".into(), opt(&l.last_seen));
+            fields.insert("declines".into(), l.declines.into());
+            fields.insert("agent".into(), opt(&leases.agent));
+            fields.insert("serverIP".into(), opt(&leases.server_ip));
+            Some(ViewObject {
+                resource: Resource::DhcpLeases,
+                namespace: namespace.clone(),
+                name: format!("{pool_name}.{}", dashed(&ip.to_string())),
+                resource_version: 0,
+                labels,
+                fields,
+            })
+        })
+        .collect()
+}
+
+/// The agent pods of a pool to ask for leases, best first: the one the pool's status names,
+/// then the others labelled for the pool. Only running pods with an IP.
+pub fn agent_candidates(sources: &Sources, pool_key: &Key) -> Vec<(Key, String)> {
+    let Some(pool) = sources.pools.get(pool_key) else {
+        return Vec::new();
+    };
+    let named = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.agent_pod_ref.as_ref())
+        .and_then(|r| Some((r.namespace.clone()?, r.name.clone()?)));
+    let mut out: Vec<(Key, String)> = Vec::new();
+    let ip_of = |pod: &Pod| {
+        pod.status
+            .as_ref()
+            .filter(|s| s.phase.as_deref() == Some("Running"))
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|ip| !ip.is_empty())
+    };
+    if let Some(key) = named
+        && let Some(ip) = sources.agents.get(&key).and_then(|p| ip_of(p))
+    {
+        out.push((key, ip));
+    }
+    for (key, pod) in &sources.agents {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let for_pool = labels.get(AGENT_POOL_NAMESPACE_LABEL) == Some(&pool_key.0)
+            && labels.get(AGENT_POOL_NAME_LABEL) == Some(&pool_key.1);
+        if for_pool
+            && pod.metadata.deletion_timestamp.is_none()
+            && !out.iter().any(|(k, _)| k == key)
+            && let Some(ip) = ip_of(pod)
+        {
+            out.push((key.clone(), ip));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> IPPool {
+        serde_json::from_value(json!({
+            "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": "net-48", "namespace": "default", "resourceVersion": "100"},
+            "spec": {"networkName": "default/net-48", "ipv4Config": {"cidr": "192.168.48.0/24",
+                "serverIP": "192.168.48.2", "pool": {"start": "192.168.48.10", "end": "192.168.48.20"}}},
+            "status": {"ipv4": {"used": 3, "available": 8,
+                "allocated": {"192.168.48.10": "52:54:00:00:00:01", "192.168.48.11": "52:54:00:00:00:02",
+                              "192.168.48.12": "EXCLUDED", "192.168.48.13": "RESERVED"},
+                "owners": {"192.168.48.10": "default/vm1"}}}
+        }))
+        .expect("pool")
+    }
+
+    fn vm() -> VirtualMachine {
+        serde_json::from_value(json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": "vm2", "namespace": "default", "resourceVersion": "120",
+                "annotations": {"static-ip.harvesterhci.io/nic-1": "192.168.48.11"}},
+            "spec": {"template": {"spec": {"domain": {"devices": {"interfaces": [
+                {"name": "nic-1", "macAddress": "52:54:00:00:00:02"}]}},
+                "networks": [{"name": "nic-1", "multus": {"networkName": "default/net-48"}}]}}}
+        }))
+        .expect("vm")
+    }
+
+    #[test]
+    fn one_object_per_taken_address_with_state_and_owner() {
+        let mut sources = Sources::default();
+        sources
+            .vms
+            .insert(("default".into(), "vm2".into()), Arc::new(vm()));
+        let index = holder_index(&sources, &BTreeSet::from(["default/net-48".to_string()]));
+        let (allocs, macs) = pool_views(&pool(), &index);
+        let by_name: BTreeMap<&str, &ViewObject> =
+            allocs.iter().map(|o| (o.name.as_str(), o)).collect();
+        assert_eq!(allocs.len(), 4);
+        assert_eq!(macs.len(), 2);
+        let a = by_name["net-48.192-168-48-10"];
+        assert_eq!(a.fields["state"], "allocated");
+        assert_eq!(a.fields["owner"], "default/vm1");
+        assert_eq!(a.resource_version, 100);
+        let s = by_name["net-48.192-168-48-11"];
+        assert_eq!(s.fields["state"], "static");
+        assert_eq!(s.fields["owner"], "default/vm2", "owner from the VM");
+        assert_eq!(s.fields["interface"], "nic-1");
+        assert_eq!(s.resource_version, 120, "max of pool and VM versions");
+        assert_eq!(by_name["net-48.192-168-48-12"].fields["state"], "excluded");
+        assert_eq!(by_name["net-48.192-168-48-13"].fields["state"], "reserved");
+        assert_eq!(s.labels[LABEL_MAC], "52-54-00-00-00-02");
+        assert_eq!(s.labels[LABEL_NETWORK], "net-48");
+        assert_eq!(s.labels[LABEL_STATE], "static");
+        assert_eq!(macs[1].name, "net-48.52-54-00-00-00-02");
+        assert_eq!(macs[1].fields["address"], "192.168.48.11");
+    }
+
+    #[test]
+    fn leases_need_parseable_addresses() {
+        let doc: AgentLeases = serde_json::from_value(json!({
+            "pool": "default/net-48", "agent": "a-0", "active": true, "serverIP": "192.168.48.2",
+            "items": [{"address": "192.168.48.10", "mac": "52:54:00:00:00:01", "state": "bound",
+                       "leaseStart": "2026-01-01T00:00:00Z", "expiry": null, "lastSeen": null, "declines": 0},
+                      {"address": "bogus", "mac": "52:54:00:00:00:01"}]
+        }))
+        .expect("agent doc");
+        let leases = lease_views(&pool(), &doc);
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].fields["agent"], "a-0");
+        assert_eq!(leases[0].fields["state"], "bound");
+    }
+}
