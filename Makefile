@@ -62,6 +62,12 @@ demo-agent:
 	$(CARGO) build --locked --bin vm-dhcp
 	scripts/demo-agent.sh "$(CARGO_TARGET_DIR)/debug/vm-dhcp"
 
+## bench-dhcp: perfdhcp against the agent and Kea 2.2, same namespaces and pinning (root; not in CI).
+.PHONY: bench-dhcp
+bench-dhcp:
+	$(CARGO) build --release --locked --bin vm-dhcp
+	scripts/bench-dhcp.sh "$(CARGO_TARGET_DIR)/release/vm-dhcp"
+
 run-controller:
 	$(CARGO) run --locked --bin vm-dhcp -- controller $(ARGS)
 
