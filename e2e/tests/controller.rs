@@ -64,7 +64,6 @@ impl Controller {
             &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
             &format!("--namespace={ns}"),
             &format!("--watch-namespace={ns}"),
-            &format!("--image={AGENT_IMAGE}"),
             &format!("--service-account-name={AGENT_SA}"),
             &format!("--leader-election-namespace={ns}"),
             "--lost-node-grace-seconds=3",
@@ -76,6 +75,9 @@ impl Controller {
             &format!("--http-addr=127.0.0.1:{port}"),
         ]);
         cmd.args(extra);
+        if !extra.iter().any(|a| a.starts_with("--image=")) {
+            cmd.arg(format!("--image={AGENT_IMAGE}"));
+        }
         cmd.env("RUST_LOG", "info,kube=warn");
         let run = run_dir().expect("run dir");
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -913,4 +915,95 @@ async fn takeover_from_the_go_version_keeps_every_allocation() {
         Some("10.80.0.10"),
         "the controller carries the held address into the entry"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_roll_keeps_an_agent_and_an_opted_in_nad_gets_its_pool() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-roll", &[("a", true, false), ("b", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &w.ns.name, &["--agents-per-pool=1"]);
+    w.pool("10.81.0.0/24", "10.81.0.10", "10.81.0.19").await;
+    w.wait_pool("ready", all_true).await;
+    let old: BTreeSet<String> = w.agents().await.into_keys().collect();
+
+    // A new agent image: the new agent comes first, the old one goes once it is Ready.
+    drop(ctl);
+    let v2 = AGENT_IMAGE.replace(":test", ":v2");
+    let _ctl = Controller::start(
+        cp,
+        &w.ns.name,
+        &["--agents-per-pool=1", &format!("--image={v2}")],
+    );
+    let pool = w
+        .wait_pool("active on the new image", |p| {
+            all_true(p)
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.agent_pod_ref.as_ref())
+                    .is_some_and(|r| {
+                        r.image.as_deref() == Some(v2.as_str())
+                            && r.name.as_ref().is_some_and(|n| !old.contains(n))
+                    })
+        })
+        .await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now: BTreeSet<String> = w.agents().await.into_keys().collect();
+        if now.len() == 1 && now.is_disjoint(&old) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old agent never removed: {now:?} (old {old:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(pool.status.is_some());
+
+    // A NAD with the opt-in annotation gets its IPPool; deleting the NAD deletes it.
+    let nad: NetworkAttachmentDefinition = serde_json::from_value(json!({
+        "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": "net-2", "namespace": w.ns.name,
+                     "labels": {"network.harvesterhci.io/clusternetwork": w.cn},
+                     "annotations": {"dhcp.harvesterhci.io/ippool":
+                        r#"{"cidr":"10.82.0.0/24","pool":{"start":"10.82.0.10","end":"10.82.0.20"}}"#}},
+        "spec": {"config": "{}"}
+    }))
+    .expect("nad");
+    let nads = w.ns.api::<NetworkAttachmentDefinition>();
+    nads.create(&PostParams::default(), &nad)
+        .await
+        .expect("nad");
+    let deadline = Instant::now() + DEADLINE;
+    let auto = loop {
+        if let Some(p) = w.pools().get_opt("net-2").await.expect("pool") {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no IPPool created for the opted-in NAD"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(auto.spec.network_name, format!("{}/net-2", w.ns.name));
+    assert_eq!(
+        auto.labels()
+            .get("dhcp.harvesterhci.io/created-from-nad")
+            .map(String::as_str),
+        Some("true")
+    );
+    nads.delete("net-2", &DeleteParams::default())
+        .await
+        .expect("delete nad");
+    let deadline = Instant::now() + DEADLINE;
+    while w.pools().get_opt("net-2").await.expect("pool").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the NAD's IPPool was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
