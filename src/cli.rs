@@ -26,6 +26,9 @@ pub enum Command {
     Webhook(crate::webhook::WebhookArgs),
     /// Reconcile pools, agents and vmnetcfgs; release addresses; sweep leaks (leader-elected).
     Controller(crate::controller::ControllerArgs),
+    /// Serve the aggregated API dhcp.harvesterhci.io/v1alpha1 (ipamallocations, macaddresses,
+    /// dhcpleases) over HTTPS.
+    Apiserver(crate::apiserver::ApiserverArgs),
 }
 
 #[derive(Args, Debug)]

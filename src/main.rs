@@ -1,6 +1,7 @@
 //! `vm-dhcp`: one binary, one subcommand per component.
 
 mod agent;
+mod apiserver;
 mod cli;
 mod controller;
 mod logging;
@@ -17,6 +18,7 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Agent(args) => agent::run(args),
         cli::Command::Webhook(args) => webhook::run(args),
         cli::Command::Controller(args) => controller::run(args),
+        cli::Command::Apiserver(args) => apiserver::run(args),
     }
 }
 

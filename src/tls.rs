@@ -139,3 +139,81 @@ pub async fn serve(
         });
     }
 }
+
+/// The client certificate chain a connection presented and rustls verified, put into the
+/// extensions of each of its requests by [`serve_dynamic`]. Absent: no certificate.
+#[derive(Clone, Debug)]
+pub struct PeerCertificates(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
+
+/// A server config that asks for a client certificate and verifies it against `client_ca_pem`
+/// when one is presented; connections without one are still accepted (probes, and the
+/// handler answers 401 to anything else). A certificate that does not verify fails the
+/// handshake.
+pub fn server_config_with_client_ca(
+    cert: Arc<ReloadingCert>,
+    client_ca_pem: &[u8],
+) -> Result<rustls::ServerConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls_pemfile::certs(&mut &client_ca_pem[..]) {
+        let ca = ca.context("the client CA bundle is not valid PEM")?;
+        roots
+            .add(ca)
+            .map_err(|e| anyhow!("a client CA certificate cannot be used: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(anyhow!("the client CA bundle holds no certificate"));
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| anyhow!("building the client certificate verifier: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Like [`serve`], but each new connection uses the latest config of `configs` (a client CA
+/// that rotates), and requests carry the verified [`PeerCertificates`] of their connection.
+pub async fn serve_dynamic(
+    listener: TcpListener,
+    configs: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => return,
+        };
+        let Ok((tcp, peer)) = accepted else {
+            continue;
+        };
+        let acceptor = TlsAcceptor::from(configs.borrow().clone());
+        let router = router.clone();
+        tokio::spawn(async move {
+            match acceptor.accept(tcp).await {
+                Ok(tls) => {
+                    let router = match tls.get_ref().1.peer_certificates() {
+                        Some(chain) if !chain.is_empty() => {
+                            let chain = PeerCertificates(Arc::new(
+                                chain.iter().map(|c| c.clone().into_owned()).collect(),
+                            ));
+                            router.layer(axum::Extension(chain))
+                        }
+                        _ => router,
+                    };
+                    let service = TowerToHyperService::new(router);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                }
+                Err(e) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+            }
+        });
+    }
+}

@@ -28,10 +28,10 @@ pub const LABEL_MAC: &str = "dhcp.harvesterhci.io/mac";
 pub const LABEL_STATE: &str = "dhcp.harvesterhci.io/state";
 
 /// Agent pods as the controller labels them (the upstream contract).
-pub const AGENT_LABEL: &str = "network.harvesterhci.io/vm-dhcp-controller";
-pub const AGENT_LABEL_VALUE: &str = "agent";
-pub const AGENT_POOL_NAMESPACE_LABEL: &str = "network.harvesterhci.io/ippool-namespace";
-pub const AGENT_POOL_NAME_LABEL: &str = "network.harvesterhci.io/ippool-name";
+pub use vm_dhcp_core::controller::{
+    AGENT_LABEL, AGENT_LABEL_VALUE, POOL_NAME_LABEL as AGENT_POOL_NAME_LABEL,
+    POOL_NAMESPACE_LABEL as AGENT_POOL_NAMESPACE_LABEL,
+};
 
 /// One object of a view. The fields are the top-level fields besides `apiVersion`, `kind`
 /// and `metadata` (views have no desired state, so no spec/status split, like
@@ -76,7 +76,8 @@ impl ViewObject {
         obj.insert("apiVersion".into(), crate::group_version().into());
         obj.insert("kind".into(), self.resource.def().kind.into());
         obj.insert("metadata".into(), self.metadata(rv));
-        for (k, v) in &self.fields {
+        // Absent, not null, as Kubernetes serializes empty optional fields.
+        for (k, v) in self.fields.iter().filter(|(_, v)| !v.is_null()) {
             obj.insert(k.clone(), v.clone());
         }
         Value::Object(obj)
