@@ -133,4 +133,8 @@ async fn main() {
         .map(|r| r.webhook.metrics.conflicts())
         .collect();
     println!("jobs committed per replica {committed:?}, write conflicts re-decided {conflicts:?}");
+    for (i, r) in replicas.iter().enumerate() {
+        let (batches, mean) = r.webhook.metrics.batch_summary();
+        println!("replica {i}: {batches} batches, mean {:.2} ms per batch (decide + write)", ms(mean));
+    }
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     batch_size: Histogram,
     conflicts: Counter,
     allocations: Counter,
+    batches: Counter,
+    batch_micros: Counter,
 }
 
 impl Metrics {
@@ -35,6 +37,8 @@ impl Metrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             conflicts: Counter::default(),
             allocations: Counter::default(),
+            batches: Counter::default(),
+            batch_micros: Counter::default(),
         };
         let reg = registry.sub_registry_with_prefix("vmdhcp_webhook");
         reg.register(
@@ -81,11 +85,20 @@ impl Metrics {
 
     pub fn observe_commit(&self, took: Duration, jobs: usize) {
         self.commit_seconds.observe(took.as_secs_f64());
+        self.batches.inc();
+        self.batch_micros.inc_by(took.as_micros() as u64);
         self.batch_size.observe(jobs as f64);
     }
 
     pub fn conflict(&self) {
         self.conflicts.inc();
+    }
+
+    /// (batches committed, mean time per batch): for benchmark reports.
+    pub fn batch_summary(&self) -> (u64, Duration) {
+        let n = self.batches.get();
+        let total = Duration::from_micros(self.batch_micros.get());
+        (n, if n == 0 { Duration::ZERO } else { total / n as u32 })
     }
 
     pub fn conflicts(&self) -> u64 {

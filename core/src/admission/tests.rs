@@ -189,7 +189,7 @@ fn range_too_large_for_one_etcd_object_is_refused() {
         "pool": {"start": "10.0.0.2", "end": "10.0.255.254"}}});
     let err = validate_ippool(&pool(spec), None, &PoolContext::default()).expect_err("too big");
     assert!(
-        err.contains("spans 65533 addresses; one IPPool holds at most 16384"),
+        err.contains("spans 65533 addresses; one IPPool holds at most 10000"),
         "{err}"
     );
     assert!(err.contains("etcd"), "{err}");
