@@ -145,7 +145,8 @@ def sweep(args):
               f"CPU {fmt(s['cpu_us_per_dora'], '.1f')} µs/DORA", flush=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-        if s["drop_pct"] is not None and s["drop_pct"] > args.stop_drop:
+        # Past the knee, but never before 10,000/s: CPU per DORA is compared there.
+        if rate >= 10000 and s["drop_pct"] is not None and s["drop_pct"] > args.stop_drop:
             break
 
 
