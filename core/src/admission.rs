@@ -378,28 +378,8 @@ pub fn plan_vm(
         .map(|a| parse_mac_annotation(a))
         .transpose()
         .map_err(|e| e.to_string())?;
-    let Some(spec) = vm.spec.template.as_ref().and_then(|t| t.spec.as_ref()) else {
-        return Ok(Vec::new());
-    };
-    let networks: BTreeMap<&str, &str> = spec
-        .networks
-        .iter()
-        .filter_map(|n| Some((n.name.as_str(), n.multus.as_ref()?.network_name.as_str())))
-        .collect();
-    let interfaces = spec
-        .domain
-        .as_ref()
-        .and_then(|d| d.devices.as_ref())
-        .map(|d| d.interfaces.as_slice())
-        .unwrap_or_default();
     let mut plans = Vec::new();
-    for (i, nic) in interfaces.iter().enumerate() {
-        if nic.state.as_deref() == Some("absent") {
-            continue;
-        }
-        let Some(network) = networks.get(nic.name.as_str()).map(|n| network_key(n)) else {
-            continue;
-        };
+    for (i, nic, network) in vm.multus_nics() {
         if !managed(&network) {
             continue;
         }

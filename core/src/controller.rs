@@ -370,7 +370,6 @@ pub struct VmNic {
 /// The Multus NICs of a VM in spec order, absent ones left out. The MAC is the spec's, else
 /// Harvester's annotation, else the webhook's record; unreadable MACs count as unknown.
 pub fn vm_nics(vm: &VirtualMachine) -> Vec<VmNic> {
-    let ns = vm.metadata.namespace.as_deref().unwrap_or_default();
     let annotations = vm.metadata.annotations.as_ref();
     let observed = annotations
         .and_then(|a| a.get(MAC_ANNOTATION))
@@ -379,33 +378,8 @@ pub fn vm_nics(vm: &VirtualMachine) -> Vec<VmNic> {
         .and_then(|a| a.get(ALLOCATIONS_ANNOTATION))
         .and_then(|a| serde_json::from_str(a).ok())
         .unwrap_or_default();
-    let Some(spec) = vm.spec.template.as_ref().and_then(|t| t.spec.as_ref()) else {
-        return Vec::new();
-    };
-    let networks: BTreeMap<&str, &str> = spec
-        .networks
-        .iter()
-        .filter_map(|n| Some((n.name.as_str(), n.multus.as_ref()?.network_name.as_str())))
-        .collect();
-    let interfaces = spec
-        .domain
-        .as_ref()
-        .and_then(|d| d.devices.as_ref())
-        .map(|d| d.interfaces.as_slice())
-        .unwrap_or_default();
     let mut out = Vec::new();
-    for nic in interfaces {
-        if nic.state.as_deref() == Some("absent") {
-            continue;
-        }
-        let Some(raw) = networks.get(nic.name.as_str()) else {
-            continue;
-        };
-        let network = if raw.contains('/') {
-            network_key(raw)
-        } else {
-            format!("{ns}/{}", raw.trim())
-        };
+    for (_, nic, network) in vm.multus_nics() {
         let record = records
             .iter()
             .find(|r| r.interface == nic.name && network_key(&r.network) == network);

@@ -83,6 +83,38 @@ pub struct MultusNetwork {
     pub network_name: String,
 }
 
+impl VirtualMachine {
+    /// The NICs on Multus networks in spec order, hot-unplugged (`state: absent`) ones left
+    /// out: (index in the interface list, interface, network as `<namespace>/<name>`). A bare
+    /// network name is a NAD in the VM's own namespace, as Multus reads it.
+    pub fn multus_nics(&self) -> Vec<(usize, &Interface, String)> {
+        let ns = self.metadata.namespace.as_deref().unwrap_or_default();
+        let Some(spec) = self.spec.template.as_ref().and_then(|t| t.spec.as_ref()) else {
+            return Vec::new();
+        };
+        let interfaces = spec
+            .domain
+            .as_ref()
+            .and_then(|d| d.devices.as_ref())
+            .map(|d| d.interfaces.as_slice())
+            .unwrap_or_default();
+        interfaces
+            .iter()
+            .enumerate()
+            .filter(|(_, nic)| nic.state.as_deref() != Some("absent"))
+            .filter_map(|(i, nic)| {
+                let net = spec.networks.iter().find(|n| n.name == nic.name)?;
+                let name = net.multus.as_ref()?.network_name.trim();
+                let key = match name.rsplit_once('/') {
+                    Some((nad_ns, nad)) => format!("{nad_ns}/{nad}"),
+                    None => format!("{ns}/{name}"),
+                };
+                Some((i, nic, key))
+            })
+            .collect()
+    }
+}
+
 /// A Multus NetworkAttachmentDefinition (a Harvester "VM network").
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(

@@ -55,6 +55,23 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The `vm-dhcp` binary of this build: the e2e crate does not depend on the binary crate,
+/// so it is found next to the running test binary (`make e2e` builds it first).
+pub fn vm_dhcp_binary() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop();
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    let bin = dir.join("vm-dhcp");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --bin vm-dhcp` first (make e2e does)",
+        bin.display()
+    );
+    bin
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

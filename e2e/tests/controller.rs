@@ -24,21 +24,6 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const AGENT_IMAGE: &str = "registry.local/vm-dhcp-agent:test";
 const AGENT_SA: &str = "vm-dhcp-agent";
 
-fn binary() -> PathBuf {
-    let mut dir = std::env::current_exe().expect("test binary path");
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("vm-dhcp");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build --bin vm-dhcp` first (make e2e does)",
-        bin.display()
-    );
-    bin
-}
-
 /// Skips (with a message) where network namespaces cannot be made.
 fn can_run_pods() -> bool {
     let ok = unsafe { libc::geteuid() } == 0;
@@ -58,7 +43,7 @@ struct Controller {
 impl Controller {
     fn start(cp: &'static ControlPlane, ns: &str, extra: &[&str]) -> Controller {
         let port = vm_dhcp_e2e::free_port().expect("port");
-        let mut cmd = Command::new(binary());
+        let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
         cmd.args([
             "controller",
             &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
@@ -210,7 +195,10 @@ impl World {
                 s
             })
             .collect();
-        let programs = HashMap::from([("vm-dhcp-agent".to_string(), binary())]);
+        let programs = HashMap::from([(
+            "vm-dhcp-agent".to_string(),
+            vm_dhcp_e2e::bins::vm_dhcp_binary(),
+        )]);
         let sim = NodeSim::start(cp, &ns.name, specs, programs)
             .await
             .expect("node simulator");

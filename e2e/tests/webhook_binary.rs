@@ -3,7 +3,6 @@
 //! apiserver reaches it through a Service (ExternalName → localhost here) and allocates.
 //! A test binary of its own: the configurations it registers are cluster-wide.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,22 +12,6 @@ use kube::api::{Api, DeleteParams, PostParams};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_e2e::ControlPlane;
 use vm_dhcp_e2e::proc::{Process, run_dir};
-
-fn binary() -> PathBuf {
-    // The e2e crate does not depend on the binary crate: find it next to our own test binary.
-    let mut dir = std::env::current_exe().expect("test binary path");
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("vm-dhcp");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build` first (make e2e does)",
-        bin.display()
-    );
-    bin
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_managed_webhook_registers_itself_and_allocates() {
@@ -45,7 +28,7 @@ async fn self_managed_webhook_registers_itself_and_allocates() {
         .create(&PostParams::default(), &svc)
         .await
         .expect("service");
-    let mut cmd = Command::new(binary());
+    let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
     cmd.args([
         "webhook",
         &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
@@ -211,7 +194,7 @@ async fn certificate_files_are_reloaded_when_they_change_and_metrics_are_served(
     };
     let first = write_pair("first");
     let port = vm_dhcp_e2e::free_port().expect("port");
-    let mut cmd = Command::new(binary());
+    let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
     cmd.args([
         "webhook",
         &format!("--kubeconfig={}", cp.kubeconfig_path.display()),

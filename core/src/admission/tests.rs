@@ -327,7 +327,8 @@ fn vm_plans_take_spec_then_annotation_then_generate() {
                {"name": "nic-4", "multus": {"networkName": "default/net-48"}},
                {"name": "nic-5", "multus": {"networkName": "default/other"}}]),
     );
-    let plans = plan_vm(&v, |n| n == "default/net-48").expect("plans");
+    // A bare network name is a NAD in the VM's namespace (Multus semantics).
+    let plans = plan_vm(&v, |n| n == "default/net-48" || n == "ns/net-48").expect("plans");
     let names: Vec<&str> = plans.iter().map(|p| p.interface.as_str()).collect();
     assert_eq!(names, ["nic-1", "nic-2", "nic-3"]);
     assert_eq!(
@@ -348,7 +349,7 @@ fn vm_plans_take_spec_then_annotation_then_generate() {
         plans[2].request.want,
         Some("192.168.48.88".parse().expect("ip"))
     );
-    assert_eq!(plans[2].network, "default/net-48");
+    assert_eq!(plans[2].network, "ns/net-48");
     assert!(plans.iter().all(|p| p.request.owner == "ns/vm1"));
 }
 
