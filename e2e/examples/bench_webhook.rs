@@ -10,7 +10,7 @@ use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use vm_dhcp_core::crd::IPPool;
 use vm_dhcp_core::kubevirt::VirtualMachine;
-use vm_dhcp_e2e::webhooks::webhooks;
+use vm_dhcp_e2e::webhooks::{create_pool, pool, setup, vm};
 use vm_dhcp_e2e::{ControlPlane, TestNamespace};
 
 const VMS: usize = 1000;
@@ -29,17 +29,6 @@ impl Run {
         let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
         self.latencies[i]
     }
-}
-
-fn vm(ns: &str, name: &str, network: &str) -> VirtualMachine {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"runStrategy": "Halted", "template": {"spec": {
-            "domain": {"devices": {"interfaces": [{"name": "nic-1", "bridge": {}}]}},
-            "networks": [{"name": "nic-1", "multus": {"networkName": network}}]}}}
-    }))
-    .expect("vm")
 }
 
 async fn creates(ns: &TestNamespace, network: &str) -> Run {
@@ -77,25 +66,18 @@ async fn main() {
     let plain_ns = cp.namespace("bench-plain").await;
     let plain = creates(&plain_ns, &format!("{}/net", plain_ns.name)).await;
 
-    let ns = cp.namespace("bench-wh").await;
-    let replicas = webhooks(cp, &ns, 2).await;
-    let pool: IPPool = serde_json::from_value(serde_json::json!({
-        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
-        "metadata": {"name": "net", "namespace": ns.name},
-        "spec": {"networkName": format!("{}/net", ns.name), "ipv4Config": {
-            "cidr": "10.50.0.0/21", "serverIP": "10.50.0.1", "pool": {"start": "10.50.0.10", "end": "10.50.7.250"}}}
-    }))
-    .expect("pool");
-    let pools: Api<IPPool> = ns.api();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while pools.create(&PostParams::default(), &pool).await.is_err() {
-        assert!(Instant::now() < deadline, "pool never admitted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (ns, replicas) = setup(cp, "bench-wh", 2).await;
+    let net = pool(
+        &ns.name,
+        "net",
+        "10.50.0.0/21",
+        "10.50.0.10",
+        "10.50.7.250",
+        None,
+    );
+    create_pool(&ns, &replicas, &net).await;
     let network = format!("{}/net", ns.name);
-    while !replicas.iter().all(|r| r.webhook.knows_network(&network)) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pools: Api<IPPool> = ns.api();
     let with = creates(&ns, &network).await;
     let status = pools
         .get("net")
@@ -135,6 +117,9 @@ async fn main() {
     println!("jobs committed per replica {committed:?}, write conflicts re-decided {conflicts:?}");
     for (i, r) in replicas.iter().enumerate() {
         let (batches, mean) = r.webhook.metrics.batch_summary();
-        println!("replica {i}: {batches} batches, mean {:.2} ms per batch (decide + write)", ms(mean));
+        println!(
+            "replica {i}: {batches} batches, mean {:.2} ms per batch (decide + write)",
+            ms(mean)
+        );
     }
 }

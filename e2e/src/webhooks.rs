@@ -6,7 +6,11 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, PostParams};
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, PostParams};
+use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_core::kubevirt::VirtualMachine;
 use vm_dhcp_webhook::config::{Endpoint, webhook_configurations};
 use vm_dhcp_webhook::{Metrics, Webhook};
 
@@ -104,4 +108,112 @@ pub async fn webhooks(cp: &'static ControlPlane, ns: &TestNamespace, n: usize) -
         .await
         .expect("register validating webhooks");
     replicas
+}
+
+pub fn pool(
+    ns: &str,
+    name: &str,
+    cidr: &str,
+    start: &str,
+    end: &str,
+    server: Option<&str>,
+) -> IPPool {
+    let mut cfg = serde_json::json!({"cidr": cidr, "pool": {"start": start, "end": end}});
+    if let Some(server) = server {
+        cfg["serverIP"] = server.into();
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"networkName": format!("{ns}/{name}"), "ipv4Config": cfg}
+    }))
+    .expect("IPPool")
+}
+
+/// Creates a pool through the webhooks (the mutator fills the serverIP in) and waits until
+/// every replica's cache knows it.
+pub async fn create_pool(ns: &TestNamespace, replicas: &[Replica], pool: &IPPool) -> IPPool {
+    let pools: Api<IPPool> = ns.api();
+    let created = pools
+        .create(&PostParams::default(), pool)
+        .await
+        .expect("create pool");
+    assert!(
+        created
+            .spec
+            .ipv4_config
+            .as_ref()
+            .is_some_and(|c| !c.server_ip.is_empty()),
+        "the mutating webhook set serverIP"
+    );
+    let network = format!(
+        "{}/{}",
+        pool.metadata.namespace.as_deref().unwrap_or_default(),
+        pool.spec
+            .network_name
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replicas.iter().all(|r| r.webhook.knows_network(&network)) {
+        assert!(
+            Instant::now() < deadline,
+            "the replicas' caches never saw the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    created
+}
+
+/// Waits until the webhook configuration is live: a pool without serverIP is only
+/// accepted once the mutator runs (the schema requires serverIP).
+pub async fn wait_for_webhooks(ns: &TestNamespace) {
+    let probe = pool(
+        &ns.name,
+        "probe",
+        "10.254.254.0/24",
+        "10.254.254.10",
+        "10.254.254.20",
+        None,
+    );
+    let pools: Api<IPPool> = ns.api();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match pools.create(&PostParams::default(), &probe).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "webhooks never became active: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pools
+        .delete("probe", &DeleteParams::default())
+        .await
+        .expect("delete probe pool");
+}
+
+pub fn vm(ns: &str, name: &str, network: &str) -> VirtualMachine {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"runStrategy": "Halted", "template": {"spec": {
+            "domain": {"devices": {"interfaces": [{"name": "nic-1", "bridge": {}}]}},
+            "networks": [{"name": "nic-1", "multus": {"networkName": network}}]}}}
+    }))
+    .expect("vm")
+}
+
+/// A fresh namespace with `n` webhook replicas registered for it, once they answer.
+pub async fn setup(
+    cp: &'static ControlPlane,
+    prefix: &str,
+    n: usize,
+) -> (TestNamespace, Vec<Replica>) {
+    let ns = cp.namespace(prefix).await;
+    let replicas = webhooks(cp, &ns, n).await;
+    wait_for_webhooks(&ns).await;
+    (ns, replicas)
 }

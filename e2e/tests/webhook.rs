@@ -9,86 +9,8 @@ use kube::api::{Api, DeleteParams, PostParams};
 use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::VirtualMachine;
-use vm_dhcp_e2e::webhooks::{Replica, webhooks};
+use vm_dhcp_e2e::webhooks::{create_pool, pool, setup, vm};
 use vm_dhcp_e2e::{ControlPlane, TestNamespace};
-
-fn pool(ns: &str, name: &str, cidr: &str, start: &str, end: &str, server: Option<&str>) -> IPPool {
-    let mut cfg = serde_json::json!({"cidr": cidr, "pool": {"start": start, "end": end}});
-    if let Some(server) = server {
-        cfg["serverIP"] = server.into();
-    }
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"networkName": format!("{ns}/{name}"), "ipv4Config": cfg}
-    }))
-    .expect("IPPool")
-}
-
-/// Creates a pool through the webhooks (the mutator fills the serverIP in) and waits until
-/// every replica's cache knows it.
-async fn create_pool(ns: &TestNamespace, replicas: &[Replica], pool: &IPPool) -> IPPool {
-    let pools: Api<IPPool> = ns.api();
-    let created = pools
-        .create(&PostParams::default(), pool)
-        .await
-        .expect("create pool");
-    assert!(
-        created
-            .spec
-            .ipv4_config
-            .as_ref()
-            .is_some_and(|c| !c.server_ip.is_empty()),
-        "the mutating webhook set serverIP"
-    );
-    let network = format!(
-        "{}/{}",
-        pool.metadata.namespace.as_deref().unwrap_or_default(),
-        pool.spec
-            .network_name
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !replicas.iter().all(|r| r.webhook.knows_network(&network)) {
-        assert!(
-            Instant::now() < deadline,
-            "the replicas' caches never saw the pool"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    created
-}
-
-/// Waits until the webhook configuration is live: a pool without serverIP is only
-/// accepted once the mutator runs (the schema requires serverIP).
-async fn wait_for_webhooks(ns: &TestNamespace) {
-    let probe = pool(
-        &ns.name,
-        "probe",
-        "10.254.254.0/24",
-        "10.254.254.10",
-        "10.254.254.20",
-        None,
-    );
-    let pools: Api<IPPool> = ns.api();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match pools.create(&PostParams::default(), &probe).await {
-            Ok(_) => break,
-            Err(e) => assert!(
-                Instant::now() < deadline,
-                "webhooks never became active: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    pools
-        .delete("probe", &DeleteParams::default())
-        .await
-        .expect("delete probe pool");
-}
 
 fn vmnetcfg(ns: &str, vm: &str, mac: &str, network: &str) -> VirtualMachineNetworkConfig {
     serde_json::from_value(serde_json::json!({
@@ -97,17 +19,6 @@ fn vmnetcfg(ns: &str, vm: &str, mac: &str, network: &str) -> VirtualMachineNetwo
         "spec": {"vmName": vm, "networkConfigs": [{"macAddress": mac, "networkName": network}]}
     }))
     .expect("vmnetcfg")
-}
-
-fn vm(ns: &str, name: &str, network: &str) -> VirtualMachine {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"runStrategy": "Halted", "template": {"spec": {
-            "domain": {"devices": {"interfaces": [{"name": "nic-1", "bridge": {}}]}},
-            "networks": [{"name": "nic-1", "multus": {"networkName": network}}]}}}
-    }))
-    .expect("vm")
 }
 
 fn allocation_of(vm: &VirtualMachine) -> Option<NicAllocation> {
@@ -125,9 +36,7 @@ fn allocation_of(vm: &VirtualMachine) -> Option<NicAllocation> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_pool_and_vmnetcfg_allocate_at_admission_and_conflicts_are_refused() {
     let cp = ControlPlane::shared().await;
-    let ns = cp.namespace("wh-seed").await;
-    let replicas = webhooks(cp, &ns, 1).await;
-    wait_for_webhooks(&ns).await;
+    let (ns, replicas) = setup(cp, "wh-seed", 1).await;
 
     let mut seed: IPPool =
         serde_yaml::from_str(include_str!("../../core/tests/fixtures/seed-ippool.yaml"))
@@ -228,9 +137,7 @@ async fn seed_pool_and_vmnetcfg_allocate_at_admission_and_conflicts_are_refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_dry_run_changes_no_status() {
     let cp = ControlPlane::shared().await;
-    let ns = cp.namespace("wh-dry").await;
-    let replicas = webhooks(cp, &ns, 1).await;
-    wait_for_webhooks(&ns).await;
+    let (ns, replicas) = setup(cp, "wh-dry", 1).await;
     create_pool(
         &ns,
         &replicas,
@@ -364,9 +271,7 @@ fn check_distinct(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_vms_from_32_clients_through_two_replicas_get_distinct_addresses() {
     let cp = ControlPlane::shared().await;
-    let ns = cp.namespace("wh-load").await;
-    let replicas = webhooks(cp, &ns, 2).await;
-    wait_for_webhooks(&ns).await;
+    let (ns, replicas) = setup(cp, "wh-load", 2).await;
     create_pool(
         &ns,
         &replicas,
@@ -417,9 +322,7 @@ async fn five_hundred_vms_from_32_clients_through_two_replicas_get_distinct_addr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_mid_load_loses_and_duplicates_nothing() {
     let cp = ControlPlane::shared().await;
-    let ns = cp.namespace("wh-kill").await;
-    let mut replicas = webhooks(cp, &ns, 2).await;
-    wait_for_webhooks(&ns).await;
+    let (ns, mut replicas) = setup(cp, "wh-kill", 2).await;
     create_pool(
         &ns,
         &replicas,

@@ -304,20 +304,32 @@ async fn validate_ippool_route(State(state): State<Arc<Webhook>>, body: Bytes) -
     .await
 }
 
+/// The vmnetcfg of a CREATE or UPDATE and what it asks the pools for (`None` for other
+/// operations).
+fn vmnetcfg_plans(
+    st: &Webhook,
+    req: &AdmissionRequest<DynamicObject>,
+) -> Result<Option<(VirtualMachineNetworkConfig, Vec<NicPlan>)>, String> {
+    if !matches!(req.operation, Operation::Create | Operation::Update) {
+        return Ok(None);
+    }
+    let obj = req.object.as_ref().ok_or("the request carries no object")?;
+    let cfg: VirtualMachineNetworkConfig = typed(obj, "VirtualMachineNetworkConfig")?;
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let plans = plan_vmnetcfg(&cfg, &namespace, |n| st.pool_for(n).is_some())?;
+    Ok(Some((cfg, plans)))
+}
+
 async fn mutate_vmnetcfg(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
     let st = state.clone();
     admit(&state, "virtualmachinenetworkconfigs", "VirtualMachineNetworkConfig", body, |req| async move {
         let resp = AdmissionResponse::from(&req);
-        if !matches!(req.operation, Operation::Create | Operation::Update) {
+        let Some((cfg, plans)) = vmnetcfg_plans(&st, &req)? else {
             return Ok(resp);
-        }
-        let cfg: VirtualMachineNetworkConfig =
-            typed(req.object.as_ref().ok_or("the request carries no object")?, "VirtualMachineNetworkConfig")?;
+        };
         if cfg.metadata.deletion_timestamp.is_some() || cfg.spec.paused == Some(true) {
             return Ok(resp);
         }
-        let namespace = req.namespace.clone().unwrap_or_default();
-        let plans = plan_vmnetcfg(&cfg, &namespace, |n| st.pool_for(n).is_some())?;
         let got = st.allocate(&plans, req.dry_run).await?;
         let entries = cfg.spec.network_configs.unwrap_or_default();
         let ops = plans
@@ -338,13 +350,9 @@ async fn validate_vmnetcfg(State(state): State<Arc<Webhook>>, body: Bytes) -> Re
     let st = state.clone();
     admit(&state, "virtualmachinenetworkconfigs", "VirtualMachineNetworkConfig", body, |req| async move {
         let resp = AdmissionResponse::from(&req);
-        if !matches!(req.operation, Operation::Create | Operation::Update) {
+        let Some((cfg, plans)) = vmnetcfg_plans(&st, &req)? else {
             return Ok(resp);
-        }
-        let cfg: VirtualMachineNetworkConfig =
-            typed(req.object.as_ref().ok_or("the request carries no object")?, "VirtualMachineNetworkConfig")?;
-        let namespace = req.namespace.clone().unwrap_or_default();
-        let plans = plan_vmnetcfg(&cfg, &namespace, |n| st.pool_for(n).is_some())?;
+        };
         // After mutation every managed entry carries the address it holds.
         let active = cfg.spec.paused != Some(true) && cfg.metadata.deletion_timestamp.is_none();
         if let Some(p) = plans.iter().find(|p| active && p.request.want.is_none()) {
