@@ -98,7 +98,14 @@ impl Metrics {
     pub fn batch_summary(&self) -> (u64, Duration) {
         let n = self.batches.get();
         let total = Duration::from_micros(self.batch_micros.get());
-        (n, if n == 0 { Duration::ZERO } else { total / n as u32 })
+        (
+            n,
+            if n == 0 {
+                Duration::ZERO
+            } else {
+                total / n as u32
+            },
+        )
     }
 
     pub fn conflicts(&self) -> u64 {
