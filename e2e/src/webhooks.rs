@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, PostParams};
 use vm_dhcp_core::crd::IPPool;
-use vm_dhcp_core::kubevirt::VirtualMachine;
+use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 use vm_dhcp_webhook::config::{Endpoint, webhook_configurations};
 use vm_dhcp_webhook::{Metrics, Webhook};
 
@@ -133,6 +133,13 @@ pub fn pool(
 /// Creates a pool through the webhooks (the mutator fills the serverIP in) and waits until
 /// every replica's cache knows it.
 pub async fn create_pool(ns: &TestNamespace, replicas: &[Replica], pool: &IPPool) -> IPPool {
+    let nad = pool
+        .spec
+        .network_name
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    ensure_network(ns, nad).await;
     let pools: Api<IPPool> = ns.api();
     let created = pools
         .create(&PostParams::default(), pool)
@@ -169,6 +176,7 @@ pub async fn create_pool(ns: &TestNamespace, replicas: &[Replica], pool: &IPPool
 /// Waits until the webhook configuration is live: a pool without serverIP is only
 /// accepted once the mutator runs (the schema requires serverIP).
 pub async fn wait_for_webhooks(ns: &TestNamespace) {
+    ensure_network(ns, "probe").await;
     let probe = pool(
         &ns.name,
         "probe",
@@ -204,6 +212,25 @@ pub fn vm(ns: &str, name: &str, network: &str) -> VirtualMachine {
             "networks": [{"name": "nic-1", "multus": {"networkName": network}}]}}}
     }))
     .expect("vm")
+}
+
+/// Creates the VM network (NAD) `<ns>/<name>` if it does not exist: a pool is only admitted
+/// for an existing network.
+pub async fn ensure_network(ns: &TestNamespace, name: &str) {
+    let nads: Api<NetworkAttachmentDefinition> = ns.api();
+    if nads.get_opt(name).await.expect("get NAD").is_some() {
+        return;
+    }
+    let nad: NetworkAttachmentDefinition = serde_json::from_value(serde_json::json!({
+        "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": ns.name,
+                     "labels": {"network.harvesterhci.io/clusternetwork": "mgmt"}},
+        "spec": {"config": format!("{{\"cniVersion\":\"0.3.1\",\"name\":\"{name}\",\"type\":\"bridge\",\"bridge\":\"mgmt-br\"}}")}
+    }))
+    .expect("NAD");
+    nads.create(&PostParams::default(), &nad)
+        .await
+        .expect("create NAD");
 }
 
 /// A fresh namespace with `n` webhook replicas registered for it, once they answer.

@@ -656,7 +656,9 @@ async fn a_lost_node_agent_is_replaced_and_pause_removes_agents() {
     loop {
         let now = w.agents().await;
         let on: BTreeSet<String> = now.values().flatten().cloned().collect();
-        if !now.contains_key(&holder) && now.len() == 2 && on.contains(&spare) {
+        // Pod names are deterministic, so the replacement may reuse the lost pod's name:
+        // judge by nodes, not names.
+        if !on.contains(&lost_node) && now.len() == 2 && on.contains(&spare) {
             break;
         }
         assert!(

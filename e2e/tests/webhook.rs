@@ -37,6 +37,27 @@ fn allocation_of(vm: &VirtualMachine) -> Option<NicAllocation> {
 async fn seed_pool_and_vmnetcfg_allocate_at_admission_and_conflicts_are_refused() {
     let cp = ControlPlane::shared().await;
     let (ns, replicas) = setup(cp, "wh-seed", 1).await;
+    // A pool for a VM network that does not exist is refused, as upstream does.
+    let missing = pool(
+        &ns.name,
+        "no-such-net",
+        "10.60.0.0/24",
+        "10.60.0.10",
+        "10.60.0.20",
+        None,
+    );
+    let err = ns
+        .api::<IPPool>()
+        .create(&PostParams::default(), &missing)
+        .await
+        .expect_err("no NAD");
+    assert!(
+        err.to_string().contains(&format!(
+            "VM network {}/no-such-net does not exist",
+            ns.name
+        )),
+        "{err}"
+    );
 
     let mut seed: IPPool =
         serde_yaml::from_str(include_str!("../../core/tests/fixtures/seed-ippool.yaml"))

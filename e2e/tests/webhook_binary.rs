@@ -81,6 +81,7 @@ async fn self_managed_webhook_registers_itself_and_allocates() {
                  "pool": {"start": "172.20.0.10", "end": "172.20.0.20"}}}
     }))
     .expect("pool");
+    vm_dhcp_e2e::webhooks::ensure_network(&ns, "net-1").await;
     let pools: Api<IPPool> = ns.api();
     let created = loop {
         match pools.create(&PostParams::default(), &pool).await {

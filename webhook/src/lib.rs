@@ -29,7 +29,7 @@ use vm_dhcp_core::admission::{
 };
 use vm_dhcp_core::alloc::{AllocRequest, Allocation, MacChoice};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
-use vm_dhcp_core::kubevirt::VirtualMachine;
+use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 
 pub use committer::{CommitError, Committer};
 pub use metrics::Metrics;
@@ -64,6 +64,26 @@ impl Webhook {
             committers: Mutex::new(HashMap::new()),
             service_cidr,
             metrics,
+        }
+    }
+
+    /// A pool is created only for an existing VM network (as upstream checks); later
+    /// updates are not refused when the network is gone, so a pool can still be paused or
+    /// cleaned up.
+    async fn check_network_exists(&self, network: &str) -> Result<(), String> {
+        let Some(client) = self.client.clone() else {
+            return Ok(());
+        };
+        let (ns, name) = network.rsplit_once('/').unwrap_or(("default", network));
+        let nads: Api<NetworkAttachmentDefinition> = Api::namespaced(client, ns);
+        match nads.get_opt(name).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(format!(
+                "spec.networkName: VM network {network} does not exist (network-attachment-definitions.k8s.cni.cncf.io \"{name}\" not found)"
+            )),
+            Err(e) => Err(format!(
+                "spec.networkName: cannot read VM network {network}: {e}"
+            )),
         }
     }
 
@@ -296,6 +316,10 @@ async fn validate_ippool_route(State(state): State<Arc<Webhook>>, body: Bytes) -
                     service_cidr: st.service_cidr,
                 };
                 validate_ippool(&pool, old.as_ref(), &ctx)?;
+                if req.operation == Operation::Create {
+                    st.check_network_exists(&network_key(&pool.spec.network_name))
+                        .await?;
+                }
                 Ok(resp)
             }
             Operation::Connect => Ok(resp),
