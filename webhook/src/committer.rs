@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::{mpsc, oneshot};
 use vm_dhcp_core::PoolLayout;
 use vm_dhcp_core::alloc::{AllocError, AllocRequest, Allocation, PoolBook};
@@ -44,9 +45,12 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn spawn(api: Api<IPPool>, name: String, metrics: Metrics) -> Self {
+    /// `pools` is the webhook's IPPool cache: after a conflict the newer pool usually
+    /// arrives there by watch, which spares the apiserver a read of a large object.
+    pub fn spawn(api: Api<IPPool>, name: String, metrics: Metrics, pools: Store<IPPool>) -> Self {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(run(api, name, rx, metrics));
+        let source = Source { api, pools, name };
+        tokio::spawn(run(source, rx, metrics));
         Committer { tx }
     }
 
@@ -77,8 +81,37 @@ impl Committer {
     }
 }
 
-async fn run(api: Api<IPPool>, name: String, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
-    let pool_name = format!("{}/{name}", api.namespace().unwrap_or_default());
+/// Where the committer reads its pool from.
+struct Source {
+    api: Api<IPPool>,
+    pools: Store<IPPool>,
+    name: String,
+}
+
+impl Source {
+    /// The current pool: from the cache when it holds a version other than `stale` (the one
+    /// a write just lost with), else read from the apiserver.
+    async fn read(&self, stale: Option<&str>) -> Result<IPPool, kube::Error> {
+        let key = ObjectRef::new(&self.name).within(self.api.namespace().unwrap_or_default());
+        for _ in 0..10 {
+            let fresh = self.pools.get(&key).filter(|pool| {
+                stale.is_none() || pool.metadata.resource_version.as_deref() != stale
+            });
+            if let Some(pool) = fresh {
+                return Ok((*pool).clone());
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        self.api.get(&self.name).await
+    }
+}
+
+async fn run(source: Source, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
+    let pool_name = format!(
+        "{}/{}",
+        source.api.namespace().unwrap_or_default(),
+        source.name
+    );
     // The pool as our last write left it: saves a read per batch while we are the only writer.
     let mut cached: Option<IPPool> = None;
     while let Some(first) = rx.recv().await {
@@ -90,7 +123,7 @@ async fn run(api: Api<IPPool>, name: String, mut rx: mpsc::Receiver<Job>, metric
                 Err(_) => break,
             }
         }
-        let outcome = commit_batch(&api, &name, &pool_name, &mut cached, &batch, &metrics).await;
+        let outcome = commit_batch(&source, &pool_name, &mut cached, &batch, &metrics).await;
         metrics.observe_commit(started.elapsed(), batch.len());
         match outcome {
             Ok(results) => {
@@ -110,8 +143,7 @@ async fn run(api: Api<IPPool>, name: String, mut rx: mpsc::Receiver<Job>, metric
 type JobResult = Result<Vec<Allocation>, CommitError>;
 
 async fn commit_batch(
-    api: &Api<IPPool>,
-    name: &str,
+    source: &Source,
     pool_name: &str,
     cached: &mut Option<IPPool>,
     batch: &[Job],
@@ -121,10 +153,11 @@ async fn commit_batch(
         pool: pool_name.to_string(),
         message: e.to_string(),
     };
+    let mut stale: Option<String> = None;
     for attempt in 0..MAX_ATTEMPTS {
         let pool = match cached.take() {
             Some(pool) => pool,
-            None => api.get(name).await.map_err(api_err)?,
+            None => source.read(stale.as_deref()).await.map_err(api_err)?,
         };
         let pool_err = |message: String| CommitError::Pool {
             pool: pool_name.to_string(),
@@ -159,8 +192,9 @@ async fn commit_batch(
             return Ok(results);
         }
         let patch = status_patch(&pool, before.as_ref(), &book.status());
-        match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        match source
+            .api
+            .patch_status(&source.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(updated) => {
@@ -170,6 +204,7 @@ async fn commit_batch(
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 metrics.conflict();
+                stale = pool.metadata.resource_version.clone();
                 // Another writer won: read again and decide again.
                 if attempt > 3 {
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;

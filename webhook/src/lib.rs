@@ -111,7 +111,12 @@ impl Webhook {
         if let Some(c) = committers.get(&key).filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let c = Committer::spawn(Api::namespaced(client, &ns), name, self.metrics.clone());
+        let c = Committer::spawn(
+            Api::namespaced(client, &ns),
+            name,
+            self.metrics.clone(),
+            self.pools.clone(),
+        );
         committers.insert(key, c.clone());
         Ok(c)
     }
