@@ -15,6 +15,14 @@ BIN=${1:-${VM_DHCP_BIN:-vm-dhcp}}
 die() { echo "demo-agent: $*" >&2; exit 1; }
 
 [[ $EUID -eq 0 ]] || die "needs root to create network namespaces; run: sudo make demo-agent"
+# On a fresh Debian machine, bring what the demo needs (a real DHCP client, iproute2).
+if ! busybox udhcpc --help >/dev/null 2>&1 && ! command -v dhclient >/dev/null || ! command -v ip >/dev/null; then
+    if command -v apt-get >/dev/null; then
+        echo "==> installing busybox and iproute2 (apt-get)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox iproute2; } >/dev/null ||
+            die "apt-get could not install busybox and iproute2"
+    fi
+fi
 command -v ip >/dev/null || die "iproute2 (ip) not found; apt-get install iproute2"
 [[ -x $BIN ]] || BIN=$(command -v "$BIN" 2>/dev/null) || die "vm-dhcp binary not found; run: make demo-agent"
 # DEMO_CLIENT=dhclient|udhcpc picks one; default: udhcpc if present.
