@@ -56,6 +56,12 @@ bench:
 bench-webhook: e2e-bins
 	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --release --locked -p vm-dhcp-e2e --example bench_webhook
 
+## bench-apiserver: 16,000 allocations listed through the aggregator; 100 watchers get one change.
+.PHONY: bench-apiserver
+bench-apiserver: e2e-bins
+	$(CARGO) build --release --locked --bin vm-dhcp
+	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --release --locked -p vm-dhcp-e2e --example bench_apiserver
+
 ## demo-agent: the DHCP agent offline in a network namespace, a real DHCP client in another (root).
 .PHONY: demo-agent
 demo-agent:

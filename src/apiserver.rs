@@ -34,7 +34,7 @@ use vm_dhcp_apiserver::{ApiServer, router};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::VirtualMachine;
 
-use crate::tls::{PeerCertificates, ReloadingCert, certified_key};
+use crate::tls::{DynamicConfig, PeerCertificates, ReloadingCert, certified_key};
 
 #[derive(Args, Debug, Clone)]
 pub struct ApiserverArgs {
@@ -146,8 +146,10 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
 
     // Until the requestheader CA is known, no certificate is asked for: every request but
     // the probes gets 401 (fail closed).
-    let (config_tx, config_rx) =
-        tokio::sync::watch::channel(Arc::new(crate::tls::server_config(cert.clone())?));
+    let (config_tx, mut config_rx) = tokio::sync::watch::channel(DynamicConfig {
+        config: Arc::new(crate::tls::server_config(cert.clone())?),
+        client_auth: false,
+    });
     tokio::spawn(watch_authentication_config(
         client.clone(),
         server.clone(),
@@ -207,6 +209,17 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
             req
         },
     ));
+    // Normally the CA arrives within milliseconds: wait for it before accepting, so that the
+    // aggregator's first connections already present their certificate. If it does not come
+    // (RBAC missing), serve anyway: probes answer, and /readyz says why it is not ready.
+    if tokio::time::timeout(Duration::from_secs(10), config_rx.changed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "no requestheader CA after 10 s: serving without client certificates for now (every request but the probes gets 401)"
+        );
+    }
     let addr = SocketAddr::new(args.bind_address, args.secure_port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -222,7 +235,7 @@ async fn watch_authentication_config(
     client: kube::Client,
     server: Arc<ApiServer>,
     cert: Arc<ReloadingCert>,
-    configs: tokio::sync::watch::Sender<Arc<rustls::ServerConfig>>,
+    configs: tokio::sync::watch::Sender<DynamicConfig>,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, AUTH_CONFIGMAP_NAMESPACE);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={AUTH_CONFIGMAP_NAME}"));
@@ -255,7 +268,10 @@ async fn watch_authentication_config(
                     .request_header
                     .write()
                     .unwrap_or_else(|e| e.into_inner()) = rh;
-                let _ = configs.send(Arc::new(tls));
+                let _ = configs.send(DynamicConfig {
+                    config: Arc::new(tls),
+                    client_auth: true,
+                });
                 server.authn_ready.store(true, Ordering::Relaxed);
                 tracing::info!("requestheader client CA and settings loaded");
             }

@@ -176,11 +176,20 @@ pub fn server_config_with_client_ca(
     Ok(config)
 }
 
+/// A server config and whether it asks for client certificates.
+#[derive(Clone)]
+pub struct DynamicConfig {
+    pub config: Arc<rustls::ServerConfig>,
+    pub client_auth: bool,
+}
+
 /// Like [`serve`], but each new connection uses the latest config of `configs` (a client CA
 /// that rotates), and requests carry the verified [`PeerCertificates`] of their connection.
+/// A connection accepted while no client CA was configured answers with `Connection: close`,
+/// so that clients do not keep reusing a connection that can never carry an identity.
 pub async fn serve_dynamic(
     listener: TcpListener,
-    configs: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    configs: tokio::sync::watch::Receiver<DynamicConfig>,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -193,8 +202,21 @@ pub async fn serve_dynamic(
         let Ok((tcp, peer)) = accepted else {
             continue;
         };
-        let acceptor = TlsAcceptor::from(configs.borrow().clone());
-        let router = router.clone();
+        let current = configs.borrow().clone();
+        let acceptor = TlsAcceptor::from(current.config);
+        let router = if current.client_auth {
+            router.clone()
+        } else {
+            router.clone().layer(axum::middleware::map_response(
+                |mut resp: axum::response::Response| async move {
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                    resp
+                },
+            ))
+        };
         tokio::spawn(async move {
             match acceptor.accept(tcp).await {
                 Ok(tls) => {
