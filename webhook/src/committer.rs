@@ -89,10 +89,21 @@ struct Source {
 }
 
 impl Source {
+    fn key(&self) -> ObjectRef<IPPool> {
+        ObjectRef::new(&self.name).within(self.api.namespace().unwrap_or_default())
+    }
+
+    /// The resourceVersion of the pool in the watch cache.
+    fn cached_version(&self) -> Option<String> {
+        self.pools
+            .get(&self.key())
+            .and_then(|p| p.metadata.resource_version.clone())
+    }
+
     /// The current pool: from the cache when it holds a version other than `stale` (the one
     /// a write just lost with), else read from the apiserver.
     async fn read(&self, stale: Option<&str>) -> Result<IPPool, kube::Error> {
-        let key = ObjectRef::new(&self.name).within(self.api.namespace().unwrap_or_default());
+        let key = self.key();
         for _ in 0..10 {
             let fresh = self.pools.get(&key).filter(|pool| {
                 stale.is_none() || pool.metadata.resource_version.as_deref() != stale
@@ -114,7 +125,9 @@ async fn run(source: Source, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
     );
     // The pool as our last write left it: saves a read per batch while we are the only writer.
     let mut cached: Option<IPPool> = None;
+    let mut fairness = Fairness::new();
     while let Some(first) = rx.recv().await {
+        fairness.observe(source.cached_version().as_deref());
         let started = Instant::now();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -123,8 +136,19 @@ async fn run(source: Source, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
                 Err(_) => break,
             }
         }
-        let outcome = commit_batch(&source, &pool_name, &mut cached, &batch, &metrics).await;
-        metrics.observe_commit(started.elapsed(), batch.len());
+        let mut conflicts = 0;
+        let outcome = commit_batch(
+            &source,
+            &pool_name,
+            &mut cached,
+            &batch,
+            &metrics,
+            &mut conflicts,
+        )
+        .await;
+        let took = started.elapsed();
+        metrics.observe_commit(took, batch.len());
+        fairness.record(conflicts, cached.as_ref());
         match outcome {
             Ok(results) => {
                 for (job, result) in batch.into_iter().zip(results) {
@@ -137,6 +161,72 @@ async fn run(source: Source, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
                 }
             }
         }
+        if let Some(pause) = fairness.pause(took) {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Keeps two replicas writing one pool from starving each other. Right after its own write
+/// a committer holds the freshest view (the write's response), so it wins every race for
+/// the next write while the other replica re-reads: the loser's requests wait seconds. When
+/// another writer is seen (a conflict, or a version in the cache that we did not write), a
+/// committer leaves a random pause of up to one write's time after each of its writes.
+struct Fairness {
+    ours: std::collections::VecDeque<String>,
+    contended_until: Instant,
+    rng: u64,
+}
+
+impl Fairness {
+    fn new() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9)
+            ^ u64::from(std::process::id());
+        Fairness {
+            ours: std::collections::VecDeque::with_capacity(16),
+            contended_until: Instant::now(),
+            rng: seed | 1,
+        }
+    }
+
+    fn contended(&mut self) {
+        self.contended_until = Instant::now() + Duration::from_secs(1);
+    }
+
+    /// The cache's version of the pool: one we did not write means another writer.
+    fn observe(&mut self, cached: Option<&str>) {
+        if let Some(rv) = cached
+            && !self.ours.is_empty()
+            && !self.ours.iter().any(|o| o == rv)
+        {
+            self.contended();
+        }
+    }
+
+    fn record(&mut self, conflicts: u32, written: Option<&IPPool>) {
+        if conflicts > 0 {
+            self.contended();
+        }
+        if let Some(rv) = written.and_then(|p| p.metadata.resource_version.clone()) {
+            if self.ours.len() == 16 {
+                self.ours.pop_front();
+            }
+            self.ours.push_back(rv);
+        }
+    }
+
+    fn pause(&mut self, write: Duration) -> Option<Duration> {
+        if Instant::now() >= self.contended_until {
+            return None;
+        }
+        // xorshift64: no dependency for a coin this simple.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        Some(write.mul_f64((self.rng % 1000) as f64 / 1000.0))
     }
 }
 
@@ -148,6 +238,7 @@ async fn commit_batch(
     cached: &mut Option<IPPool>,
     batch: &[Job],
     metrics: &Metrics,
+    conflicts: &mut u32,
 ) -> Result<Vec<JobResult>, CommitError> {
     let api_err = |e: kube::Error| CommitError::Api {
         pool: pool_name.to_string(),
@@ -204,6 +295,7 @@ async fn commit_batch(
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 metrics.conflict();
+                *conflicts += 1;
                 stale = pool.metadata.resource_version.clone();
                 // Another writer won: read again and decide again.
                 if attempt > 3 {
