@@ -128,3 +128,51 @@ pub fn webhook_configurations(
         serde_json::from_value(validating).expect("static validating configuration shape"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configurations_build_and_are_narrow() {
+        let endpoint = Endpoint::Service {
+            namespace: "harvester-system".into(),
+            name: "vm-dhcp-webhook".into(),
+            port: 443,
+        };
+        let (mutating, validating) = webhook_configurations("vm-dhcp-webhook", &endpoint, "Q0E=");
+        let hooks = mutating.webhooks.expect("mutating webhooks");
+        assert_eq!(hooks.len(), 3);
+        for hook in &hooks {
+            assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
+            assert_eq!(hook.timeout_seconds, Some(10));
+            let svc = hook
+                .client_config
+                .service
+                .as_ref()
+                .expect("service reference");
+            assert_eq!(
+                (svc.namespace.as_str(), svc.port),
+                ("harvester-system", Some(443))
+            );
+        }
+        let vm = &hooks[2];
+        assert_eq!(vm.side_effects, "NoneOnDryRun");
+        assert_eq!(vm.reinvocation_policy.as_deref(), Some("IfNeeded"));
+        let conditions = vm.match_conditions.as_ref().expect("match conditions");
+        assert!(
+            conditions[0]
+                .expression
+                .contains("object.spec.template != oldObject.spec.template")
+        );
+        let rules = vm.rules.as_ref().expect("rules");
+        // The main resource only: status updates never reach us.
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["virtualmachines".to_string()][..])
+        );
+        let validators = validating.webhooks.expect("validating webhooks");
+        assert_eq!(validators.len(), 2);
+        assert!(validators.iter().all(|h| h.side_effects == "None"));
+    }
+}
