@@ -13,6 +13,8 @@
 //!   `restartPolicy` says, and finishes normal deletions.
 //! - **Lost nodes** ([`NodeSim::lose_node`]): Ready=Unknown, the unreachable taints, processes
 //!   killed, and the node's pods left alone (Terminating until someone force-deletes them).
+//! - **Partitions** ([`NodeSim::partition_pod`], [`NodeSim::heal_pod`]): one pod's forwarder
+//!   stops carrying bytes, as a network that drops packets does, while its processes run on.
 //!
 //! Every namespace and root-namespace link is recorded in the run directory, so a run that was
 //! killed is cleaned up by the next one; [`NodeSim`] and [`VmNetns`] clean up when dropped.
@@ -129,6 +131,8 @@ struct PodEntry {
     stop: watch::Sender<Stop>,
     task: Option<JoinHandle<()>>,
     forwarder: Option<JoinHandle<()>>,
+    /// True while the pod's path to the apiserver is cut (see [`NodeSim::partition_pod`]).
+    apiserver_cut: watch::Sender<bool>,
 }
 
 struct SimNode {
@@ -409,6 +413,34 @@ impl NodeSim {
         Ok(())
     }
 
+    /// Cuts one pod's path to the apiserver, as a partition between its node and the control
+    /// plane does, while the pod runs on: its forwarder stops carrying bytes either way on
+    /// open connections and holds new ones without connecting them. Nothing is refused or
+    /// reset, so each request hangs until the client's own deadline, as dropped packets make
+    /// it; the pod IP and `eth1` stay reachable.
+    pub fn partition_pod(&self, pod: &str) -> Result<()> {
+        self.set_apiserver_cut(pod, true)
+    }
+
+    /// Ends [`NodeSim::partition_pod`]: held bytes flow on, as TCP retransmissions deliver
+    /// them after a partition heals (a stale request may still reach the apiserver).
+    pub fn heal_pod(&self, pod: &str) -> Result<()> {
+        self.set_apiserver_cut(pod, false)
+    }
+
+    fn set_apiserver_cut(&self, pod: &str, cut: bool) -> Result<()> {
+        self.entry_for(pod, |e| {
+            e.apiserver_cut.send_replace(cut);
+            Some(())
+        })
+        .with_context(|| format!("no pod {pod} in the simulator"))?;
+        self.inner.log(&format!(
+            "pod {pod}: apiserver path {}",
+            if cut { "cut" } else { "healed" }
+        ));
+        Ok(())
+    }
+
     /// Brings a lost node back: Ready=True, no unreachable taints; pods still bound to it are
     /// started again (or their pending deletion finished), as a rebooted kubelet does.
     pub async fn restore_node(&self, name: &str) -> Result<()> {
@@ -485,6 +517,31 @@ impl NodeSim {
     /// The simulator's own log (scheduling decisions, errors).
     pub fn sim_log(&self) -> String {
         std::fs::read_to_string(self.inner.dir.join("nodesim.log")).unwrap_or_default()
+    }
+}
+
+/// Copies one direction of a forwarded connection, holding each chunk while `cut` is true
+/// (what a partition does to packets in flight), and passes on the end of the stream.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Not one `||` with the write: the watch's read guard would live across it.
+        let healed = cut.wait_for(|c| !*c).await.is_ok();
+        if !healed || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    // The end of the stream is held too: a FIN is a packet like any other.
+    if cut.wait_for(|c| !*c).await.is_ok() {
+        let _ = to.shutdown().await;
     }
 }
 
@@ -781,6 +838,7 @@ impl Inner {
             stop: stop_tx,
             task: None,
             forwarder: None,
+            apiserver_cut: watch::Sender::new(false),
         };
         self.lock().pods.insert(uid.clone(), entry);
         let task = tokio::spawn(self.clone().run_pod(pod, stop_rx));
@@ -1029,7 +1087,7 @@ impl Inner {
 
     /// A listener on 127.0.0.1:6443 inside the pod's namespace whose connections go to the
     /// real apiserver on the host's loopback (TLS passes through untouched).
-    fn start_forwarder(&self, netns: &str) -> Result<JoinHandle<()>> {
+    fn start_forwarder(&self, netns: &str, cut: watch::Receiver<bool>) -> Result<JoinHandle<()>> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, POD_APISERVER_PORT));
         let std_listener = listen_in_netns(netns, addr)?;
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
@@ -1040,10 +1098,20 @@ impl Inner {
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
-                        let Ok((mut inbound, _)) = accepted else { continue };
+                        let Ok((inbound, _)) = accepted else { continue };
+                        let mut cut = cut.clone();
                         conns.spawn(async move {
-                            if let Ok(mut outbound) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, upstream)).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            // A connection made during a partition is held, not refused.
+                            if cut.wait_for(|c| !*c).await.is_err() {
+                                return;
+                            }
+                            if let Ok(outbound) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, upstream)).await {
+                                let (in_read, in_write) = inbound.into_split();
+                                let (out_read, out_write) = outbound.into_split();
+                                tokio::join!(
+                                    relay(in_read, out_write, cut.clone()),
+                                    relay(out_read, in_write, cut),
+                                );
                             }
                         });
                     }
@@ -1328,7 +1396,14 @@ impl Inner {
             .join(format!("{name}-{}", &uid[..uid.len().min(8)]));
         std::fs::create_dir_all(&dir)?;
         let sandbox = self.create_sandbox(pod).await?;
-        let forwarder = self.start_forwarder(&sandbox.netns)?;
+        // No entry (the pod was removed meanwhile): a path nobody can cut.
+        let cut = self
+            .lock()
+            .pods
+            .get(&uid)
+            .map(|e| e.apiserver_cut.subscribe())
+            .unwrap_or_else(|| watch::Sender::new(false).subscribe());
+        let forwarder = self.start_forwarder(&sandbox.netns, cut)?;
         if let Some(e) = self.lock().pods.get_mut(&uid) {
             e.forwarder = Some(forwarder);
         }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -258,6 +259,16 @@ impl Cluster {
         stream.read_to_string(&mut text).await.ok()?;
         let (_, body) = text.split_once("\r\n\r\n")?;
         serde_json::from_str(body).ok()
+    }
+
+    /// An agent's Prometheus text at its pod IP.
+    async fn agent_metrics(&self, pod: &str) -> Option<String> {
+        let ip = self.sim.pod_ip(pod)?;
+        let mut s = tokio::net::TcpStream::connect((ip, 8080)).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        Some(text)
     }
 
     async fn vm(&self) -> VmNetns {
@@ -577,6 +588,89 @@ async fn holds_server_ip(netns: &str) -> bool {
     })
 }
 
+/// The sum of a metric's series (all label sets) whose name and labels start with `series`,
+/// e.g. `vmdhcp_agent_replies_total` or `vmdhcp_agent_drops_total{reason="standby"}`.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with([' ', '{']) || series.ends_with('}'))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One look at every pod: when (the end of the look, so an upper bound for each
+/// observation in it) and which pods held the server IP on an up eth1.
+struct Sample {
+    at: Instant,
+    wall: Timestamp,
+    holders: Vec<String>,
+}
+
+impl Sample {
+    fn held(&self, pod: &str) -> bool {
+        self.holders.iter().any(|h| h == pod)
+    }
+}
+
+/// Every ~50 ms, who holds the server IP, until finished.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+}
+
+impl Sampler {
+    fn start(netns: &[(String, String)]) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let stop = stop.clone();
+            let netns = netns.to_vec();
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut holders = Vec::new();
+                    for (pod, ns) in &netns {
+                        if holds_server_ip(ns).await {
+                            holders.push(pod.clone());
+                        }
+                    }
+                    samples.push(Sample {
+                        at: Instant::now(),
+                        wall: Timestamp::now(),
+                        holders,
+                    });
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                samples
+            })
+        };
+        Sampler { stop, task }
+    }
+
+    async fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("sampler")
+    }
+}
+
+/// How many samples saw each pod hold the server IP, and the moments (since the first
+/// sample) at which more than one did.
+fn tally(samples: &[Sample]) -> (BTreeMap<String, u64>, Vec<Duration>) {
+    let mut held_by: BTreeMap<String, u64> = BTreeMap::new();
+    let mut both = Vec::new();
+    let start = samples.first().map(|s| s.at);
+    for s in samples {
+        for h in &s.holders {
+            *held_by.entry(h.clone()).or_default() += 1;
+        }
+        if s.holders.len() > 1 {
+            both.push(start.map_or(Duration::ZERO, |t| s.at.duration_since(t)));
+        }
+    }
+    (held_by, both)
+}
+
 /// Two agents on one pool on two nodes; the active one's node is lost. The standby takes
 /// the Lease and the server IP and answers the client within the Lease duration (+ slack),
 /// and at no sampled moment do both pods hold the server IP.
@@ -593,33 +687,7 @@ async fn standby_takes_over_when_the_active_agents_node_is_lost() {
         .map(|p| (p.to_string(), c.sim.pod_netns(p).expect("pod netns")))
         .collect();
 
-    // The sampler: every ~50 ms, who holds the server IP.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        let netns = netns.clone();
-        tokio::spawn(async move {
-            let mut samples = 0u64;
-            let mut both = Vec::new();
-            let mut held_by: BTreeMap<String, u64> = BTreeMap::new();
-            let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                let mut holders = Vec::new();
-                for (pod, ns) in &netns {
-                    if holds_server_ip(ns).await {
-                        holders.push(pod.clone());
-                        *held_by.entry(pod.clone()).or_default() += 1;
-                    }
-                }
-                samples += 1;
-                if holders.len() > 1 {
-                    both.push(started.elapsed());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (samples, both, held_by)
-        })
-    };
+    let sampler = Sampler::start(&netns);
 
     let active = c.wait_holder().await;
     let standby = if active == "agent-a" {
@@ -725,24 +793,14 @@ async fn standby_takes_over_when_the_active_agents_node_is_lost() {
         .await
         .expect("new active's lease view");
     assert_eq!(view["active"], json!(true), "{view}");
-    let metrics = {
-        let ip = c.sim.pod_ip(standby).expect("pod ip");
-        let mut s = tokio::net::TcpStream::connect((ip, 8080))
-            .await
-            .expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .await
-            .expect("write");
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.expect("read");
-        text
-    };
+    let metrics = c.agent_metrics(standby).await.expect("metrics");
     assert!(metrics.contains("vmdhcp_agent_active 1"), "{metrics}");
 
     // A little longer on the sampler: the new holder keeps the IP, alone.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (samples, both, held_by) = sampler.await.expect("sampler");
+    let samples = sampler.finish().await;
+    let (held_by, both) = tally(&samples);
+    let samples = samples.len();
     eprintln!(
         "takeover: Lease taken {took_lease:?} and renewal answered {took:?} after losing {active}'s node; {samples} samples, held: {held_by:?}"
     );
@@ -758,5 +816,217 @@ async fn standby_takes_over_when_the_active_agents_node_is_lost() {
     assert!(
         held_by.get(&active).copied().unwrap_or(0) > 0,
         "the sampler never saw {active} hold {SERVER_IP}: {held_by:?}"
+    );
+}
+
+/// Two agents on one pool; the active one loses its path to the apiserver while its process
+/// and its networks run on (a partition: requests hang, nothing is refused). It must fence
+/// itself — stop answering and drop the server IP — before its Lease can expire; the standby
+/// takes the Lease and answers the client within the Lease duration (+ slack); at no sampled
+/// moment do both hold the server IP. Healed, the old active stays standby, and is a
+/// working one: it takes over when the new active hands the Lease back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_agent_cut_off_from_the_apiserver_fences_itself_and_the_standby_takes_over() {
+    require_root!();
+    let c = cluster("agent-partition", &["a", "b"]).await;
+    c.agent("agent-a", "a").await;
+    c.agent("agent-b", "b").await;
+    c.wait_ready("agent-a").await;
+    c.wait_ready("agent-b").await;
+    let netns: Vec<(String, String)> = ["agent-a", "agent-b"]
+        .iter()
+        .map(|p| (p.to_string(), c.sim.pod_netns(p).expect("pod netns")))
+        .collect();
+    let sampler = Sampler::start(&netns);
+
+    let cut = c.wait_holder().await;
+    let standby = if cut == "agent-a" {
+        "agent-b"
+    } else {
+        "agent-a"
+    };
+    let vm = c.vm().await;
+    let mut client = Client::start(&vm, &scratch(&c.ns, "client"));
+    let bound = client.wait_event(&["bound"], 0, "first lease").await;
+    assert_eq!(bound.var("ip"), VM_IP);
+    let seen = client.events().len();
+    client
+        .renew_until(&["renew"], seen, Instant::now() + DEADLINE)
+        .await
+        .expect("a renewal with the active agent");
+    assert!(
+        holds_server_ip(&netns_of(&netns, &cut)).await,
+        "{cut} holds the Lease but not {SERVER_IP}"
+    );
+
+    c.sim.partition_pod(&cut).expect("partition");
+    let cut_at = Instant::now();
+    let bound_by = Duration::from_secs(LEASE_SECONDS) + Duration::from_secs(5);
+    // Until the Lease moves, the last record the cut agent wrote: the apiserver considers
+    // the Lease its holder's until renewTime + leaseDurationSeconds.
+    let mut last_renewal = None;
+    loop {
+        let spec =
+            c.ns.api::<Lease>()
+                .get(LEASE)
+                .await
+                .expect("reading the Lease")
+                .spec
+                .unwrap_or_default();
+        match spec.holder_identity.as_deref() {
+            Some(h) if h == standby => break,
+            Some(h) if h == cut => last_renewal = spec.renew_time.map(|t| t.0),
+            other => panic!("unexpected Lease holder {other:?}"),
+        }
+        assert!(
+            cut_at.elapsed() <= bound_by,
+            "{standby} did not take the Lease within {bound_by:?} of the partition; its log:\n{}\n{cut}'s log:\n{}",
+            c.sim.log(standby, "agent"),
+            c.sim.log(&cut, "agent")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took_lease = cut_at.elapsed();
+    let last_renewal = last_renewal.expect("the cut agent's last renewal");
+    let expiry = last_renewal + SignedDuration::from_secs(LEASE_SECONDS as i64);
+
+    // Fenced: the cut agent says it is standby, while it still cannot reach the apiserver.
+    let view = c
+        .agent_json(&cut, "/api/v1/leases")
+        .await
+        .expect("the cut agent's lease view");
+    assert_eq!(view["active"], json!(false), "{view}");
+    let metrics = c
+        .agent_metrics(&cut)
+        .await
+        .expect("the cut agent's metrics");
+    assert!(metrics.contains("vmdhcp_agent_active 0"), "{metrics}");
+
+    // The client renews by unicast to the server IP, now at the standby.
+    let seen = client.events().len();
+    let answered = client
+        .renew_until(&["renew"], seen, cut_at + bound_by)
+        .await;
+    let took = cut_at.elapsed();
+    let answered = answered.unwrap_or_else(|| {
+        panic!(
+            "no renewal answered within {bound_by:?} of cutting {cut} off; client events {:?}; standby log:\n{}",
+            client.events(),
+            c.sim.log(standby, "agent")
+        )
+    });
+    assert_eq!(answered.var("ip"), VM_IP);
+    assert_eq!(answered.var("serverid"), SERVER_IP);
+    assert!(took <= bound_by, "answered after {took:?}");
+
+    // It hears broadcasts but answers none: a client starting over (DISCOVER, then a
+    // broadcast REQUEST) reaches both agents, and only the new active replies.
+    let before = c
+        .agent_metrics(&cut)
+        .await
+        .expect("the cut agent's metrics");
+    drop(client);
+    let mut client = Client::start(&vm, &scratch(&c.ns, "client-again"));
+    let bound = client
+        .wait_event(&["bound"], 0, "a lease from scratch")
+        .await;
+    assert_eq!(bound.var("ip"), VM_IP);
+    let after = c
+        .agent_metrics(&cut)
+        .await
+        .expect("the cut agent's metrics");
+    let requests = "vmdhcp_agent_requests_total";
+    let standby_drops = r#"vmdhcp_agent_drops_total{reason="standby"}"#;
+    let replies = "vmdhcp_agent_replies_total";
+    assert!(
+        metric(&after, requests) > metric(&before, requests)
+            && metric(&after, standby_drops) > metric(&before, standby_drops),
+        "the cut agent never saw the new client's broadcasts:\nbefore:\n{before}\nafter:\n{after}"
+    );
+    assert_eq!(
+        metric(&after, replies),
+        metric(&before, replies),
+        "the cut agent answered while fenced:\nbefore:\n{before}\nafter:\n{after}"
+    );
+
+    // Healed, it finds the Lease held and renewed: it stays standby, without the IP.
+    c.sim.heal_pod(&cut).expect("heal");
+    let healed_at = Instant::now();
+    while healed_at.elapsed() < Duration::from_secs(2 * LEASE_SECONDS) {
+        assert_eq!(c.holder().await.as_deref(), Some(standby), "after healing");
+        let view = c
+            .agent_json(&cut, "/api/v1/leases")
+            .await
+            .expect("the healed agent's lease view");
+        assert_eq!(view["active"], json!(false), "healed: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A working standby again: when the active one hands the Lease over (a deleted pod
+    // releases it on SIGTERM), the healed agent takes it.
+    c.ns.api::<Pod>()
+        .delete(standby, &Default::default())
+        .await
+        .expect("delete the new active pod");
+    let handed_at = Instant::now();
+    while c.holder().await.as_deref() != Some(cut.as_str()) {
+        assert!(
+            handed_at.elapsed() <= bound_by,
+            "the healed {cut} did not take the released Lease within {bound_by:?}; its log:\n{}",
+            c.sim.log(&cut, "agent")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retook = handed_at.elapsed();
+    let deadline = Instant::now() + DEADLINE;
+    while !holds_server_ip(&netns_of(&netns, &cut)).await {
+        assert!(
+            Instant::now() < deadline,
+            "{cut} holds the Lease again but never configured {SERVER_IP}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let samples = sampler.finish().await;
+
+    let (held_by, both) = tally(&samples);
+    assert!(
+        both.is_empty(),
+        "both agents held {SERVER_IP} at {} of {} samples (at {both:?})",
+        both.len(),
+        samples.len()
+    );
+    let during =
+        |from: Instant, to: Instant| samples.iter().filter(move |s| s.at >= from && s.at <= to);
+    assert!(
+        samples.iter().any(|s| s.at < cut_at && s.held(&cut)),
+        "the sampler never saw {cut} hold {SERVER_IP} before the partition: {held_by:?}"
+    );
+    // The first sample without the IP is an upper bound of when the cut agent let go.
+    let fenced = samples
+        .iter()
+        .find(|s| s.at >= cut_at && !s.held(&cut))
+        .expect("a sample after the fence");
+    assert!(
+        fenced.wall < expiry,
+        "{cut} still held {SERVER_IP} at {}, its Lease expired at {expiry}",
+        fenced.wall
+    );
+    let standby_first = samples
+        .iter()
+        .find(|s| s.at >= cut_at && s.held(standby))
+        .expect("the sampler never saw the standby hold the server IP");
+    // From the fence until it was handed the Lease back, the cut agent held nothing.
+    let reheld = during(fenced.at, handed_at)
+        .find(|s| s.held(&cut))
+        .map(|s| s.at.duration_since(cut_at));
+    assert!(
+        reheld.is_none(),
+        "{cut} held {SERVER_IP} again {reheld:?} after the partition, before it was handed the Lease"
+    );
+    eprintln!(
+        "partition: {cut} dropped {SERVER_IP} by {:?} after the cut ({:?} before its Lease could expire); {standby} took the Lease after {took_lease:?}, held the IP by {:?}, answered a renewal after {took:?}; the healed {cut} retook a released Lease in {retook:?}; {} samples, held: {held_by:?}",
+        fenced.at.duration_since(cut_at),
+        expiry.duration_since(fenced.wall),
+        standby_first.at.duration_since(cut_at),
+        samples.len()
     );
 }
