@@ -62,6 +62,12 @@ bench-apiserver: e2e-bins
 	$(CARGO) build --release --locked --bin vm-dhcp
 	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --release --locked -p vm-dhcp-e2e --example bench_apiserver
 
+## bench-controller: controller start against 10,000 VMs/vmnetcfgs and 16,000 allocations.
+.PHONY: bench-controller
+bench-controller: e2e-bins
+	$(CARGO) build --release --locked --bin vm-dhcp
+	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --release --locked -p vm-dhcp-e2e --example bench_controller
+
 ## demo-agent: the DHCP agent offline in a network namespace, a real DHCP client in another (root).
 .PHONY: demo-agent
 demo-agent:
