@@ -556,7 +556,7 @@ pub struct AgentPlan {
 
 /// Which agent pods to create and remove, DaemonSet-style with surge:
 /// - a pod whose node has been lost for longer than the grace period is force-deleted (a
-///   kubelet that is gone never confirms a deletion: harvester#8205);
+///   kubelet that is gone never confirms a deletion: harvester#8205), the Go version's too;
 /// - new pods are created until `want` pods of the current revision are alive;
 /// - pods of another revision are deleted only once `want` current pods are Ready, so an
 ///   image roll never leaves the pool without an active agent;
@@ -565,7 +565,9 @@ pub struct AgentPlan {
 pub fn plan_agents(input: &AgentInput) -> AgentPlan {
     let mut plan = AgentPlan::default();
     let lost = |p: &AgentPod| p.node_lost_for.is_some_and(|d| d >= input.lost_grace);
-    for p in input.pods.iter().filter(|p| p.ours && lost(p)) {
+    // The Go version's pods too: its agent on a lost node is just as stuck Terminating, and
+    // a plain delete of it (below) would never complete either.
+    for p in input.pods.iter().filter(|p| lost(p)) {
         plan.force_delete.push(p.name.clone());
     }
     let alive: Vec<&AgentPod> = input
@@ -612,7 +614,7 @@ pub fn plan_agents(input: &AgentInput) -> AgentPlan {
             input
                 .pods
                 .iter()
-                .filter(|p| !p.ours && !p.terminating)
+                .filter(|p| !p.ours && !p.terminating && !lost(p))
                 .map(|p| p.name.clone()),
         );
     }

@@ -486,6 +486,32 @@ fn paused_removes_every_agent_and_the_go_agent_goes_once_ours_is_active() {
 }
 
 #[test]
+fn a_go_agent_left_terminating_on_a_lost_node_is_force_deleted_too() {
+    let mut go = AgentPod {
+        ours: false,
+        revision: None,
+        ..pod("ns-p-agent", "")
+    };
+    go.terminating = true;
+    go.node_lost_for = Some(Duration::from_secs(5));
+    let plan = plan_agents(&input(1, vec![go.clone()]));
+    assert!(
+        plan.force_delete.is_empty(),
+        "within the grace period nothing is forced"
+    );
+    go.node_lost_for = Some(Duration::from_secs(31));
+    let plan = plan_agents(&input(1, vec![go.clone()]));
+    assert_eq!(plan.force_delete, vec!["ns-p-agent"]);
+    assert!(plan.delete_go.is_empty(), "forced, not deleted twice");
+    // Not yet Terminating (its node lost before anyone deleted it): forced all the same, as
+    // ours would be, without waiting for one of ours to be active.
+    go.terminating = false;
+    let plan = plan_agents(&input(1, vec![go]));
+    assert_eq!(plan.force_delete, vec!["ns-p-agent"]);
+    assert!(plan.delete_go.is_empty());
+}
+
+#[test]
 fn stale_entries_are_status_entries_the_spec_no_longer_lists() {
     let spec = vec![NetworkConfig {
         network_name: "default/a".into(),
