@@ -764,6 +764,34 @@ async fn leaks_are_swept_and_a_restarted_controller_loses_nothing() {
         "{metrics}"
     );
     assert!(ctl.log().contains("leak swept"), "{}", ctl.log());
+    // The Event, as `kubectl get events` shows it on the pool.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let events =
+            w.ns.api::<k8s_openapi::api::events::v1::Event>()
+                .list(&Default::default())
+                .await
+                .expect("events");
+        let swept = events.items.iter().find(|e| {
+            e.reason.as_deref() == Some("LeakSwept")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("net-1")
+        });
+        if let Some(e) = swept {
+            let note = e.note.clone().unwrap_or_default();
+            assert!(
+                note.contains("10.79.0.19") && note.contains("02:bb:00:00:00:99"),
+                "{note}"
+            );
+            assert_eq!(e.type_.as_deref(), Some("Warning"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no LeakSwept Event: {:#?}",
+            events.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -995,5 +1023,183 @@ async fn an_image_roll_keeps_an_agent_and_an_opted_in_nad_gets_its_pool() {
             "the NAD's IPPool was never deleted"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The holder of the controllers' leader Lease.
+async fn leader(ns: &TestNamespace) -> Option<String> {
+    ns.api::<k8s_openapi::api::coordination::v1::Lease>()
+        .get_opt("vm-dhcp-controllers")
+        .await
+        .expect("lease")
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_only_the_leader_writes_and_the_other_takes_over_without_agents() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-ha", &[("a", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let one = Controller::start(cp, &w.ns.name, &["--no-agent", "--identity=ctl-one"]);
+    let deadline = Instant::now() + DEADLINE;
+    while leader(&w.ns).await.as_deref() != Some("ctl-one") {
+        assert!(
+            Instant::now() < deadline,
+            "ctl-one never led:\n{}",
+            one.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let two = Controller::start(cp, &w.ns.name, &["--no-agent", "--identity=ctl-two"]);
+    w.pool("10.83.0.0/24", "10.83.0.10", "10.83.0.19").await;
+    // --no-agent: the pool is served by nobody we deploy; the conditions say the cache is
+    // ready and no agent pod is referenced or created.
+    let pool = w
+        .wait_pool("Registered and CacheReady", |p| {
+            cond(p, "Registered").as_deref() == Some("True")
+                && cond(p, "CacheReady").as_deref() == Some("True")
+        })
+        .await;
+    assert!(
+        pool.status
+            .as_ref()
+            .and_then(|s| s.agent_pod_ref.as_ref())
+            .is_none(),
+        "{:?}",
+        pool.status
+    );
+    w.vm("vm1", &[("nic-1", "02:dd:00:00:00:01")]).await;
+    w.wait_cfg("vm1", "created", |c| c.is_some()).await;
+    let pods = w.pods().list(&Default::default()).await.expect("pods");
+    assert!(
+        pods.items.is_empty(),
+        "no agent pods: {:?}",
+        pods.items.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    );
+    // Both serve readiness and metrics from their caches; only the holder reconciles.
+    let pool_key = format!("{}/net-1", w.ns.name);
+    for c in [&one, &two] {
+        assert_eq!(c.get("/readyz").await.0, 200);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (_, m) = c.get("/metrics").await;
+            if metric(&m, "vmdhcpcontroller_ippool_used", &[("ippool", &pool_key)]) == Some(1.0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "metrics never caught up:\n{m}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(one.log().contains("leading: reconciling"), "{}", one.log());
+    assert!(
+        !two.log().contains("leading: reconciling"),
+        "the standby reconciled:\n{}",
+        two.log()
+    );
+    assert_eq!(leader(&w.ns).await.as_deref(), Some("ctl-one"));
+
+    // The leader dies without giving the Lease back: the standby takes over once it expires
+    // and keeps reconciling.
+    drop(one);
+    w.vm("vm2", &[("nic-1", "02:dd:00:00:00:02")]).await;
+    w.wait_cfg("vm2", "created by the new leader", |c| {
+        c.and_then(|c| c.status.as_ref())
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Allocated" && c.status == "True")
+            })
+    })
+    .await;
+    assert_eq!(leader(&w.ns).await.as_deref(), Some("ctl-two"));
+    assert!(two.log().contains("leading: reconciling"), "{}", two.log());
+    w.vms()
+        .delete("vm1", &DeleteParams::default())
+        .await
+        .expect("delete vm1");
+    let pool = w
+        .wait_pool("released vm1's address", |p| {
+            !allocated(p).contains_key("10.83.0.10")
+        })
+        .await;
+    assert_eq!(counts(&pool), (1, 9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_dhcp_runs_agents_dry_and_a_held_pool_keeps_its_agent_image() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-hold", &[("a", true, false), ("b", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &w.ns.name, &["--agents-per-pool=1"]);
+    w.pool("10.84.0.0/24", "10.84.0.10", "10.84.0.19").await;
+    w.wait_pool("ready", all_true).await;
+    let old: BTreeSet<String> = w.agents().await.into_keys().collect();
+    let args_of = |p: &Pod| {
+        p.spec.as_ref().expect("spec").containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+    };
+    for name in &old {
+        let p = w.pods().get(name).await.expect("agent");
+        assert!(!args_of(&p).iter().any(|a| a == "--dry-run"));
+    }
+
+    // Hold the pool's agent image, then restart with a new image and --no-dhcp: the agents
+    // roll (dry-run is a new revision) but keep the held image.
+    let hold = json!({"metadata": {"annotations": {
+        "network.harvesterhci.io/hold-ippool-agent-upgrade": "true"}}});
+    w.pools()
+        .patch("net-1", &PatchParams::default(), &Patch::Merge(&hold))
+        .await
+        .expect("hold annotation");
+    drop(ctl);
+    let v2 = AGENT_IMAGE.replace(":test", ":v2");
+    let _ctl = Controller::start(
+        cp,
+        &w.ns.name,
+        &["--agents-per-pool=1", &format!("--image={v2}"), "--no-dhcp"],
+    );
+    let pool = w
+        .wait_pool("active on a new agent", |p| {
+            all_true(p)
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.agent_pod_ref.as_ref())
+                    .and_then(|r| r.name.as_ref())
+                    .is_some_and(|n| !old.contains(n))
+        })
+        .await;
+    let image = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.agent_pod_ref.as_ref())
+        .and_then(|r| r.image.clone());
+    assert_eq!(image.as_deref(), Some(AGENT_IMAGE), "the held image");
+    let deadline = Instant::now() + DEADLINE;
+    let now = loop {
+        let now: BTreeSet<String> = w.agents().await.into_keys().collect();
+        if now.len() == 1 && now.is_disjoint(&old) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old agent never removed: {now:?} (old {old:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for name in &now {
+        let p = w.pods().get(name).await.expect("agent");
+        let c = &p.spec.as_ref().expect("spec").containers[0];
+        assert_eq!(c.image.as_deref(), Some(AGENT_IMAGE), "held, not {v2}");
+        assert!(
+            args_of(&p).iter().any(|a| a == "--dry-run"),
+            "{:?}",
+            args_of(&p)
+        );
     }
 }
