@@ -1203,3 +1203,53 @@ async fn no_dhcp_runs_agents_dry_and_a_held_pool_keeps_its_agent_image() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_agent_left_terminating_on_a_lost_node_is_force_deleted() {
+    if !can_run_pods() {
+        return;
+    }
+    // g lacks the cluster network: our agent goes to a; the Go agent sits on g.
+    let w = World::new("ctl-golost", &[("a", true, false), ("g", false, false)]).await;
+    let ns = w.ns.name.clone();
+    let g = w.sim.node_name("g");
+    w.sim.lose_node(&g).await.expect("lose node");
+    let name = format!("{ns}-net-1-agent");
+    let go_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {
+            "network.harvesterhci.io/vm-dhcp-controller": "agent",
+            "network.harvesterhci.io/ippool-namespace": ns,
+            "network.harvesterhci.io/ippool-name": "net-1"}},
+        "spec": {"nodeName": g, "containers": [{"name": "agent",
+                 "image": "rancher/harvester-vm-dhcp-agent:v1.5.0", "args": ["--ippool-ref", format!("{ns}/net-1")]}]}
+    }))
+    .expect("go pod");
+    w.pods()
+        .create(&PostParams::default(), &go_pod)
+        .await
+        .expect("go pod");
+    // Deleted before the takeover (by the Go controller or a user): no kubelet confirms it.
+    w.pods()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete go pod");
+    let stuck = w.pods().get_opt(&name).await.expect("pod");
+    assert!(
+        stuck.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+        "the Go pod should be left Terminating on the lost node"
+    );
+
+    let cp = ControlPlane::shared().await;
+    let _ctl = Controller::start(cp, &ns, &["--agents-per-pool=1"]);
+    w.pool("10.85.0.0/24", "10.85.0.10", "10.85.0.19").await;
+    w.wait_pool("ready", all_true).await;
+    let deadline = Instant::now() + DEADLINE;
+    while w.pods().get_opt(&name).await.expect("pod").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the Go agent stayed Terminating on the lost node\n{}",
+            w.sim.sim_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
