@@ -13,4 +13,5 @@ pub mod proc;
 pub mod tls;
 
 pub use cluster::{ControlPlane, TestNamespace, free_port};
+pub mod rbac;
 pub mod webhooks;

@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -90,37 +89,7 @@ struct Cluster {
 async fn cluster(prefix: &str, nodes: &[&str]) -> Cluster {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace(prefix).await;
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "vm-dhcp-agent"}}))
-        .expect("service account");
-    ns.api::<ServiceAccount>()
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("create service account");
-    // What the chart grants the agent, narrowed to the test namespace.
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": "vm-dhcp-agent"},
-        "rules": [
-            {"apiGroups": ["network.harvesterhci.io"], "resources": ["ippools"],
-             "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-             "verbs": ["get", "create", "update"]}
-        ]
-    }))
-    .expect("role");
-    ns.api::<Role>()
-        .create(&PostParams::default(), &role)
-        .await
-        .expect("create role");
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "vm-dhcp-agent"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-dhcp-agent"},
-        "subjects": [{"kind": "ServiceAccount", "name": "vm-dhcp-agent", "namespace": ns.name}]
-    }))
-    .expect("binding");
-    ns.api::<RoleBinding>()
-        .create(&PostParams::default(), &binding)
-        .await
-        .expect("create binding");
+    vm_dhcp_e2e::rbac::agent_service_account(&ns, "vm-dhcp-agent").await;
 
     let pool: IPPool = serde_json::from_value(json!({
         "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",

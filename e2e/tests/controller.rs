@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -131,37 +130,7 @@ struct World {
 }
 
 async fn agent_rbac(ns: &TestNamespace) {
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": AGENT_SA}})).expect("sa");
-    ns.api::<ServiceAccount>()
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("service account");
-    // As chart/templates/rbac.yaml grants the agents.
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": "vm-dhcp-agent"},
-        "rules": [
-            {"apiGroups": ["network.harvesterhci.io"], "resources": ["ippools"],
-             "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-             "verbs": ["get", "list", "watch", "create", "update", "patch"]}
-        ]
-    }))
-    .expect("role");
-    ns.api::<Role>()
-        .create(&PostParams::default(), &role)
-        .await
-        .expect("role");
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "vm-dhcp-agent"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-dhcp-agent"},
-        "subjects": [{"kind": "ServiceAccount", "name": AGENT_SA, "namespace": ns.name}]
-    }))
-    .expect("binding");
-    ns.api::<RoleBinding>()
-        .create(&PostParams::default(), &binding)
-        .await
-        .expect("binding");
+    vm_dhcp_e2e::rbac::agent_service_account(ns, AGENT_SA).await;
 }
 
 impl World {
