@@ -121,7 +121,7 @@ fn self_signed() -> Result<Arc<ReloadingCert>> {
 }
 
 async fn serve(args: ApiserverArgs) -> Result<()> {
-    let client = crate::webhook::client(args.kubeconfig.as_ref()).await?;
+    let client = crate::kube_client::client(args.kubeconfig.as_deref()).await?;
     let cert = match (&args.tls_cert_file, &args.tls_private_key_file) {
         (Some(c), Some(k)) => ReloadingCert::watch_files(c.clone(), k.clone())?,
         (None, None) => {

@@ -4,7 +4,9 @@ mod agent;
 mod apiserver;
 mod cli;
 mod controller;
+mod kube_client;
 mod logging;
+mod metrics_http;
 mod tls;
 mod webhook;
 

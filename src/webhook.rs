@@ -20,8 +20,8 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use prometheus_client::registry::Registry;
+use vm_dhcp_webhook::Metrics;
 use vm_dhcp_webhook::config::{Endpoint, webhook_configurations};
-use vm_dhcp_webhook::{Metrics, metrics::render};
 
 use crate::tls::{ReloadingCert, certified_key};
 
@@ -66,21 +66,6 @@ pub struct WebhookArgs {
     pub kubeconfig: Option<PathBuf>,
     #[arg(long, env = "VM_DHCP_WEBHOOK_DEBUG")]
     pub debug: bool,
-}
-
-pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig given and no in-cluster configuration found")?,
-    };
-    Ok(kube::Client::try_from(config)?)
 }
 
 /// The self-managed CA and serving certificate, from the Secret or made and stored there.
@@ -196,7 +181,7 @@ pub fn run(args: WebhookArgs) -> Result<()> {
 }
 
 async fn serve(args: WebhookArgs) -> Result<()> {
-    let client = client(args.kubeconfig.as_ref()).await?;
+    let client = crate::kube_client::client(args.kubeconfig.as_deref()).await?;
     let cert = match (&args.tls_cert_file, &args.tls_private_key_file) {
         (Some(cert), Some(key)) => ReloadingCert::watch_files(cert.clone(), key.clone())?,
         (None, None) => {
@@ -221,7 +206,7 @@ async fn serve(args: WebhookArgs) -> Result<()> {
             "/metrics",
             get(move || {
                 let registry = registry.clone();
-                async move { render(&registry) }
+                async move { crate::metrics_http::response(crate::metrics_http::encode(&registry)) }
             }),
         );
     let addr = SocketAddr::from(([0, 0, 0, 0], args.https_port));

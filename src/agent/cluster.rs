@@ -4,11 +4,10 @@
 //! offline file feeds; a periodic GET re-reads it as well, so a watch that silently stalls
 //! cannot leave the table behind the pool for longer than one resync period.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use futures_util::StreamExt;
 use kube::Api;
 use kube::runtime::WatchStreamExt;
@@ -43,23 +42,6 @@ pub fn parse_ref(flag: &str, value: &str) -> anyhow::Result<ObjectRef> {
         }
         _ => bail!("{flag} {value:?}: expected <namespace>/<name>, e.g. default/net-48"),
     }
-}
-
-/// A client from `--kubeconfig`/KUBECONFIG, else the in-cluster service account.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {} (--kubeconfig)", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::incluster().context(
-            "no --kubeconfig/KUBECONFIG and no in-cluster service account: pass a kubeconfig, or run offline with --ippool-file",
-        )?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// Feeds `tx` with the pool on every change and every `resync`, until `stop`.

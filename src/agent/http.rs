@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::jiff::Timestamp;
@@ -187,22 +187,7 @@ async fn leases_view(State(state): State<Arc<AgentState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics: {e}\n"),
-        )
-            .into_response(),
-    }
+    crate::metrics_http::response(crate::metrics_http::encode(&state.registry))
 }
 
 #[cfg(test)]

@@ -195,7 +195,11 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
     // A client first: a bad kubeconfig is reported before any socket is opened.
     let client = match &mode {
         Mode::File(_) => None,
-        Mode::Cluster { .. } => Some(cluster::client(args.kubeconfig.as_deref()).await?),
+        Mode::Cluster { .. } => Some(
+            crate::kube_client::client(args.kubeconfig.as_deref())
+                .await
+                .context("cluster mode needs the API; or run offline with --ippool-file")?,
+        ),
     };
 
     let socket = socket::open(&args.nic).with_context(|| {

@@ -14,7 +14,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kube::ResourceExt;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -125,27 +124,11 @@ pub(super) fn render(ctx: &Ctx) -> Result<String, std::fmt::Error> {
             status.get_or_create(&labels).set(1);
         }
     }
-    let mut out = String::new();
-    encode(&mut out, &registry)?;
-    Ok(out)
+    crate::metrics_http::encode(&registry)
 }
 
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
-    match render(&ctx) {
-        Ok(text) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics: {e}\n"),
-        )
-            .into_response(),
-    }
+    crate::metrics_http::response(render(&ctx))
 }
 
 /// The pool of `<ns>/<name>`: a network name first (upstream's key), else a pool name.

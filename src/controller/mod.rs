@@ -412,7 +412,7 @@ pub fn run(args: ControllerArgs) -> Result<()> {
 }
 
 async fn serve(args: ControllerArgs) -> Result<()> {
-    let client = crate::webhook::client(args.kubeconfig.as_ref()).await?;
+    let client = crate::kube_client::client(args.kubeconfig.as_deref()).await?;
     let slot: Arc<std::sync::OnceLock<Arc<Ctx>>> = Arc::default();
     let watch_ns = args.watch_namespace.as_deref();
     let agents = watcher::Config::default().labels(&format!(

@@ -1,7 +1,6 @@
 //! The webhook's metrics: admissions by resource, operation and result; allocation commit
 //! latency and batch size; commit retries on write conflicts.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -120,12 +119,3 @@ impl Metrics {
         self.allocations.get()
     }
 }
-
-/// Renders a registry in the Prometheus text format.
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
-    out
-}
-
-pub type SharedRegistry = Arc<Registry>;
