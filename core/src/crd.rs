@@ -209,12 +209,16 @@ pub struct IPPoolStatus {
 #[schemars(transform = require_counts)]
 pub struct IPv4Status {
     /// Address → MAC, `EXCLUDED` or `RESERVED`: the one source of truth of the pool.
+    /// An atomic map: the apiserver tracks it as one field, not one managedFields entry per
+    /// address (that bookkeeping doubled the cost of every status write of a large pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-map-type" = "atomic"))]
     pub allocated: Option<BTreeMap<String, String>>,
     /// Address → owner (`<namespace>/<name>` of the VM and its vmnetcfg), written in the same
     /// atomic update as `allocated` so that a MAC bound by one owner is refused to another.
     /// Not in the Go version; entries it wrote have no owner until the controller adopts them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-map-type" = "atomic"))]
     pub owners: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub used: i64,
