@@ -31,8 +31,7 @@ use vm_dhcp_apiserver::auth::{
 use vm_dhcp_apiserver::store::{Change, Engine, SourceKind, SourceObject};
 use vm_dhcp_apiserver::views::{AGENT_LABEL, AGENT_LABEL_VALUE, AgentLeases, Key};
 use vm_dhcp_apiserver::{ApiServer, router};
-use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
-use vm_dhcp_core::kubevirt::VirtualMachine;
+use vm_dhcp_core::crd::IPPool;
 
 use crate::tls::{DynamicConfig, PeerCertificates, ReloadingCert, certified_key};
 
@@ -159,26 +158,11 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
 
     let (tx, rx) = mpsc::channel::<Change>(1024);
     tokio::spawn(feed_engine(engine.clone(), rx));
-    let all = watcher::Config::default();
     tokio::spawn(watch_kind(
         Api::<IPPool>::all(client.clone()),
-        all.clone(),
+        watcher::Config::default(),
         SourceKind::Pools,
         SourceObject::Pool,
-        tx.clone(),
-    ));
-    tokio::spawn(watch_kind(
-        Api::<VirtualMachineNetworkConfig>::all(client.clone()),
-        all.clone(),
-        SourceKind::VmNetCfgs,
-        SourceObject::VmNetCfg,
-        tx.clone(),
-    ));
-    tokio::spawn(watch_kind(
-        Api::<VirtualMachine>::all(client.clone()),
-        all.clone(),
-        SourceKind::Vms,
-        SourceObject::Vm,
         tx.clone(),
     ));
     tokio::spawn(watch_kind(

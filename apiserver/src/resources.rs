@@ -65,8 +65,7 @@ static IPAM: ResourceDef = ResourceDef {
     short_names: &["ipamalloc"],
     description: "IPAMAllocation is one address of an IPPool that is not free: allocated to a \
                   NIC (dynamically or statically), reserved (server IP, router) or excluded. \
-                  A read-only view of IPPool.status.ipv4 (network.harvesterhci.io) joined with \
-                  the VirtualMachines and VirtualMachineNetworkConfigs that hold the MACs.",
+                  A read-only view of IPPool.status.ipv4 (network.harvesterhci.io).",
     columns: &[
         NAME,
         col("Address", "address", 0, "The IPv4 address"),
@@ -80,7 +79,6 @@ static IPAM: ResourceDef = ResourceDef {
         col("Owner", "owner", 0, "<namespace>/<VM> holding the address"),
         col("Pool", "pool", 1, "The IPPool (same namespace)"),
         col("Network", "network", 1, "The VM network <namespace>/<name>"),
-        col("Interface", "interface", 1, "The VM interface"),
     ],
     selectable: &["pool", "network", "address", "mac", "state", "owner"],
     fields: &[
@@ -103,19 +101,13 @@ static IPAM: ResourceDef = ResourceDef {
         (
             "state",
             "string",
-            "allocated (chosen by the IPAM), static (asked for by the VM's static-ip.harvesterhci.io/<nic> annotation), reserved (server IP or router) or excluded (pool.exclude).",
+            "allocated (chosen by the IPAM), static (asked for by address: the VM's static-ip.harvesterhci.io/<nic> annotation or a vmnetcfg entry created with its ipAddress; IPPool.status.ipv4.staticAddresses), reserved (server IP or router) or excluded (pool.exclude).",
         ),
         (
             "owner",
             "string",
-            "The VirtualMachine holding the address, as <namespace>/<name>: from IPPool.status.ipv4.owners, else the VM or vmnetcfg with that MAC.",
+            "The VirtualMachine (and its VirtualMachineNetworkConfig, of the same name) holding the address, as <namespace>/<name>, from IPPool.status.ipv4.owners; absent for an allocation the Go version made until the controller adopts it.",
         ),
-        (
-            "vmNetworkConfig",
-            "string",
-            "The VirtualMachineNetworkConfig with that MAC on this network, as <namespace>/<name>.",
-        ),
-        ("interface", "string", "The VM interface with that MAC."),
     ],
 };
 
@@ -133,10 +125,10 @@ static MACS: ResourceDef = ResourceDef {
         col("Address", "address", 0, "The IPv4 address it holds"),
         col("Network", "network", 0, "The VM network <namespace>/<name>"),
         col("Owner", "owner", 0, "<namespace>/<VM>"),
+        col("State", "state", 1, "allocated or static"),
         col("Pool", "pool", 1, "The IPPool"),
-        col("Interface", "interface", 1, "The VM interface"),
     ],
-    selectable: &["pool", "network", "address", "mac", "owner"],
+    selectable: &["pool", "network", "address", "mac", "state", "owner"],
     fields: &[
         ("mac", "string", "The MAC address (lower case, colons)."),
         ("network", "string", "The VM network as <namespace>/<name>."),
@@ -147,11 +139,15 @@ static MACS: ResourceDef = ResourceDef {
         ),
         ("address", "string", "The IPv4 address the MAC holds."),
         (
+            "state",
+            "string",
+            "allocated (chosen by the IPAM) or static (asked for by address).",
+        ),
+        (
             "owner",
             "string",
-            "The VirtualMachine as <namespace>/<name>.",
+            "The VirtualMachine (and its vmnetcfg) as <namespace>/<name>.",
         ),
-        ("interface", "string", "The VM interface with that MAC."),
     ],
 };
 

@@ -3,20 +3,21 @@
 //!
 //! resourceVersions. Kubernetes clients (Rancher Steve) parse them as integers, watchers
 //! resume from the last one they saw, possibly on another replica, and they must keep
-//! increasing across restarts. So they are derived from the sources' resourceVersions, which
+//! increasing across restarts. So they are derived from the IPPools' resourceVersions, which
 //! are etcd revisions (one counter for the whole cluster):
-//! - an `ipamallocations`/`macaddresses` object's version is the highest version of the
-//!   objects it is computed from (its IPPool, and the VM and vmnetcfg holding its MAC) when its
-//!   content last changed; unchanged objects keep their version when the pool changes
-//!   elsewhere (a replica started later shows the pool's version it first saw);
-//! - a list's version, and the version of a watch event, is the highest source version the
-//!   view has seen (deletions included). A watch resumed from version V on any replica gets the
-//!   changes it made after V; a V older than what the replica remembers gets 410 Expired and
-//!   the client lists again, as with kube-apiserver's watch cache.
-//!   Known limit: changes arrive on separate watch streams per source kind; when a VM's change
-//!   at revision 105 is seen before a pool's change at 100, both events carry 105 on this
-//!   replica. A client that saw only the first on one replica and resumes at 105 on another
-//!   misses the second until its next relist.
+//! - `ipamallocations` and `macaddresses` are computed from the IPPools alone, which arrive on
+//!   one watch stream in revision order, so every replica sees the same changes in the same
+//!   order. One pool change at revision `r` can change many objects: the i-th of them (in
+//!   name order, deletions last) gets version `r × 65,536 + i`, so every event has a version
+//!   of its own and every replica gives it the same one. A list's version is
+//!   `r × 65,536 + 65,535` for the last revision seen. A watch resumed from version V on any
+//!   replica gets exactly the changes after V; a V older than what the replica remembers
+//!   gets 410 Expired and the client lists again, as with kube-apiserver's watch cache.
+//!   (After a relist of the pools, which coalesces the changes it missed, this replica's
+//!   versions continue from its last one; only then can they differ from another replica's.)
+//! - an object keeps its version while its content is unchanged (a pool's new revision does
+//!   not turn each of its 10,000 allocations into a MODIFIED event); a replica started later
+//!   shows the pool's version it first saw for objects unchanged since.
 //! - `dhcpleases` have no etcd revision (the agent holds them): their versions are this
 //!   replica's clock in microseconds, strictly increasing, as kube's own recommendation for
 //!   servers without storage. Resuming a lease watch on another replica works when the clocks
@@ -28,30 +29,24 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
-use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
-use vm_dhcp_core::kubevirt::VirtualMachine;
+use vm_dhcp_core::crd::IPPool;
 
 use crate::resources::Resource;
 use crate::views::{
-    AgentLeases, Key, Sources, ViewObject, agent_candidates, holder_index, key_of, lease_views,
-    pool_network, pool_views, rv_of, vm_networks, vmnetcfg_networks,
+    AgentLeases, Key, Sources, ViewObject, agent_candidates, key_of, lease_views, pool_views, rv_of,
 };
+
+/// Versions per pool revision (see the module documentation).
+pub const VERSIONS_PER_REVISION: u64 = 1 << 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SourceKind {
     Pools,
-    VmNetCfgs,
-    Vms,
     Agents,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 4] = [
-        SourceKind::Pools,
-        SourceKind::VmNetCfgs,
-        SourceKind::Vms,
-        SourceKind::Agents,
-    ];
+    pub const ALL: [SourceKind; 2] = [SourceKind::Pools, SourceKind::Agents];
 }
 
 /// Short-lived (from a watch event into the engine), so the size difference of the variants
@@ -60,8 +55,6 @@ impl SourceKind {
 #[derive(Debug, Clone)]
 pub enum SourceObject {
     Pool(IPPool),
-    VmNetCfg(VirtualMachineNetworkConfig),
-    Vm(VirtualMachine),
     Agent(Pod),
 }
 
@@ -69,8 +62,6 @@ impl SourceObject {
     fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
             SourceObject::Pool(o) => &o.metadata,
-            SourceObject::VmNetCfg(o) => &o.metadata,
-            SourceObject::Vm(o) => &o.metadata,
             SourceObject::Agent(o) => &o.metadata,
         }
     }
@@ -118,7 +109,7 @@ pub struct Entry {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
     #[error(
-        "the views are not ready yet: the server is still reading IPPools, VMs and vmnetcfgs; retry in a few seconds"
+        "the views are not ready yet: the server is still reading the IPPools and agent pods; retry in a few seconds"
     )]
     NotReady,
     #[error(
@@ -161,36 +152,35 @@ impl View {
             .collect()
     }
 
-    /// Replaces the objects of one pool; returns the changes (without seq/rv yet).
+    /// Replaces the objects of one pool; returns the changes, each with the next version
+    /// from `next` (changed and added objects in name order, then deletions).
     fn replace_pool(
         &mut self,
         pool: &Key,
         objects: Vec<ViewObject>,
+        next: &mut impl FnMut() -> u64,
     ) -> Vec<(EventType, Arc<ViewObject>, Option<Arc<ViewObject>>)> {
         let old_keys = self.by_pool.remove(pool).unwrap_or_default();
         let mut new_keys = BTreeSet::new();
         let mut changes = Vec::new();
-        for obj in objects {
+        for mut obj in objects {
             let key = obj.key();
             new_keys.insert(key.clone());
-            match self.objects.get(&key) {
-                Some(old) if **old == obj => {}
-                Some(old) => {
-                    let old = old.clone();
-                    let obj = Arc::new(obj);
-                    self.objects.insert(key, obj.clone());
-                    changes.push((EventType::Modified, obj, Some(old)));
-                }
-                None => {
-                    let obj = Arc::new(obj);
-                    self.objects.insert(key, obj.clone());
-                    changes.push((EventType::Added, obj, None));
-                }
-            }
+            let (kind, previous) = match self.objects.get(&key) {
+                Some(old) if **old == obj => continue,
+                Some(old) => (EventType::Modified, Some(old.clone())),
+                None => (EventType::Added, None),
+            };
+            obj.resource_version = next();
+            let obj = Arc::new(obj);
+            self.objects.insert(key, obj.clone());
+            changes.push((kind, obj, previous));
         }
         for gone in old_keys.difference(&new_keys) {
             if let Some(old) = self.objects.remove(gone) {
-                changes.push((EventType::Deleted, old, None));
+                let mut last = (*old).clone();
+                last.resource_version = next();
+                changes.push((EventType::Deleted, Arc::new(last), None));
             }
         }
         if !new_keys.is_empty() {
@@ -199,16 +189,16 @@ impl View {
         changes
     }
 
+    /// Remembers changes for resuming watches; each carries its object's version.
     fn record(
         &mut self,
-        rv: u64,
         changes: Vec<(EventType, Arc<ViewObject>, Option<Arc<ViewObject>>)>,
         limit: usize,
     ) {
         for (kind, object, previous) in changes {
             self.history.push_back(Entry {
                 seq: self.next_seq,
-                rv,
+                rv: object.resource_version,
                 kind,
                 object,
                 previous,
@@ -232,9 +222,91 @@ struct Inner {
     sources: Sources,
     synced: BTreeSet<SourceKind>,
     ready: bool,
-    /// The highest source version seen (deletions included).
-    source_rv: u64,
+    /// The highest pool revision seen.
+    pool_rv: u64,
     views: [View; 3],
+}
+
+/// The list version after pool revision `rv`: above every change version of that revision.
+fn last_version_of(rv: u64) -> u64 {
+    rv.saturating_mul(VERSIONS_PER_REVISION)
+        .saturating_add(VERSIONS_PER_REVISION - 1)
+}
+
+impl Inner {
+    /// Recomputes the allocation and MAC views of `pools` after a pool change at revision
+    /// `rv`, giving each change the next version of that revision. True if anything changed.
+    fn pools_changed(&mut self, pools: &BTreeSet<Key>, rv: u64, limit: usize) -> bool {
+        let mut any = false;
+        for (index, view) in self.views[..2].iter_mut().enumerate() {
+            let mut next_version = view
+                .rv
+                .saturating_add(1)
+                .max(rv.saturating_mul(VERSIONS_PER_REVISION));
+            let first_version = next_version;
+            let mut changes = Vec::new();
+            for key in pools {
+                let objects = self
+                    .sources
+                    .pools
+                    .get(key)
+                    .map(|p| {
+                        let (allocs, macs) = pool_views(p);
+                        if index == 0 { allocs } else { macs }
+                    })
+                    .unwrap_or_default();
+                let objects = view.keep_versions(objects);
+                changes.extend(view.replace_pool(key, objects, &mut || {
+                    let v = next_version;
+                    next_version += 1;
+                    v
+                }));
+            }
+            view.rv = view
+                .rv
+                .max(last_version_of(rv))
+                .max(next_version.max(first_version) - 1);
+            any |= !changes.is_empty();
+            view.record(changes, limit);
+        }
+        any
+    }
+
+    /// Recomputes the lease view of `pools` (versions from the clock). True if anything
+    /// changed; `first` records no history.
+    fn update_leases(&mut self, pools: &BTreeSet<Key>, limit: usize, first: bool) -> bool {
+        let view = &mut self.views[2];
+        let lease_rv = now_micros().max(view.rv + 1);
+        let mut next_version = lease_rv;
+        let mut changes = Vec::new();
+        for pool_key in pools {
+            let objects = match (
+                self.sources.pools.get(pool_key),
+                self.sources.leases.get(pool_key),
+            ) {
+                (Some(pool), Some(doc)) => lease_views(pool, doc),
+                _ => Vec::new(),
+            };
+            let objects = view.keep_versions(objects);
+            changes.extend(view.replace_pool(pool_key, objects, &mut || {
+                let v = next_version;
+                next_version += 1;
+                v
+            }));
+        }
+        if first {
+            view.rv = lease_rv;
+            view.oldest_rv = lease_rv;
+            return false;
+        }
+        if changes.is_empty() {
+            view.rv = view.rv.max(1);
+            return false;
+        }
+        view.rv = next_version - 1;
+        view.record(changes, limit);
+        true
+    }
 }
 
 /// Where a watch starts.
@@ -275,7 +347,7 @@ impl Engine {
                 sources: Sources::default(),
                 synced: BTreeSet::new(),
                 ready: false,
-                source_rv: 0,
+                pool_rv: 0,
                 views: Default::default(),
             }),
             changed: watch::channel(0).0,
@@ -307,42 +379,45 @@ impl Engine {
             .collect()
     }
 
-    /// Applies source changes and updates the views.
+    /// Applies source changes and updates the views. Pool changes are turned into view
+    /// changes one at a time, in the order given (the watch stream's, so revision order).
     pub fn apply(&self, changes: Vec<Change>) {
-        let mut inner = self.lock();
-        let mut dirty: BTreeSet<Key> = BTreeSet::new();
-        let mut dirty_networks: BTreeSet<String> = BTreeSet::new();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let limit = self.history_limit;
         let mut lease_dirty: BTreeSet<Key> = BTreeSet::new();
-        let mut max_rv = 0u64;
+        let mut any = false;
         for change in changes {
-            match change {
+            let (pools, rv) = match change {
                 Change::Apply(obj) => {
-                    max_rv = max_rv.max(rv_of(obj.meta()));
-                    note(&mut inner.sources, &obj, &mut dirty, &mut dirty_networks);
+                    let touched = pool_touched(&obj);
                     insert(&mut inner.sources, obj);
+                    touched
                 }
                 Change::Delete(obj) => {
-                    max_rv = max_rv.max(rv_of(obj.meta()));
-                    note(&mut inner.sources, &obj, &mut dirty, &mut dirty_networks);
+                    let touched = pool_touched(&obj);
                     remove(&mut inner.sources, &obj);
+                    touched
                 }
                 Change::Replace(kind, objs) => {
-                    let old: Vec<SourceObject> = all_of(&inner.sources, kind);
+                    let mut touched = BTreeSet::new();
                     let new_keys: BTreeSet<Key> = objs.iter().map(|o| key_of(o.meta())).collect();
-                    for o in &old {
+                    for o in all_of(&inner.sources, kind) {
                         if !new_keys.contains(&key_of(o.meta())) {
-                            note(&mut inner.sources, o, &mut dirty, &mut dirty_networks);
-                            remove(&mut inner.sources, o);
+                            touched.extend(pool_touched(&o).0);
+                            remove(&mut inner.sources, &o);
                         }
                     }
+                    let mut rv = 0;
                     for o in objs {
-                        max_rv = max_rv.max(rv_of(o.meta()));
                         if !same_version(&inner.sources, &o) {
-                            note(&mut inner.sources, &o, &mut dirty, &mut dirty_networks);
+                            touched.extend(pool_touched(&o).0);
                         }
+                        rv = rv.max(rv_of(o.meta()));
                         insert(&mut inner.sources, o);
                     }
                     inner.synced.insert(kind);
+                    (touched, rv)
                 }
                 Change::Leases(pool, doc) => {
                     match doc {
@@ -359,90 +434,57 @@ impl Engine {
                         }
                     }
                     lease_dirty.insert(pool);
+                    continue;
                 }
+            };
+            if pools.is_empty() {
+                continue;
+            }
+            inner.pool_rv = inner.pool_rv.max(rv);
+            lease_dirty.extend(pools.iter().cloned());
+            if inner.ready {
+                any |= inner.pools_changed(&pools, rv, limit);
             }
         }
-        for (key, pool) in &inner.sources.pools {
-            if dirty_networks.contains(&pool_network(pool)) {
-                dirty.insert(key.clone());
-            }
-        }
-        lease_dirty.extend(dirty.iter().cloned());
-        inner.source_rv = inner.source_rv.max(max_rv);
-        let max_rv = inner.source_rv;
-        let limit = self.history_limit;
-        let inner = &mut *inner;
-        let first_time = !inner.ready;
-        if first_time {
+        if !inner.ready {
             if !SourceKind::ALL.iter().all(|k| inner.synced.contains(k)) {
                 return;
             }
-            // First complete picture: compute everything, remember no history before it.
+            // The first complete picture: every object at its pool's version, and no
+            // history before it.
             inner.ready = true;
-            dirty = inner.sources.pools.keys().cloned().collect();
-            lease_dirty = inner.sources.leases.keys().cloned().collect();
-            lease_dirty.extend(dirty.iter().cloned());
-        }
-        let networks: BTreeSet<String> = dirty
-            .iter()
-            .filter_map(|k| inner.sources.pools.get(k).map(|p| pool_network(p)))
-            .collect();
-        let holders = holder_index(&inner.sources, &networks);
-        let mut alloc_changes = Vec::new();
-        let mut mac_changes = Vec::new();
-        for pool_key in &dirty {
-            let (allocs, macs) = match inner.sources.pools.get(pool_key) {
-                Some(pool) => pool_views(pool, &holders),
-                None => (Vec::new(), Vec::new()),
-            };
-            let [alloc_view, mac_view, _] = &mut inner.views;
-            let allocs = alloc_view.keep_versions(allocs);
-            let macs = mac_view.keep_versions(macs);
-            alloc_changes.extend(alloc_view.replace_pool(pool_key, allocs));
-            mac_changes.extend(mac_view.replace_pool(pool_key, macs));
-        }
-        let mut lease_changes = Vec::new();
-        let lease_rv = now_micros().max(inner.views[2].rv + 1);
-        for pool_key in &lease_dirty {
-            let objects = match (
-                inner.sources.pools.get(pool_key),
-                inner.sources.leases.get(pool_key),
-            ) {
-                (Some(pool), Some(doc)) => lease_views(pool, doc),
-                _ => Vec::new(),
-            };
-            let view = &mut inner.views[2];
-            let objects = objects
-                .into_iter()
-                .map(|mut o| {
-                    o.resource_version = lease_rv;
-                    o
-                })
-                .collect();
-            let objects = view.keep_versions(objects);
-            lease_changes.extend(view.replace_pool(pool_key, objects));
-        }
-        let mut any = false;
-        let [alloc_view, mac_view, lease_view] = &mut inner.views;
-        for (view, changes, rv) in [
-            (alloc_view, alloc_changes, None),
-            (mac_view, mac_changes, None),
-            (lease_view, lease_changes, Some(lease_rv)),
-        ] {
-            let rv = match rv {
-                Some(lease_rv) if !changes.is_empty() => lease_rv,
-                Some(_) => view.rv.max(1),
-                None => view.rv.max(max_rv),
-            };
-            view.rv = rv;
-            if first_time {
-                view.oldest_rv = rv;
-                continue;
+            let pools: Vec<Key> = inner.sources.pools.keys().cloned().collect();
+            for key in &pools {
+                let (allocs, macs) = inner
+                    .sources
+                    .pools
+                    .get(key)
+                    .map(|p| pool_views(p))
+                    .unwrap_or_default();
+                for (view, objects) in inner.views.iter_mut().zip([allocs, macs]) {
+                    let versions: Vec<u64> = objects
+                        .iter()
+                        .map(|o| o.resource_version.saturating_mul(VERSIONS_PER_REVISION))
+                        .collect();
+                    let mut versions = versions.into_iter();
+                    view.replace_pool(key, objects, &mut || versions.next().unwrap_or(0));
+                }
             }
-            any |= !changes.is_empty();
-            view.record(rv, changes, limit);
+            let rv = last_version_of(inner.pool_rv);
+            for view in &mut inner.views[..2] {
+                view.rv = rv;
+                view.oldest_rv = rv;
+            }
+            lease_dirty = inner.sources.leases.keys().cloned().collect();
+            lease_dirty.extend(pools);
+            inner.update_leases(&lease_dirty, limit, true);
+            drop(guard);
+            self.changed.send_modify(|n| *n += 1);
+            return;
         }
-        if first_time || any {
+        any |= inner.update_leases(&lease_dirty, limit, false);
+        drop(guard);
+        if any {
             self.changed.send_modify(|n| *n += 1);
         }
     }
@@ -555,32 +597,12 @@ impl Engine {
     }
 }
 
-/// Marks what a source object's change touches: its pool, or the pools of its networks
-/// (before and after the change).
-fn note(
-    sources: &mut Sources,
-    obj: &SourceObject,
-    dirty: &mut BTreeSet<Key>,
-    networks: &mut BTreeSet<String>,
-) {
-    let key = key_of(obj.meta());
+/// The pool a source change touches, and its revision (agents touch none: they only tell
+/// the lease poller whom to ask).
+fn pool_touched(obj: &SourceObject) -> (BTreeSet<Key>, u64) {
     match obj {
-        SourceObject::Pool(_) => {
-            dirty.insert(key);
-        }
-        SourceObject::VmNetCfg(cfg) => {
-            networks.extend(vmnetcfg_networks(cfg));
-            if let Some(old) = sources.vmnetcfgs.get(&key) {
-                networks.extend(vmnetcfg_networks(old));
-            }
-        }
-        SourceObject::Vm(vm) => {
-            networks.extend(vm_networks(vm));
-            if let Some(old) = sources.vms.get(&key) {
-                networks.extend(vm_networks(old));
-            }
-        }
-        SourceObject::Agent(_) => {}
+        SourceObject::Pool(p) => (BTreeSet::from([key_of(&p.metadata)]), rv_of(&p.metadata)),
+        SourceObject::Agent(_) => (BTreeSet::new(), 0),
     }
 }
 
@@ -590,14 +612,6 @@ fn same_version(sources: &Sources, obj: &SourceObject) -> bool {
     match obj {
         SourceObject::Pool(_) => sources
             .pools
-            .get(&key)
-            .is_some_and(|o| o.metadata.resource_version.as_ref() == rv),
-        SourceObject::VmNetCfg(_) => sources
-            .vmnetcfgs
-            .get(&key)
-            .is_some_and(|o| o.metadata.resource_version.as_ref() == rv),
-        SourceObject::Vm(_) => sources
-            .vms
             .get(&key)
             .is_some_and(|o| o.metadata.resource_version.as_ref() == rv),
         SourceObject::Agent(_) => sources
@@ -613,12 +627,6 @@ fn insert(sources: &mut Sources, obj: SourceObject) {
         SourceObject::Pool(o) => {
             sources.pools.insert(key, Arc::new(o));
         }
-        SourceObject::VmNetCfg(o) => {
-            sources.vmnetcfgs.insert(key, Arc::new(o));
-        }
-        SourceObject::Vm(o) => {
-            sources.vms.insert(key, Arc::new(o));
-        }
         SourceObject::Agent(o) => {
             sources.agents.insert(key, Arc::new(o));
         }
@@ -631,12 +639,6 @@ fn remove(sources: &mut Sources, obj: &SourceObject) {
         SourceObject::Pool(_) => {
             sources.pools.remove(&key);
             sources.leases.remove(&key);
-        }
-        SourceObject::VmNetCfg(_) => {
-            sources.vmnetcfgs.remove(&key);
-        }
-        SourceObject::Vm(_) => {
-            sources.vms.remove(&key);
         }
         SourceObject::Agent(_) => {
             sources.agents.remove(&key);
@@ -651,20 +653,121 @@ fn all_of(sources: &Sources, kind: SourceKind) -> Vec<SourceObject> {
             .values()
             .map(|o| SourceObject::Pool((**o).clone()))
             .collect(),
-        SourceKind::VmNetCfgs => sources
-            .vmnetcfgs
-            .values()
-            .map(|o| SourceObject::VmNetCfg((**o).clone()))
-            .collect(),
-        SourceKind::Vms => sources
-            .vms
-            .values()
-            .map(|o| SourceObject::Vm((**o).clone()))
-            .collect(),
         SourceKind::Agents => sources
             .agents
             .values()
             .map(|o| SourceObject::Agent((**o).clone()))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pool(rv: u64, addresses: &[u8]) -> SourceObject {
+        let allocated: serde_json::Map<String, serde_json::Value> = addresses
+            .iter()
+            .map(|a| {
+                (
+                    format!("10.0.0.{a}"),
+                    format!("52:54:00:00:00:{a:02x}").into(),
+                )
+            })
+            .collect();
+        SourceObject::Pool(
+            serde_json::from_value(json!({
+                "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+                "metadata": {"name": "net", "namespace": "default", "resourceVersion": rv.to_string()},
+                "spec": {"networkName": "default/net", "ipv4Config": {"cidr": "10.0.0.0/24",
+                    "serverIP": "10.0.0.2", "pool": {"start": "10.0.0.10", "end": "10.0.0.200"}}},
+                "status": {"ipv4": {"used": addresses.len(), "available": 1, "allocated": allocated}}
+            }))
+            .expect("pool"),
+        )
+    }
+
+    fn ready(engine: &Engine, first: SourceObject) {
+        engine.apply(vec![
+            Change::Replace(SourceKind::Pools, vec![first]),
+            Change::Replace(SourceKind::Agents, vec![]),
+        ]);
+    }
+
+    fn versions(entries: &[Entry]) -> Vec<(u64, String)> {
+        entries
+            .iter()
+            .map(|e| (e.rv, e.object.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn every_change_of_one_pool_revision_has_a_version_of_its_own() {
+        let engine = Engine::new(1000);
+        ready(&engine, pool(100, &[10]));
+        engine.apply(vec![Change::Apply(pool(105, &[10, 11, 12]))]);
+        let all = engine
+            .watch_from(Resource::IpamAllocations, Some(last_version_of(100)))
+            .expect("watch");
+        let r = 105 * VERSIONS_PER_REVISION;
+        assert_eq!(
+            versions(&all.replay),
+            vec![
+                (r, "net.10-0-0-11".to_string()),
+                (r + 1, "net.10-0-0-12".to_string())
+            ]
+        );
+        assert_eq!(all.rv, last_version_of(105));
+        // A watcher that saw only the first of the two resumes with exactly the second.
+        let rest = engine
+            .watch_from(Resource::IpamAllocations, Some(r))
+            .expect("watch");
+        assert_eq!(
+            versions(&rest.replay),
+            vec![(r + 1, "net.10-0-0-12".into())]
+        );
+    }
+
+    #[test]
+    fn replicas_fed_the_same_revisions_give_the_same_versions() {
+        // Replica A gets the pool's revisions one by one, replica B in one batch and with
+        // agent changes in between: the events and their versions must be the same, so a
+        // watcher can resume on either.
+        let a = Engine::new(1000);
+        let b = Engine::new(1000);
+        ready(&a, pool(100, &[10]));
+        ready(&b, pool(100, &[10]));
+        a.apply(vec![Change::Apply(pool(110, &[10, 11]))]);
+        a.apply(vec![Change::Apply(pool(120, &[11, 12, 13]))]);
+        a.apply(vec![Change::Apply(pool(130, &[11, 12, 13, 14]))]);
+        b.apply(vec![
+            Change::Apply(pool(110, &[10, 11])),
+            Change::Replace(SourceKind::Agents, vec![]),
+            Change::Apply(pool(120, &[11, 12, 13])),
+            Change::Apply(pool(130, &[11, 12, 13, 14])),
+        ]);
+        let from = last_version_of(100);
+        let on_a = a
+            .watch_from(Resource::IpamAllocations, Some(from))
+            .expect("a");
+        let on_b = b
+            .watch_from(Resource::IpamAllocations, Some(from))
+            .expect("b");
+        assert_eq!(versions(&on_a.replay), versions(&on_b.replay));
+        assert_eq!(
+            on_a.replay.len(),
+            5,
+            "11 added; 12 and 13 added, 10 deleted; 14 added"
+        );
+        // Resume on B from the middle of revision 120 as seen on A.
+        let middle = on_a.replay[2].rv;
+        let rest = b
+            .watch_from(Resource::IpamAllocations, Some(middle))
+            .expect("b");
+        assert_eq!(versions(&rest.replay), versions(&on_a.replay[3..]));
+        let macs_a = a.watch_from(Resource::MacAddresses, Some(from)).expect("a");
+        let macs_b = b.watch_from(Resource::MacAddresses, Some(from)).expect("b");
+        assert_eq!(versions(&macs_a.replay), versions(&macs_b.replay));
     }
 }

@@ -1,6 +1,6 @@
-//! The views, computed purely from the source objects: IPPools (the one source of truth),
-//! vmnetcfgs and VirtualMachines (who owns an address, and whether it is static) and the
-//! active agent's lease document.
+//! The views, computed purely from the source objects: IPPools (the one source of truth:
+//! addresses, MACs, owners and which addresses are static) and the active agent's lease
+//! document.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -9,10 +9,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation, STATIC_IP_ANNOTATION_PREFIX};
-use vm_dhcp_core::crd::{IPPool, MARK_EXCLUDED, MARK_RESERVED, VirtualMachineNetworkConfig};
-use vm_dhcp_core::kubevirt::VirtualMachine;
-use vm_dhcp_core::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
+use vm_dhcp_core::crd::{IPPool, MARK_EXCLUDED, MARK_RESERVED};
+use vm_dhcp_core::mac::MacAddr;
 
 use crate::resources::Resource;
 
@@ -139,8 +137,6 @@ pub struct AgentLease {
 #[derive(Debug, Default, Clone)]
 pub struct Sources {
     pub pools: BTreeMap<Key, Arc<IPPool>>,
-    pub vmnetcfgs: BTreeMap<Key, Arc<VirtualMachineNetworkConfig>>,
-    pub vms: BTreeMap<Key, Arc<VirtualMachine>>,
     /// Agent pods (labelled `network.harvesterhci.io/vm-dhcp-controller=agent`).
     pub agents: BTreeMap<Key, Arc<Pod>>,
     /// Pool → what its active agent serves, with the agent pod's name.
@@ -164,129 +160,6 @@ pub fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
 /// The pool's network as `<namespace>/<name>`.
 pub fn pool_network(pool: &IPPool) -> String {
     vm_dhcp_core::admission::network_key(&pool.spec.network_name)
-}
-
-/// Who holds a MAC on a network.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Holder {
-    pub vmnetcfg: Option<(Key, u64)>,
-    pub vm: Option<VmNic>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct VmNic {
-    pub vm: Key,
-    pub rv: u64,
-    pub interface: String,
-    /// The address the `static-ip.harvesterhci.io/<nic>` annotation asks for.
-    pub static_ip: Option<Ipv4Addr>,
-}
-
-/// `(network, MAC)` → holder, for the given networks.
-pub type HolderIndex = BTreeMap<(String, MacAddr), Holder>;
-
-/// The VM's NICs on networks: (network, MAC, interface). MACs come from the spec, Harvester's
-/// MAC annotation, or what the webhook recorded in the allocations annotation.
-pub fn vm_nics(vm: &VirtualMachine) -> Vec<(String, MacAddr, String)> {
-    let annotations = vm.metadata.annotations.clone().unwrap_or_default();
-    let observed = annotations
-        .get(MAC_ANNOTATION)
-        .and_then(|a| parse_mac_annotation(a).ok());
-    let mut out = Vec::new();
-    if let Some(spec) = vm.spec.template.as_ref().and_then(|t| t.spec.as_ref()) {
-        let networks: BTreeMap<&str, &str> = spec
-            .networks
-            .iter()
-            .filter_map(|n| Some((n.name.as_str(), n.multus.as_ref()?.network_name.as_str())))
-            .collect();
-        for nic in spec
-            .domain
-            .as_ref()
-            .and_then(|d| d.devices.as_ref())
-            .map(|d| d.interfaces.as_slice())
-            .unwrap_or_default()
-        {
-            if nic.state.as_deref() == Some("absent") {
-                continue;
-            }
-            let Some(network) = networks.get(nic.name.as_str()) else {
-                continue;
-            };
-            if let Ok(Some(mac)) = nic_mac(nic.mac_address.as_deref(), observed.as_ref(), &nic.name)
-            {
-                out.push((
-                    vm_dhcp_core::admission::network_key(network),
-                    mac,
-                    nic.name.clone(),
-                ));
-            }
-        }
-    }
-    if let Some(recorded) = annotations
-        .get(ALLOCATIONS_ANNOTATION)
-        .and_then(|a| serde_json::from_str::<Vec<NicAllocation>>(a).ok())
-    {
-        for a in recorded {
-            let Ok(mac) = a.mac_address.parse::<MacAddr>() else {
-                continue;
-            };
-            let network = vm_dhcp_core::admission::network_key(&a.network);
-            if !out.iter().any(|(n, m, _)| *n == network && *m == mac) {
-                out.push((network, mac, a.interface));
-            }
-        }
-    }
-    out
-}
-
-/// The networks a vmnetcfg or VM has NICs on (to know which pools a change touches).
-pub fn vmnetcfg_networks(cfg: &VirtualMachineNetworkConfig) -> BTreeSet<String> {
-    cfg.spec
-        .network_configs
-        .iter()
-        .flatten()
-        .map(|c| vm_dhcp_core::admission::network_key(&c.network_name))
-        .collect()
-}
-
-pub fn vm_networks(vm: &VirtualMachine) -> BTreeSet<String> {
-    vm_nics(vm).into_iter().map(|(n, _, _)| n).collect()
-}
-
-/// Builds the holder index for `networks` from every vmnetcfg and VM.
-pub fn holder_index(sources: &Sources, networks: &BTreeSet<String>) -> HolderIndex {
-    let mut index = HolderIndex::new();
-    for (key, cfg) in &sources.vmnetcfgs {
-        for entry in cfg.spec.network_configs.iter().flatten() {
-            let network = vm_dhcp_core::admission::network_key(&entry.network_name);
-            if !networks.contains(&network) {
-                continue;
-            }
-            let Ok(mac) = entry.mac_address.parse::<MacAddr>() else {
-                continue;
-            };
-            index.entry((network, mac)).or_default().vmnetcfg =
-                Some((key.clone(), rv_of(&cfg.metadata)));
-        }
-    }
-    for (key, vm) in &sources.vms {
-        let annotations = vm.metadata.annotations.clone().unwrap_or_default();
-        for (network, mac, interface) in vm_nics(vm) {
-            if !networks.contains(&network) {
-                continue;
-            }
-            let static_ip = annotations
-                .get(&format!("{STATIC_IP_ANNOTATION_PREFIX}{interface}"))
-                .and_then(|s| s.trim().parse().ok());
-            index.entry((network, mac)).or_default().vm = Some(VmNic {
-                vm: key.clone(),
-                rv: rv_of(&vm.metadata),
-                interface,
-                static_ip,
-            });
-        }
-    }
-    index
 }
 
 fn dashed(text: &str) -> String {
@@ -326,8 +199,11 @@ fn common_labels(pool: &str, network: &str) -> BTreeMap<String, String> {
 /// `allocated`, `static`, `reserved` or `excluded`.
 pub const STATES: [&str; 4] = ["allocated", "static", "reserved", "excluded"];
 
-/// The `ipamallocations` and `macaddresses` objects of one pool.
-pub fn pool_views(pool: &IPPool, holders: &HolderIndex) -> (Vec<ViewObject>, Vec<ViewObject>) {
+/// The `ipamallocations` and `macaddresses` objects of one pool, computed from the pool
+/// alone (its `allocated`, `owners` and `staticAddresses`): one watch stream, so every
+/// replica sees their changes in the same order (see `Engine`). The resourceVersion is the
+/// pool's; the engine replaces it with the version of the change.
+pub fn pool_views(pool: &IPPool) -> (Vec<ViewObject>, Vec<ViewObject>) {
     let (namespace, pool_name) = key_of(&pool.metadata);
     let pool_rv = rv_of(&pool.metadata);
     let network = pool_network(pool);
@@ -335,6 +211,12 @@ pub fn pool_views(pool: &IPPool, holders: &HolderIndex) -> (Vec<ViewObject>, Vec
     let empty = BTreeMap::new();
     let allocated = ipv4.and_then(|s| s.allocated.as_ref()).unwrap_or(&empty);
     let owners = ipv4.and_then(|s| s.owners.as_ref()).unwrap_or(&empty);
+    let statics: BTreeSet<&str> = ipv4
+        .and_then(|s| s.static_addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     let mut allocations = Vec::with_capacity(allocated.len());
     let mut macs = Vec::new();
     for (address, value) in allocated {
@@ -342,7 +224,6 @@ pub fn pool_views(pool: &IPPool, holders: &HolderIndex) -> (Vec<ViewObject>, Vec
             continue; // the webhook never writes one; a hand-edited status is skipped
         };
         let mut labels = common_labels(&pool_name, &network);
-        let mut rv = pool_rv;
         let mut fields = Map::new();
         fields.insert("pool".into(), pool_name.clone().into());
         fields.insert("network".into(), network.clone().into());
@@ -354,44 +235,15 @@ pub fn pool_views(pool: &IPPool, holders: &HolderIndex) -> (Vec<ViewObject>, Vec
                 let Ok(mac) = mac_text.parse::<MacAddr>() else {
                     continue;
                 };
-                let holder = holders
-                    .get(&(network.clone(), mac))
-                    .cloned()
-                    .unwrap_or_default();
-                let vm = holder.vm.as_ref();
                 let owner = owners
                     .get(address)
-                    .cloned()
-                    .or_else(|| vm.map(|v| format!("{}/{}", v.vm.0, v.vm.1)))
-                    .or_else(|| {
-                        holder
-                            .vmnetcfg
-                            .as_ref()
-                            .map(|((ns, name), _)| format!("{ns}/{name}"))
-                    });
-                let is_static = vm.is_some_and(|v| v.static_ip == Some(ip));
-                if let Some((_, cfg_rv)) = &holder.vmnetcfg {
-                    rv = rv.max(*cfg_rv);
-                }
-                if let Some(v) = vm {
-                    rv = rv.max(v.rv);
-                }
+                    .map_or(Value::Null, |o| Value::from(o.as_str()));
+                let state = if statics.contains(address.as_str()) {
+                    "static"
+                } else {
+                    "allocated"
+                };
                 fields.insert("mac".into(), mac.to_string().into());
-                fields.insert(
-                    "owner".into(),
-                    owner.clone().map_or(Value::Null, Value::from),
-                );
-                fields.insert(
-                    "vmNetworkConfig".into(),
-                    holder
-                        .vmnetcfg
-                        .as_ref()
-                        .map_or(Value::Null, |((ns, name), _)| format!("{ns}/{name}").into()),
-                );
-                fields.insert(
-                    "interface".into(),
-                    vm.map_or(Value::Null, |v| v.interface.clone().into()),
-                );
                 label(&mut labels, LABEL_MAC, &dashed(&mac.to_string()));
                 let mut mac_labels = common_labels(&pool_name, &network);
                 label(&mut mac_labels, LABEL_MAC, &dashed(&mac.to_string()));
@@ -400,35 +252,24 @@ pub fn pool_views(pool: &IPPool, holders: &HolderIndex) -> (Vec<ViewObject>, Vec
                 mac_fields.insert("network".into(), network.clone().into());
                 mac_fields.insert("pool".into(), pool_name.clone().into());
                 mac_fields.insert("address".into(), ip.to_string().into());
-                mac_fields.insert("owner".into(), owner.map_or(Value::Null, Value::from));
-                mac_fields.insert(
-                    "interface".into(),
-                    vm.map_or(Value::Null, |v| v.interface.clone().into()),
-                );
+                mac_fields.insert("state".into(), state.into());
+                mac_fields.insert("owner".into(), owner.clone());
+                fields.insert("owner".into(), owner);
                 macs.push(ViewObject {
                     resource: Resource::MacAddresses,
                     namespace: namespace.clone(),
                     name: format!("{pool_name}.{}", dashed(&mac.to_string())),
-                    resource_version: rv,
+                    resource_version: pool_rv,
                     labels: mac_labels,
                     fields: mac_fields,
                 });
-                if is_static { "static" } else { "allocated" }
+                state
             }
         };
         fields.insert("state".into(), state.into());
         label(&mut labels, LABEL_STATE, state);
         // The field order of the served object: keep it stable and readable.
-        let order = [
-            "pool",
-            "network",
-            "address",
-            "mac",
-            "state",
-            "owner",
-            "vmNetworkConfig",
-            "interface",
-        ];
+        let order = ["pool", "network", "address", "mac", "state", "owner"];
         let mut ordered = Map::new();
         for k in order {
             if let Some(v) = fields.remove(k) {
@@ -439,7 +280,7 @@ pub fn pool_views(pool: &IPPool, holders: &HolderIndex) -> (Vec<ViewObject>, Vec
             resource: Resource::IpamAllocations,
             namespace: namespace.clone(),
             name: format!("{pool_name}.{}", dashed(&ip.to_string())),
-            resource_version: rv,
+            resource_version: pool_rv,
             labels,
             fields: ordered,
         });
@@ -539,31 +380,15 @@ mod tests {
             "status": {"ipv4": {"used": 3, "available": 8,
                 "allocated": {"192.168.48.10": "52:54:00:00:00:01", "192.168.48.11": "52:54:00:00:00:02",
                               "192.168.48.12": "EXCLUDED", "192.168.48.13": "RESERVED"},
-                "owners": {"192.168.48.10": "default/vm1"}}}
+                "owners": {"192.168.48.10": "default/vm1"},
+                "staticAddresses": ["192.168.48.11"]}}
         }))
         .expect("pool")
     }
 
-    fn vm() -> VirtualMachine {
-        serde_json::from_value(json!({
-            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-            "metadata": {"name": "vm2", "namespace": "default", "resourceVersion": "120",
-                "annotations": {"static-ip.harvesterhci.io/nic-1": "192.168.48.11"}},
-            "spec": {"template": {"spec": {"domain": {"devices": {"interfaces": [
-                {"name": "nic-1", "macAddress": "52:54:00:00:00:02"}]}},
-                "networks": [{"name": "nic-1", "multus": {"networkName": "default/net-48"}}]}}}
-        }))
-        .expect("vm")
-    }
-
     #[test]
     fn one_object_per_taken_address_with_state_and_owner() {
-        let mut sources = Sources::default();
-        sources
-            .vms
-            .insert(("default".into(), "vm2".into()), Arc::new(vm()));
-        let index = holder_index(&sources, &BTreeSet::from(["default/net-48".to_string()]));
-        let (allocs, macs) = pool_views(&pool(), &index);
+        let (allocs, macs) = pool_views(&pool());
         let by_name: BTreeMap<&str, &ViewObject> =
             allocs.iter().map(|o| (o.name.as_str(), o)).collect();
         assert_eq!(allocs.len(), 4);
@@ -573,10 +398,12 @@ mod tests {
         assert_eq!(a.fields["owner"], "default/vm1");
         assert_eq!(a.resource_version, 100);
         let s = by_name["net-48.192-168-48-11"];
-        assert_eq!(s.fields["state"], "static");
-        assert_eq!(s.fields["owner"], "default/vm2", "owner from the VM");
-        assert_eq!(s.fields["interface"], "nic-1");
-        assert_eq!(s.resource_version, 120, "max of pool and VM versions");
+        assert_eq!(s.fields["state"], "static", "listed in staticAddresses");
+        assert_eq!(
+            s.fields["owner"],
+            Value::Null,
+            "an allocation nobody adopted yet"
+        );
         assert_eq!(by_name["net-48.192-168-48-12"].fields["state"], "excluded");
         assert_eq!(by_name["net-48.192-168-48-13"].fields["state"], "reserved");
         assert_eq!(s.labels[LABEL_MAC], "52-54-00-00-00-02");
@@ -584,6 +411,19 @@ mod tests {
         assert_eq!(s.labels[LABEL_STATE], "static");
         assert_eq!(macs[1].name, "net-48.52-54-00-00-00-02");
         assert_eq!(macs[1].fields["address"], "192.168.48.11");
+        assert_eq!(macs[1].fields["state"], "static");
+        assert_eq!(macs[0].fields["owner"], "default/vm1");
+    }
+
+    #[test]
+    fn a_static_address_no_longer_allocated_is_not_shown() {
+        let mut p = pool();
+        if let Some(ipv4) = p.status.as_mut().and_then(|s| s.ipv4.as_mut()) {
+            ipv4.static_addresses = Some(vec!["192.168.48.15".into(), "192.168.48.12".into()]);
+        }
+        let (allocs, _) = pool_views(&p);
+        assert_eq!(allocs.len(), 4);
+        assert!(allocs.iter().all(|o| o.fields["state"] != "static"));
     }
 
     #[test]

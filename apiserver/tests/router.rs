@@ -17,7 +17,6 @@ use vm_dhcp_apiserver::auth::{
 };
 use vm_dhcp_apiserver::{ApiServer, Change, Engine, SourceKind, SourceObject, router};
 use vm_dhcp_core::crd::IPPool;
-use vm_dhcp_core::kubevirt::VirtualMachine;
 
 const GV: &str = "/apis/dhcp.harvesterhci.io/v1alpha1";
 const TABLE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
@@ -47,13 +46,19 @@ impl Authorizer for Table {
 }
 
 fn pool(rv: u64, allocated: Value) -> IPPool {
+    pool_with(rv, allocated, &["192.168.48.11"])
+}
+
+/// The pool with these addresses marked static.
+fn pool_with(rv: u64, allocated: Value, statics: &[&str]) -> IPPool {
     serde_json::from_value(json!({
         "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
         "metadata": {"name": "net-48", "namespace": "default", "resourceVersion": rv.to_string()},
         "spec": {"networkName": "default/net-48", "ipv4Config": {"cidr": "192.168.48.0/24",
             "serverIP": "192.168.48.2", "pool": {"start": "192.168.48.10", "end": "192.168.48.20"}}},
         "status": {"ipv4": {"used": 2, "available": 9, "allocated": allocated,
-            "owners": {"192.168.48.10": "default/vm1"}}}
+            "owners": {"192.168.48.10": "default/vm1", "192.168.48.11": "default/vm2"},
+            "staticAddresses": statics}}
     }))
     .expect("pool")
 }
@@ -74,18 +79,6 @@ fn other_pool() -> IPPool {
     .expect("pool")
 }
 
-fn vm2() -> VirtualMachine {
-    serde_json::from_value(json!({
-        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-        "metadata": {"name": "vm2", "namespace": "default", "resourceVersion": "120",
-            "annotations": {"static-ip.harvesterhci.io/nic-1": "192.168.48.11"}},
-        "spec": {"template": {"spec": {"domain": {"devices": {"interfaces": [
-            {"name": "nic-1", "macAddress": "52:54:00:00:00:02"}]}},
-            "networks": [{"name": "nic-1", "multus": {"networkName": "default/net-48"}}]}}}
-    }))
-    .expect("vm")
-}
-
 struct Fixture {
     engine: Arc<Engine>,
     authz: Arc<Table>,
@@ -102,8 +95,6 @@ fn synced_engine() -> Arc<Engine> {
                 SourceObject::Pool(other_pool()),
             ],
         ),
-        Change::Replace(SourceKind::VmNetCfgs, vec![]),
-        Change::Replace(SourceKind::Vms, vec![SourceObject::Vm(vm2())]),
         Change::Replace(SourceKind::Agents, vec![]),
     ]);
     engine
@@ -368,8 +359,8 @@ async fn list_has_numeric_versions_and_full_items() {
     assert_eq!(list["kind"], "IPAMAllocationList");
     assert_eq!(list["apiVersion"], "dhcp.harvesterhci.io/v1alpha1");
     assert_eq!(
-        list["metadata"]["resourceVersion"], "120",
-        "the highest source version"
+        list["metadata"]["resourceVersion"], "6619135",
+        "after pool revision 100: 100 × 65,536 + 65,535"
     );
     let items = list["items"].as_array().expect("items");
     assert_eq!(items.len(), 5, "4 in default/net-48, 1 in other/net-9");
@@ -385,7 +376,10 @@ async fn list_has_numeric_versions_and_full_items() {
         .expect("static allocation");
     assert_eq!(static_one["state"], "static");
     assert_eq!(static_one["owner"], "default/vm2");
-    assert_eq!(static_one["metadata"]["resourceVersion"], "120");
+    assert_eq!(
+        static_one["metadata"]["resourceVersion"], "6553600",
+        "the pool's revision 100 × 65,536"
+    );
     let (_, ns_list) = get(&f, &format!("{GV}/namespaces/other/ipamallocations"), None).await;
     assert_eq!(ns_list["items"].as_array().map(Vec::len), Some(1));
     let (_, macs) = get(&f, &format!("{GV}/namespaces/default/macaddresses"), None).await;
@@ -425,8 +419,7 @@ async fn table_output_with_each_include_object() {
             "allocated",
             "default/vm1",
             "net-48",
-            "default/net-48",
-            "<none>"
+            "default/net-48"
         ])
     );
     assert_eq!(
@@ -556,7 +549,7 @@ async fn limit_and_continue_page_through_everything_once() {
         let (code, list) = get(&f, &path, None).await;
         assert_eq!(code, StatusCode::OK, "{list}");
         assert_eq!(
-            list["metadata"]["resourceVersion"], "120",
+            list["metadata"]["resourceVersion"], "6619135",
             "one version for all pages"
         );
         pages += 1;
@@ -588,7 +581,7 @@ async fn resource_version_semantics_of_list() {
     assert_eq!(code, StatusCode::OK);
     let (code, _) = get(
         &f,
-        &format!("{base}?resourceVersion=120&resourceVersionMatch=Exact"),
+        &format!("{base}?resourceVersion=6619135&resourceVersionMatch=Exact"),
         None,
     )
     .await;
@@ -789,11 +782,7 @@ async fn not_ready_until_every_source_is_listed() {
     let (code, doc) = get(&f, &format!("{GV}/ipamallocations"), None).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_status(&doc, 503, "ServiceUnavailable");
-    engine.apply(vec![
-        Change::Replace(SourceKind::VmNetCfgs, vec![]),
-        Change::Replace(SourceKind::Vms, vec![]),
-        Change::Replace(SourceKind::Agents, vec![]),
-    ]);
+    engine.apply(vec![Change::Replace(SourceKind::Agents, vec![])]);
     let req = Request::get("/readyz")
         .body(Body::empty())
         .expect("request");
@@ -822,7 +811,10 @@ async fn watch_streams_lines_and_resumes_from_a_version() {
     let ev = w.next_events(1).await;
     assert_eq!(ev[0]["type"], "ADDED");
     assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-14");
-    assert_eq!(ev[0]["object"]["metadata"]["resourceVersion"], "130");
+    assert_eq!(
+        ev[0]["object"]["metadata"]["resourceVersion"], "8519680",
+        "revision 130 × 65,536"
+    );
     // Released again at 140.
     f.engine.apply(vec![Change::Apply(SourceObject::Pool(pool(
         140,
@@ -830,11 +822,11 @@ async fn watch_streams_lines_and_resumes_from_a_version() {
     )))]);
     let ev = w.next_events(1).await;
     assert_eq!(ev[0]["type"], "DELETED");
-    assert_eq!(ev[0]["object"]["metadata"]["resourceVersion"], "140");
-    // Another watcher resumes from 130: only what came after.
+    assert_eq!(ev[0]["object"]["metadata"]["resourceVersion"], "9175040");
+    // Another watcher resumes from the ADDED event: only what came after.
     let mut resumed = watch(
         &f,
-        &format!("{GV}/ipamallocations?watch=1&resourceVersion=130"),
+        &format!("{GV}/ipamallocations?watch=1&resourceVersion=8519680"),
         None,
     )
     .await;
@@ -867,20 +859,16 @@ async fn watch_with_a_selector_turns_leaving_objects_into_deleted() {
     let initial = w.next_events(2).await;
     assert_eq!(initial.len(), 2);
     // vm1's address becomes static: it leaves the selection.
-    let vm1: VirtualMachine = serde_json::from_value(json!({
-        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-        "metadata": {"name": "vm1", "namespace": "default", "resourceVersion": "150",
-            "annotations": {"static-ip.harvesterhci.io/nic-1": "192.168.48.10"}},
-        "spec": {"template": {"spec": {"domain": {"devices": {"interfaces": [
-            {"name": "nic-1", "macAddress": "52:54:00:00:00:01"}]}},
-            "networks": [{"name": "nic-1", "multus": {"networkName": "default/net-48"}}]}}}
-    }))
-    .expect("vm");
-    f.engine.apply(vec![Change::Apply(SourceObject::Vm(vm1))]);
+    f.engine
+        .apply(vec![Change::Apply(SourceObject::Pool(pool_with(
+            150,
+            base_allocated(),
+            &["192.168.48.10", "192.168.48.11"],
+        )))]);
     let ev = w.next_events(1).await;
     assert_eq!(ev[0]["type"], "DELETED");
     assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-10");
-    assert_eq!(ev[0]["object"]["metadata"]["resourceVersion"], "150");
+    assert_eq!(ev[0]["object"]["metadata"]["resourceVersion"], "9830400");
 }
 
 #[tokio::test]

@@ -71,6 +71,7 @@ fn bench(c: &mut Criterion) {
     let status = IPv4Status {
         allocated: Some(allocated_map(10_000)),
         owners: None,
+        static_addresses: None,
         used: 10_000,
         available: 0,
     };

@@ -5,7 +5,7 @@
 //! owner returns the address it holds. A MAC bound by another owner is refused (conflicting
 //! static MAC). Only additions are made here: releasing is the controller's business.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use crate::crd::IPv4Status;
@@ -72,6 +72,8 @@ pub struct PoolBook {
     allocated: BTreeMap<String, String>,
     by_mac: HashMap<MacAddr, Ipv4Addr>,
     owners: BTreeMap<String, String>,
+    /// Addresses taken by address (`want`), kept in `status.ipv4.staticAddresses`.
+    statics: BTreeSet<String>,
     dirty: bool,
 }
 
@@ -83,6 +85,12 @@ impl PoolBook {
     ) -> Result<(Self, Vec<RebuildIssue>), IpamError> {
         let allocated = status.and_then(|s| s.allocated.clone()).unwrap_or_default();
         let owners = status.and_then(|s| s.owners.clone()).unwrap_or_default();
+        let statics = status
+            .and_then(|s| s.static_addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         let (ipam, issues) = Ipam::rebuild(layout, &allocated)?;
         let by_mac = allocated
             .iter()
@@ -94,6 +102,7 @@ impl PoolBook {
             allocated,
             by_mac,
             owners,
+            statics,
             dirty: false,
         };
         // The marks of the spec (server, router, exclusions) belong in the map too, as
@@ -147,6 +156,8 @@ impl PoolBook {
         IPv4Status {
             allocated: Some(self.allocated.clone()),
             owners: (!self.owners.is_empty()).then(|| self.owners.clone()),
+            static_addresses: (!self.statics.is_empty())
+                .then(|| self.statics.iter().cloned().collect()),
             used: i64::from(self.ipam.used()),
             available: i64::from(self.ipam.available()),
         }
@@ -228,6 +239,9 @@ impl PoolBook {
         };
         let key = ip.to_string();
         self.allocated.insert(key.clone(), mac.to_string());
+        if req.want.is_some() {
+            self.statics.insert(key.clone());
+        }
         self.owners.insert(key, req.owner.clone());
         self.by_mac.insert(mac, ip);
         self.dirty = true;
@@ -248,6 +262,7 @@ impl PoolBook {
                             let _ = self.ipam.release(a.ip);
                             self.allocated.remove(&key);
                             self.by_mac.remove(&a.mac);
+                            self.statics.remove(&key);
                         }
                         if a.new || *adopted {
                             self.owners.remove(&key);

@@ -249,6 +249,19 @@ pub fn next_ipv4(
     }
     // Owners of addresses no longer allocated are dropped (a half-finished older write).
     owners.retain(|ip, _| allocated.contains_key(ip));
+    let statics: Vec<String> = before
+        .and_then(|b| b.static_addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|ip| {
+            allocated
+                .get(*ip)
+                .is_some_and(|v| v.parse::<MacAddr>().is_ok())
+        })
+        .cloned()
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .collect();
     let (ipam, _issues) = Ipam::rebuild(layout.clone(), &allocated)?;
     for (ip, state) in ipam.taken() {
         let mark = match state {
@@ -268,6 +281,7 @@ pub fn next_ipv4(
     Ok(IPv4Status {
         allocated: (!allocated.is_empty()).then_some(allocated),
         owners: (!owners.is_empty()).then_some(owners),
+        static_addresses: (!statics.is_empty()).then_some(statics),
         used: i64::from(ipam.used()),
         available: i64::from(ipam.available()),
     })
@@ -295,6 +309,8 @@ pub fn ipv4_merge_patch(before: Option<&IPv4Status>, after: &IPv4Status) -> serd
     serde_json::json!({
         "allocated": diff(before.and_then(|b| b.allocated.as_ref()), after.allocated.as_ref()),
         "owners": diff(before.and_then(|b| b.owners.as_ref()), after.owners.as_ref()),
+        // A list: a merge patch replaces it whole (null removes it).
+        "staticAddresses": after.static_addresses,
         "used": after.used,
         "available": after.available,
     })
@@ -305,12 +321,15 @@ pub fn same_ipv4(a: Option<&IPv4Status>, b: &IPv4Status) -> bool {
     let Some(a) = a else {
         return b.allocated.as_ref().is_none_or(BTreeMap::is_empty)
             && b.owners.as_ref().is_none_or(BTreeMap::is_empty)
+            && b.static_addresses.as_ref().is_none_or(Vec::is_empty)
             && b.used == 0
             && b.available == 0;
     };
     let empty = BTreeMap::new();
     a.allocated.as_ref().unwrap_or(&empty) == b.allocated.as_ref().unwrap_or(&empty)
         && a.owners.as_ref().unwrap_or(&empty) == b.owners.as_ref().unwrap_or(&empty)
+        && a.static_addresses.as_deref().unwrap_or_default()
+            == b.static_addresses.as_deref().unwrap_or_default()
         && a.used == b.used
         && a.available == b.available
 }

@@ -220,6 +220,12 @@ pub struct IPv4Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-map-type" = "atomic"))]
     pub owners: Option<BTreeMap<String, String>>,
+    /// The addresses their owners asked for by address (a `static-ip.harvesterhci.io/<nic>`
+    /// annotation, or a vmnetcfg entry created with its `ipAddress`), written with the
+    /// allocation, so that the IPAM views tell static from allocated from the pool alone.
+    /// Not in the Go version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_addresses: Option<Vec<String>>,
     #[serde(default)]
     pub used: i64,
     #[serde(default)]

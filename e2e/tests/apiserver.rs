@@ -497,6 +497,15 @@ async fn lease_view_reads_the_active_agent() {
 /// A client straight to our server (not through kube-apiserver), optionally with the
 /// front-proxy certificate and the user headers the aggregator would set.
 async fn direct(api: &AggregatedApi, cp: &ControlPlane, user: Option<&str>) -> kube::Client {
+    direct_as(api, cp, user, "system:authenticated")
+}
+
+fn direct_as(
+    api: &AggregatedApi,
+    cp: &ControlPlane,
+    user: Option<&str>,
+    group: &str,
+) -> kube::Client {
     use base64::Engine as _;
     let url: http::Uri = format!("https://127.0.0.1:{}", api.port)
         .parse()
@@ -521,7 +530,7 @@ async fn direct(api: &AggregatedApi, cp: &ControlPlane, user: Option<&str>) -> k
             ),
             (
                 http::HeaderName::from_static("x-remote-group"),
-                http::HeaderValue::from_static("system:authenticated"),
+                http::HeaderValue::from_str(group).expect("header"),
             ),
         ];
     }
@@ -600,4 +609,136 @@ async fn our_own_authentication_and_authorization() {
         .await;
     assert!(!out.status.success());
     assert!(text(&out).contains("MethodNotAllowed"), "{}", text(&out));
+}
+
+/// Reads watch events (bookmarks skipped) until `count` arrived.
+async fn events(client: &kube::Client, path: &str, count: usize) -> Vec<Value> {
+    let req = http::Request::get(path).body(Vec::new()).expect("request");
+    let mut lines = client.request_stream(req).await.expect("watch").lines();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    while out.len() < count {
+        let line = tokio::time::timeout_at(deadline, lines.next())
+            .await
+            .unwrap_or_else(|_| panic!("{count} events within 20 s; got {:#?}", summary(&out)))
+            .expect("stream open")
+            .expect("line");
+        let ev: Value = serde_json::from_str(&line).expect("one JSON event per line");
+        if ev["type"] != "BOOKMARK" {
+            out.push(ev);
+        }
+    }
+    out
+}
+
+fn summary(events: &[Value]) -> Vec<(String, String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_string(),
+                e["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e["object"]["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_on_another_replica_without_gaps() {
+    let api = server().await;
+    let cp = ControlPlane::shared().await;
+    let second = setup::spawn_replica("apiserver-2").expect("second replica");
+    let a = direct_as(api, cp, Some("admin"), "system:masters");
+    let b = direct_as(&second, cp, Some("admin"), "system:masters");
+    let probe = direct(&second, cp, None).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let req = http::Request::get("/readyz")
+            .body(Vec::new())
+            .expect("request");
+        if probe
+            .request_text(req)
+            .await
+            .is_ok_and(|t| t.trim() == "ok")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second replica never became ready:\n{}",
+            second.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ns = cp.namespace("aggresume").await;
+    let m = |i: u8| format!("02:00:00:00:31:{i:02x}");
+    let ip = |i: u8| format!("172.31.0.{i}");
+    create_pool(&ns, "resume", 31, json!({ip(10): m(10)})).await;
+    let path = format!("{GV}/namespaces/{}/ipamallocations", ns.name);
+    // Both replicas have the pool; list on A.
+    let mut list_rv = String::new();
+    for client in [&b, &a] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, doc) = raw(client, &path).await;
+            if code == 200 && doc["items"].as_array().is_some_and(|i| i.len() == 1) {
+                list_rv = doc["metadata"]["resourceVersion"]
+                    .as_str()
+                    .expect("rv")
+                    .to_string();
+                break;
+            }
+            assert!(Instant::now() < deadline, "{code} {doc}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Three status writes, each changing several allocations at once (merge patches: null
+    // removes an address).
+    let steps = [
+        json!({ip(10): m(10), ip(11): m(11), ip(12): m(12)}),
+        json!({ip(10): null, ip(13): m(13), ip(14): m(14)}),
+        json!({ip(11): null, ip(12): null, ip(13): null, ip(15): m(15)}),
+    ];
+    for step in &steps {
+        set_allocated(&ns, "resume", step.clone()).await;
+    }
+    // +11 +12; +13 +14 -10; +15 -11 -12 -13: nine events, each with its own version.
+    let on_a = events(
+        &a,
+        &format!("{path}?watch=true&resourceVersion={list_rv}"),
+        9,
+    )
+    .await;
+    let seen = summary(&on_a);
+    let versions: std::collections::BTreeSet<&String> = seen.iter().map(|(_, _, rv)| rv).collect();
+    assert_eq!(versions.len(), 9, "one version per event: {seen:#?}");
+    // The same watch on B gives the same events with the same versions...
+    let on_b = events(
+        &b,
+        &format!("{path}?watch=true&resourceVersion={list_rv}"),
+        9,
+    )
+    .await;
+    assert_eq!(summary(&on_b), seen);
+    // ...and a client that saw A's first four events resumes on B with exactly the rest,
+    // though the fourth is in the middle of one pool write.
+    let fourth = &seen[3].2;
+    let rest = events(
+        &b,
+        &format!("{path}?watch=true&resourceVersion={fourth}"),
+        5,
+    )
+    .await;
+    assert_eq!(summary(&rest), seen[4..].to_vec());
+    eprintln!("events on A and B: {seen:#?}");
+    if let Ok(mut p) = second.process.lock() {
+        p.kill();
+    }
 }

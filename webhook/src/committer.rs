@@ -336,6 +336,8 @@ fn status_patch(
             "ipv4": {
                 "allocated": added(before.and_then(|b| b.allocated.as_ref()), after.allocated.as_ref()),
                 "owners": added(before.and_then(|b| b.owners.as_ref()), after.owners.as_ref()),
+                // A list: a merge patch replaces it whole; the book keeps what was there.
+                "staticAddresses": after.static_addresses,
                 "used": after.used,
                 "available": after.available,
             }

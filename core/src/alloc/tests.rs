@@ -160,6 +160,7 @@ fn go_era_allocations_without_owner_are_adopted_once() {
             ("10.0.0.13".to_string(), "52:54:00:00:00:07".to_string()),
         ])),
         owners: None,
+        static_addresses: None,
         used: 1,
         available: 8,
     };
@@ -193,5 +194,36 @@ fn exhaustion_is_reported_with_counts() {
     assert!(
         err.contains("no free address left in pool range 10.0.0.10-10.0.0.20"),
         "{err}"
+    );
+}
+
+#[test]
+fn addresses_asked_for_are_listed_static_and_undone_with_the_request() {
+    let mut book = empty();
+    book.allocate(&req("ns/vm1", 1, None)).expect("dynamic");
+    book.allocate(&req("ns/vm2", 2, Some("10.0.0.15")))
+        .expect("static");
+    // Asking again for the address the MAC holds is no new static allocation.
+    book.allocate(&req("ns/vm1", 1, Some("10.0.0.11")))
+        .expect("same");
+    assert_eq!(
+        book.status().static_addresses,
+        Some(vec!["10.0.0.15".to_string()])
+    );
+    // All or nothing: the static one of a failing request is taken back.
+    let err = book.allocate_all(&[
+        req("ns/vm3", 3, Some("10.0.0.16")),
+        req("ns/vm3", 4, Some("10.0.0.15")),
+    ]);
+    assert!(matches!(err, Err(AllocError::AddressTaken { .. })));
+    assert_eq!(
+        book.status().static_addresses,
+        Some(vec!["10.0.0.15".to_string()])
+    );
+    // Read back from the status, the list is kept.
+    let (again, _) = PoolBook::from_status(layout(), Some(&book.status())).expect("book");
+    assert_eq!(
+        again.status().static_addresses,
+        book.status().static_addresses
     );
 }

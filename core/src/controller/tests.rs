@@ -132,6 +132,7 @@ fn status(entries: &[(&str, &str)], owners: &[(&str, &str)]) -> IPv4Status {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         ),
+        static_addresses: None,
         used: 0,
         available: 0,
     }
@@ -184,6 +185,53 @@ fn release_removes_only_the_matching_mac_and_recounts_with_marks() {
     assert!(
         patch["allocated"].get("192.168.48.83").is_none(),
         "unchanged keys left out"
+    );
+}
+
+#[test]
+fn a_released_static_address_leaves_the_static_list() {
+    let mut before = status(
+        &[
+            ("192.168.48.82", "aa:aa:aa:aa:aa:01"),
+            ("192.168.48.83", "aa:aa:aa:aa:aa:02"),
+        ],
+        &[],
+    );
+    before.static_addresses = Some(vec![
+        "192.168.48.82".into(),
+        "192.168.48.83".into(),
+        // A leftover of an older write: not allocated.
+        "192.168.48.84".into(),
+    ]);
+    let after = next_ipv4(
+        &layout(),
+        Some(&before),
+        &[(ip("192.168.48.82"), mac("aa:aa:aa:aa:aa:01"))],
+        &[],
+    )
+    .expect("next");
+    assert_eq!(
+        after.static_addresses,
+        Some(vec!["192.168.48.83".to_string()])
+    );
+    assert!(!same_ipv4(Some(&before), &after));
+    let patch = ipv4_merge_patch(Some(&before), &after);
+    assert_eq!(
+        patch["staticAddresses"],
+        serde_json::json!(["192.168.48.83"])
+    );
+    // Releasing the last one removes the list.
+    let last = next_ipv4(
+        &layout(),
+        Some(&after),
+        &[(ip("192.168.48.83"), mac("aa:aa:aa:aa:aa:02"))],
+        &[],
+    )
+    .expect("next");
+    assert_eq!(last.static_addresses, None);
+    assert_eq!(
+        ipv4_merge_patch(Some(&after), &last)["staticAddresses"],
+        serde_json::Value::Null
     );
 }
 

@@ -88,6 +88,45 @@ async fn apply_rbac(cp: &ControlPlane, dir: &std::path::Path) -> Result<()> {
     }
     Ok(())
 }
+/// Runs `vm-dhcp apiserver` with the certificate and kubeconfig `start` wrote into `dir`.
+fn spawn(
+    dir: &std::path::Path,
+    name: &str,
+    extra_args: &[String],
+    namespace: &str,
+) -> Result<AggregatedApi> {
+    let run = run_dir()?;
+    let port = vm_dhcp_e2e::free_port()?;
+    let mut cmd = Command::new(binary()?);
+    cmd.args([
+        "apiserver".to_string(),
+        format!("--secure-port={port}"),
+        "--bind-address=127.0.0.1".into(),
+        format!("--tls-cert-file={}", dir.join("tls.crt").display()),
+        format!("--tls-private-key-file={}", dir.join("tls.key").display()),
+        format!("--kubeconfig={}", dir.join("kubeconfig").display()),
+    ]);
+    cmd.args(extra_args);
+    cmd.env("RUST_LOG", "info");
+    let process = Process::spawn(
+        &format!("vm-dhcp-{name}"),
+        cmd,
+        &run.join(format!("{name}.log")),
+        &run,
+    )?;
+    Ok(AggregatedApi {
+        port,
+        namespace: namespace.to_string(),
+        process: Mutex::new(process),
+    })
+}
+
+/// A second replica beside the registered one (after `start`): same identity and
+/// certificate, not behind the aggregator; clients reach it directly.
+pub fn spawn_replica(name: &str) -> Result<AggregatedApi> {
+    spawn(&run_dir()?.join("aggregated-api"), name, &[], "")
+}
+
 /// Starts the server and registers it; returns once kube-apiserver proxies to it.
 pub async fn start(cp: &'static ControlPlane, extra_args: &[String]) -> Result<AggregatedApi> {
     let run = run_dir()?;
@@ -118,24 +157,8 @@ pub async fn start(cp: &'static ControlPlane, extra_args: &[String]) -> Result<A
     let kubeconfig_file = dir.join("kubeconfig");
     std::fs::write(&kubeconfig_file, serde_yaml::to_string(&kubeconfig)?)?;
 
-    let port = vm_dhcp_e2e::free_port()?;
-    let mut cmd = Command::new(binary()?);
-    cmd.args([
-        "apiserver".to_string(),
-        format!("--secure-port={port}"),
-        "--bind-address=127.0.0.1".into(),
-        format!("--tls-cert-file={}", cert_file.display()),
-        format!("--tls-private-key-file={}", key_file.display()),
-        format!("--kubeconfig={}", kubeconfig_file.display()),
-    ]);
-    cmd.args(extra_args);
-    cmd.env("RUST_LOG", "info");
-    let process = Process::spawn("vm-dhcp-apiserver", cmd, &run.join("apiserver.log"), &run)?;
-    let api = AggregatedApi {
-        port,
-        namespace: ns.name.clone(),
-        process: Mutex::new(process),
-    };
+    let api = spawn(&dir, "apiserver", extra_args, &ns.name)?;
+    let port = api.port;
 
     let svc: Service = serde_json::from_value(serde_json::json!({
         "metadata": {"name": svc_name},
