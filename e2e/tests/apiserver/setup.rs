@@ -123,6 +123,7 @@ fn spawn(
 
 /// A second replica beside the registered one (after `start`): same identity and
 /// certificate, not behind the aggregator; clients reach it directly.
+#[allow(dead_code)] // used by the e2e test, not by the benchmark that shares this file
 pub fn spawn_replica(name: &str) -> Result<AggregatedApi> {
     spawn(&run_dir()?.join("aggregated-api"), name, &[], "")
 }
