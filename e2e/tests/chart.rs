@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize as _;
 use serde_json::Value;
 use vm_dhcp_e2e::ControlPlane;
-use vm_dhcp_webhook::config::{Endpoint, VM_MATCH_CONDITION, webhook_configurations};
+use vm_dhcp_webhook::config::{
+    Endpoint, VM_HAS_MULTUS_CONDITION, VM_MATCH_CONDITION, webhook_configurations,
+};
 
 const NAMESPACE: &str = "harvester-system";
 const INJECT_CA_FROM: &str = "cert-manager.io/inject-ca-from";
@@ -272,7 +274,11 @@ async fn the_apiserver_accepts_the_rendered_configurations() {
         // What the apiserver kept is the condition the code evaluates.
         let vm_hook = &items[0]["webhooks"][2];
         assert_eq!(
-            vm_hook["matchConditions"][0]["expression"], VM_MATCH_CONDITION,
+            vm_hook["matchConditions"][0]["expression"], VM_HAS_MULTUS_CONDITION,
+            "{mode}"
+        );
+        assert_eq!(
+            vm_hook["matchConditions"][1]["expression"], VM_MATCH_CONDITION,
             "{mode}"
         );
     }

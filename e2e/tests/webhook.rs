@@ -379,3 +379,70 @@ async fn killing_a_replica_mid_load_loses_and_duplicates_nothing() {
         "killed one of two replicas mid-load: 300 VMs admitted, 0 duplicates, {leaks} leaked allocation(s) left for the controller's sweep"
     );
 }
+
+/// The matchConditions keep a webhook outage from blocking what does not need an address:
+/// with every replica gone (failurePolicy Fail), a VM update that touches no NIC and a VM on
+/// the pod network alone are still admitted, while a VM with a NIC on a pooled network is
+/// refused (which proves the configuration is live).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_outage_blocks_only_vms_that_need_an_address() {
+    let cp = ControlPlane::shared().await;
+    let (ns, mut replicas) = setup(cp, "wh-outage", 1).await;
+    create_pool(
+        &ns,
+        &replicas,
+        &pool(
+            &ns.name,
+            "net-out",
+            "10.41.0.0/24",
+            "10.41.0.10",
+            "10.41.0.250",
+            None,
+        ),
+    )
+    .await;
+    let network = format!("{}/net-out", ns.name);
+    let vms: Api<VirtualMachine> = ns.api();
+    let admitted = vms
+        .create(&PostParams::default(), &vm(&ns.name, "with-nic", &network))
+        .await
+        .expect("VM with a NIC admitted while the webhook runs");
+    assert!(allocation_of(&admitted).is_some(), "allocation recorded");
+    for replica in &mut replicas {
+        replica.kill();
+    }
+
+    let label = serde_json::json!({"metadata": {"labels": {"touched": "during-outage"}}});
+    vms.patch(
+        "with-nic",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&label),
+    )
+    .await
+    .expect("an update that touches no NIC does not call the webhook");
+
+    let pod_network_only: VirtualMachine = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": "pod-net", "namespace": ns.name},
+        "spec": {"runStrategy": "Halted", "template": {"spec": {
+            "domain": {"devices": {"interfaces": [{"name": "default", "masquerade": {}}]}},
+            "networks": [{"name": "default", "pod": {}}]}}}
+    }))
+    .expect("vm");
+    vms.create(&PostParams::default(), &pod_network_only)
+        .await
+        .expect("a VM on the pod network alone does not call the webhook");
+
+    let refused = vms
+        .create(
+            &PostParams::default(),
+            &vm(&ns.name, "needs-address", &network),
+        )
+        .await
+        .expect_err("a VM that needs an address waits for the webhook (failurePolicy Fail)");
+    let message = refused.to_string();
+    assert!(
+        message.contains("failed calling webhook"),
+        "refused by the unreachable webhook: {message}"
+    );
+}

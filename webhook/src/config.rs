@@ -1,10 +1,10 @@
 //! The webhook configurations, generated here so that the chart, the self-managed mode and
 //! the tests register exactly the same rules.
 //!
-//! Narrowness matters: a webhook outage must not block unrelated writes. VirtualMachine
-//! updates reach us only when their template or a static-IP annotation changed, or when no
-//! allocation is recorded yet (`matchConditions`); status updates never do (the rules name
-//! the main resource only).
+//! Narrowness matters: a webhook outage must not block unrelated writes. VirtualMachines
+//! reach us only when they have a Multus NIC, and then updates only when their template or a
+//! static-IP annotation changed, or when no allocation is recorded yet (`matchConditions`);
+//! status updates never do (the rules name the main resource only).
 
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
@@ -51,7 +51,15 @@ impl Endpoint {
 /// Allocation webhooks answer well within the apiserver's own request timeout.
 const TIMEOUT_SECONDS: i32 = 10;
 
-/// The CEL condition under which a VirtualMachine request is sent to us.
+/// The first CEL condition of the VirtualMachine webhook: the VM has a Multus NIC (only those
+/// can be on a network with an IPPool). VMs on the pod network alone never wait on us, even
+/// on CREATE.
+pub const VM_HAS_MULTUS_CONDITION: &str = "has(object.spec.template) \
+    && has(object.spec.template.spec) && has(object.spec.template.spec.networks) \
+    && object.spec.template.spec.networks.exists(n, has(n.multus))";
+
+/// The second: a CREATE, or an UPDATE that changed the NICs or a static-IP annotation, or
+/// of a VM with no allocation recorded yet.
 pub const VM_MATCH_CONDITION: &str = "request.operation == 'CREATE' \
     || !has(oldObject.spec.template) || !has(object.spec.template) \
     || object.spec.template != oldObject.spec.template \
@@ -97,8 +105,10 @@ pub fn webhook_configurations(
         "NoneOnDryRun",
     );
     vm["reinvocationPolicy"] = "IfNeeded".into();
-    vm["matchConditions"] =
-        json!([{"name": "nics-or-static-ips-changed", "expression": VM_MATCH_CONDITION}]);
+    vm["matchConditions"] = json!([
+        {"name": "has-multus-nics", "expression": VM_HAS_MULTUS_CONDITION},
+        {"name": "nics-or-static-ips-changed", "expression": VM_MATCH_CONDITION},
+    ]);
     let mutating = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -160,8 +170,9 @@ mod tests {
         assert_eq!(vm.side_effects, "NoneOnDryRun");
         assert_eq!(vm.reinvocation_policy.as_deref(), Some("IfNeeded"));
         let conditions = vm.match_conditions.as_ref().expect("match conditions");
+        assert!(conditions[0].expression.contains("has(n.multus)"));
         assert!(
-            conditions[0]
+            conditions[1]
                 .expression
                 .contains("object.spec.template != oldObject.spec.template")
         );
