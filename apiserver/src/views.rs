@@ -199,67 +199,101 @@ fn common_labels(pool: &str, network: &str) -> BTreeMap<String, String> {
 /// `allocated`, `static`, `reserved` or `excluded`.
 pub const STATES: [&str; 4] = ["allocated", "static", "reserved", "excluded"];
 
-/// The `ipamallocations` and `macaddresses` objects of one pool, computed from the pool
-/// alone (its `allocated`, `owners` and `staticAddresses`): one watch stream, so every
-/// replica sees their changes in the same order (see `Engine`). The resourceVersion is the
-/// pool's; the engine replaces it with the version of the change.
-pub fn pool_views(pool: &IPPool) -> (Vec<ViewObject>, Vec<ViewObject>) {
-    let (namespace, pool_name) = key_of(&pool.metadata);
-    let pool_rv = rv_of(&pool.metadata);
-    let network = pool_network(pool);
-    let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
-    let empty = BTreeMap::new();
-    let allocated = ipv4.and_then(|s| s.allocated.as_ref()).unwrap_or(&empty);
-    let owners = ipv4.and_then(|s| s.owners.as_ref()).unwrap_or(&empty);
-    let statics: BTreeSet<&str> = ipv4
-        .and_then(|s| s.static_addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    let mut allocations = Vec::with_capacity(allocated.len());
-    let mut macs = Vec::new();
-    for (address, value) in allocated {
-        let Ok(ip) = address.parse::<Ipv4Addr>() else {
-            continue; // the webhook never writes one; a hand-edited status is skipped
-        };
-        let mut labels = common_labels(&pool_name, &network);
+/// What the allocation and MAC views of one pool are computed from: the pool alone (its
+/// `allocated`, `owners` and `staticAddresses`), so every replica sees their changes in the
+/// one order of the IPPool watch stream (see `Engine`).
+struct PoolFacts<'a> {
+    namespace: String,
+    pool_name: String,
+    pool_rv: u64,
+    network: String,
+    allocated: &'a BTreeMap<String, String>,
+    owners: &'a BTreeMap<String, String>,
+    statics: BTreeSet<&'a str>,
+}
+
+static NO_ENTRIES: BTreeMap<String, String> = BTreeMap::new();
+
+impl<'a> PoolFacts<'a> {
+    fn of(pool: &'a IPPool) -> Self {
+        let (namespace, pool_name) = key_of(&pool.metadata);
+        let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
+        PoolFacts {
+            namespace,
+            pool_name,
+            pool_rv: rv_of(&pool.metadata),
+            network: pool_network(pool),
+            allocated: ipv4
+                .and_then(|s| s.allocated.as_ref())
+                .unwrap_or(&NO_ENTRIES),
+            owners: ipv4.and_then(|s| s.owners.as_ref()).unwrap_or(&NO_ENTRIES),
+            statics: ipv4
+                .and_then(|s| s.static_addresses.as_ref())
+                .into_iter()
+                .flatten()
+                .map(String::as_str)
+                .collect(),
+        }
+    }
+
+    /// Everything an address's objects show, to tell cheaply whether they changed.
+    fn facts(&self, address: &str) -> (Option<&str>, Option<&str>, bool) {
+        (
+            self.allocated.get(address).map(String::as_str),
+            self.owners.get(address).map(String::as_str),
+            self.statics.contains(address),
+        )
+    }
+
+    fn allocation_name(&self, address: &str) -> String {
+        format!("{}.{}", self.pool_name, dashed(address))
+    }
+
+    fn mac_name(&self, mac: &MacAddr) -> String {
+        format!("{}.{}", self.pool_name, dashed(&mac.to_string()))
+    }
+
+    /// The `ipamallocations` object of one address, and the `macaddresses` object of its
+    /// MAC; `None` for an entry the webhook never writes (a hand-edited status).
+    fn entry(&self, address: &str, value: &str) -> Option<(ViewObject, Option<ViewObject>)> {
+        let ip = address.parse::<Ipv4Addr>().ok()?;
+        let mut labels = common_labels(&self.pool_name, &self.network);
         let mut fields = Map::new();
-        fields.insert("pool".into(), pool_name.clone().into());
-        fields.insert("network".into(), network.clone().into());
+        fields.insert("pool".into(), self.pool_name.clone().into());
+        fields.insert("network".into(), self.network.clone().into());
         fields.insert("address".into(), ip.to_string().into());
-        let state = match value.as_str() {
+        let mut mac_object = None;
+        let state = match value {
             MARK_EXCLUDED => "excluded",
             MARK_RESERVED => "reserved",
             mac_text => {
-                let Ok(mac) = mac_text.parse::<MacAddr>() else {
-                    continue;
-                };
-                let owner = owners
+                let mac = mac_text.parse::<MacAddr>().ok()?;
+                let owner = self
+                    .owners
                     .get(address)
                     .map_or(Value::Null, |o| Value::from(o.as_str()));
-                let state = if statics.contains(address.as_str()) {
+                let state = if self.statics.contains(address) {
                     "static"
                 } else {
                     "allocated"
                 };
                 fields.insert("mac".into(), mac.to_string().into());
+                fields.insert("owner".into(), owner.clone());
                 label(&mut labels, LABEL_MAC, &dashed(&mac.to_string()));
-                let mut mac_labels = common_labels(&pool_name, &network);
+                let mut mac_labels = common_labels(&self.pool_name, &self.network);
                 label(&mut mac_labels, LABEL_MAC, &dashed(&mac.to_string()));
                 let mut mac_fields = Map::new();
                 mac_fields.insert("mac".into(), mac.to_string().into());
-                mac_fields.insert("network".into(), network.clone().into());
-                mac_fields.insert("pool".into(), pool_name.clone().into());
+                mac_fields.insert("network".into(), self.network.clone().into());
+                mac_fields.insert("pool".into(), self.pool_name.clone().into());
                 mac_fields.insert("address".into(), ip.to_string().into());
                 mac_fields.insert("state".into(), state.into());
-                mac_fields.insert("owner".into(), owner.clone());
-                fields.insert("owner".into(), owner);
-                macs.push(ViewObject {
+                mac_fields.insert("owner".into(), owner);
+                mac_object = Some(ViewObject {
                     resource: Resource::MacAddresses,
-                    namespace: namespace.clone(),
-                    name: format!("{pool_name}.{}", dashed(&mac.to_string())),
-                    resource_version: pool_rv,
+                    namespace: self.namespace.clone(),
+                    name: self.mac_name(&mac),
+                    resource_version: self.pool_rv,
                     labels: mac_labels,
                     fields: mac_fields,
                 });
@@ -269,23 +303,109 @@ pub fn pool_views(pool: &IPPool) -> (Vec<ViewObject>, Vec<ViewObject>) {
         fields.insert("state".into(), state.into());
         label(&mut labels, LABEL_STATE, state);
         // The field order of the served object: keep it stable and readable.
-        let order = ["pool", "network", "address", "mac", "state", "owner"];
         let mut ordered = Map::new();
-        for k in order {
+        for k in ["pool", "network", "address", "mac", "state", "owner"] {
             if let Some(v) = fields.remove(k) {
                 ordered.insert(k.into(), v);
             }
         }
-        allocations.push(ViewObject {
+        let allocation = ViewObject {
             resource: Resource::IpamAllocations,
-            namespace: namespace.clone(),
-            name: format!("{pool_name}.{}", dashed(&ip.to_string())),
-            resource_version: pool_rv,
+            namespace: self.namespace.clone(),
+            name: self.allocation_name(address),
+            resource_version: self.pool_rv,
             labels,
             fields: ordered,
-        });
+        };
+        Some((allocation, mac_object))
+    }
+}
+
+/// The `ipamallocations` and `macaddresses` objects of one pool. The resourceVersion is the
+/// pool's; the engine replaces it with the version of the change.
+pub fn pool_views(pool: &IPPool) -> (Vec<ViewObject>, Vec<ViewObject>) {
+    let facts = PoolFacts::of(pool);
+    let mut allocations = Vec::with_capacity(facts.allocated.len());
+    let mut macs = Vec::new();
+    for (address, value) in facts.allocated {
+        if let Some((allocation, mac)) = facts.entry(address, value) {
+            allocations.push(allocation);
+            macs.extend(mac);
+        }
     }
     (allocations, macs)
+}
+
+/// The objects a pool change touches: new or changed ones, and the names of those gone.
+#[derive(Debug, Default, PartialEq)]
+pub struct PartialViews {
+    pub allocations: Vec<ViewObject>,
+    pub allocations_gone: Vec<String>,
+    pub macs: Vec<ViewObject>,
+    pub macs_gone: Vec<String>,
+}
+
+/// What changed between two versions of one pool, computed from the addresses whose entries
+/// differ (a write that adds one allocation to 16,000 builds two objects, not 32,000).
+/// `None` when the pool's identity or network changed: recompute it whole.
+pub fn changed_views(old: &IPPool, new: &IPPool) -> Option<PartialViews> {
+    let before = PoolFacts::of(old);
+    let after = PoolFacts::of(new);
+    if (&before.namespace, &before.pool_name, &before.network)
+        != (&after.namespace, &after.pool_name, &after.network)
+    {
+        return None;
+    }
+    let changed: BTreeSet<&str> = before
+        .allocated
+        .keys()
+        .chain(after.allocated.keys())
+        .map(String::as_str)
+        .filter(|a| before.facts(a) != after.facts(a))
+        .collect();
+    let mut out = PartialViews::default();
+    if changed.is_empty() {
+        return Some(out);
+    }
+    // MACs whose object may change: those the changed addresses held before or hold now.
+    let mut macs: BTreeMap<MacAddr, Option<&str>> = BTreeMap::new();
+    for address in &changed {
+        for facts in [&before, &after] {
+            if let Some(mac) = facts.allocated.get(*address).and_then(|v| v.parse().ok()) {
+                macs.insert(mac, None);
+            }
+        }
+        match after.allocated.get(*address) {
+            Some(value) => match after.entry(address, value) {
+                Some((allocation, _)) => out.allocations.push(allocation),
+                None => out.allocations_gone.push(after.allocation_name(address)),
+            },
+            None => out.allocations_gone.push(after.allocation_name(address)),
+        }
+    }
+    // Where each of them is now (the last address in order wins, as in `pool_views`).
+    for (address, value) in after.allocated {
+        if let Ok(mac) = value.parse::<MacAddr>()
+            && let Some(at) = macs.get_mut(&mac)
+        {
+            *at = Some(address.as_str());
+        }
+    }
+    for (mac, at) in macs {
+        let object = at.and_then(|address| {
+            let value = after.allocated.get(address)?;
+            after.entry(address, value)?.1
+        });
+        match object {
+            Some(object) => out.macs.push(object),
+            None => out.macs_gone.push(after.mac_name(&mac)),
+        }
+    }
+    out.allocations.sort_by(|a, b| a.name.cmp(&b.name));
+    out.allocations_gone.sort();
+    out.macs.sort_by(|a, b| a.name.cmp(&b.name));
+    out.macs_gone.sort();
+    Some(out)
 }
 
 /// The `dhcpleases` objects of one pool. The resourceVersion is left at 0: the engine sets
