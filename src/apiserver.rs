@@ -1,8 +1,7 @@
 //! `vm-dhcp apiserver`: the aggregated API `dhcp.harvesterhci.io/v1alpha1` over HTTPS.
 //!
 //! The wiring around the `vm-dhcp-apiserver` crate: kube-rs watchers feed its engine
-//! (IPPools, vmnetcfgs, VMs, agent pods), a poller reads each pool's active agent's lease
-//! view, TLS verifies the aggregator's client certificate against the requestheader CA of
+//! (IPPools and agent pods), a poller reads each pool's active agent's lease view, TLS verifies the aggregator's client certificate against the requestheader CA of
 //! `kube-system/extension-apiserver-authentication` (reloaded when it rotates), and every
 //! request is authorized with a SubjectAccessReview.
 
@@ -28,6 +27,7 @@ use vm_dhcp_apiserver::auth::{
     CachedAuthorizer, RequestHeaderConfig, UserInfo, VerifiedClientCert, common_name, decision_of,
     subject_access_review,
 };
+use vm_dhcp_apiserver::metrics::Metrics;
 use vm_dhcp_apiserver::store::{Change, Engine, SourceKind, SourceObject};
 use vm_dhcp_apiserver::views::{AGENT_LABEL, AGENT_LABEL_VALUE, AgentLeases, Key};
 use vm_dhcp_apiserver::{ApiServer, router};
@@ -76,6 +76,10 @@ pub struct ApiserverArgs {
         default_value_t = 10
     )]
     pub authorization_cache_seconds: u64,
+    /// Plain-HTTP port for /metrics (Prometheus cannot present the aggregator's client
+    /// certificate that the secure port requires); 0 turns it off.
+    #[arg(long, env = "VM_DHCP_APISERVER_METRICS_PORT", default_value_t = 8081)]
+    pub metrics_port: u16,
     #[arg(long, env = "VM_DHCP_APISERVER_DEBUG")]
     pub debug: bool,
 }
@@ -139,9 +143,19 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
         }),
         Duration::from_secs(args.authorization_cache_seconds),
     );
-    let server = ApiServer::new(engine.clone(), Arc::new(authorizer));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let mut server = ApiServer::new(engine.clone(), Arc::new(authorizer));
+    server.metrics = metrics.clone();
     server.authn_ready.store(false, Ordering::Relaxed);
     let server = Arc::new(server);
+    if args.metrics_port != 0 {
+        serve_metrics(
+            SocketAddr::new(args.bind_address, args.metrics_port),
+            Arc::new(registry),
+        )
+        .await?;
+    }
 
     // Until the requestheader CA is known, no certificate is asked for: every request but
     // the probes gets 401 (fail closed).
@@ -157,7 +171,7 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
     ));
 
     let (tx, rx) = mpsc::channel::<Change>(1024);
-    tokio::spawn(feed_engine(engine.clone(), rx));
+    tokio::spawn(feed_engine(engine.clone(), rx, metrics));
     tokio::spawn(watch_kind(
         Api::<IPPool>::all(client.clone()),
         watcher::Config::default(),
@@ -307,8 +321,35 @@ async fn watch_kind<K>(
     }
 }
 
+/// /metrics on its own plain-HTTP listener.
+async fn serve_metrics(
+    addr: SocketAddr,
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the metrics port {addr} (--metrics-port; 0 turns it off)")
+    })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move { crate::metrics_http::response(crate::metrics_http::encode(&registry)) }
+        }),
+    );
+    tracing::info!(%addr, "metrics serving");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(crate::logging::shutdown_signal())
+            .await
+        {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
 /// Applies changes in batches: whatever arrived while the previous batch was computed.
-async fn feed_engine(engine: Arc<Engine>, mut rx: mpsc::Receiver<Change>) {
+async fn feed_engine(engine: Arc<Engine>, mut rx: mpsc::Receiver<Change>, metrics: Metrics) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < 512 {
@@ -318,8 +359,17 @@ async fn feed_engine(engine: Arc<Engine>, mut rx: mpsc::Receiver<Change>) {
             }
         }
         let engine = engine.clone();
+        let metrics = metrics.clone();
         // Computing a 16,000-address pool takes milliseconds: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || engine.apply(batch)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            engine.apply(batch);
+            metrics.applied(started.elapsed());
+            for (resource, count) in engine.object_counts() {
+                metrics.objects(resource.def().plural, count);
+            }
+        })
+        .await;
     }
 }
 

@@ -25,6 +25,7 @@ use crate::auth::{
     authenticate, forbidden_message,
 };
 use crate::discovery;
+use crate::metrics::Metrics;
 use crate::resources::Resource;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{Engine, Entry, EventType, StoreError};
@@ -44,6 +45,7 @@ pub struct ApiServer {
     pub max_watch_timeout: Duration,
     /// The longest a list waits for a view to reach a requested resourceVersion.
     pub rv_wait: Duration,
+    pub metrics: Metrics,
 }
 
 impl ApiServer {
@@ -56,12 +58,42 @@ impl ApiServer {
             bookmark_interval: Duration::from_secs(60),
             max_watch_timeout: Duration::from_secs(1800),
             rv_wait: Duration::from_secs(3),
+            metrics: Metrics::default(),
         }
     }
 }
 
 pub fn router(server: Arc<ApiServer>) -> Router {
-    Router::new().fallback(handle).with_state(server)
+    Router::new().fallback(measured).with_state(server)
+}
+
+/// Every request, counted and timed by verb, resource and code.
+async fn measured(State(s): State<Arc<ApiServer>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let watch = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch=True"))
+    });
+    let (verb, resource) = match route(req.uri().path()) {
+        Route::Collection { resource, .. } => {
+            (if watch { "watch" } else { "list" }, resource.def().plural)
+        }
+        Route::Object { resource, .. } => {
+            (if watch { "watch" } else { "get" }, resource.def().plural)
+        }
+        Route::Health(which) => ("get", which),
+        Route::Apis | Route::Group | Route::GroupVersion => ("get", "discovery"),
+        Route::OpenApiV2 | Route::OpenApiV3 | Route::OpenApiV3GroupVersion => ("get", "openapi"),
+        Route::NotFound => ("get", "unknown"),
+    };
+    let verb = match *req.method() {
+        Method::GET | Method::HEAD => verb.to_string(),
+        ref other => other.as_str().to_ascii_lowercase(),
+    };
+    let metrics = s.metrics.clone();
+    let resp = handle(State(s), req).await;
+    metrics.request(&verb, resource, resp.status().as_u16(), started.elapsed());
+    resp
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1018,11 +1050,13 @@ async fn watch_collection(
         encode_entries(&mut enc, &filter, &start.replay, &mut first);
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let open = s.metrics.watch_opened(resource.def().plural);
     let engine = s.engine.clone();
     let bookmark_every = s.bookmark_interval;
     let mut cursor = start.cursor;
     let mut last_rv = start.rv;
     tokio::spawn(async move {
+        let _open = open;
         let mut changes = engine.subscribe();
         changes.mark_unchanged();
         let deadline = tokio::time::Instant::now() + timeout;

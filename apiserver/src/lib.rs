@@ -2,12 +2,13 @@
 //! the way kube-apiserver's aggregator, kubectl and Rancher Steve expect.
 //! Never `network.harvesterhci.io`: an APIService there would hide the CRDs of that group.
 //!
-//! - [`views`]: the objects, computed purely from IPPools, vmnetcfgs, VMs and agent leases;
+//! - [`views`]: the objects, computed purely from IPPools and the agents' lease documents;
 //! - [`store`]: the engine holding sources, views and their change history (resourceVersions);
 //! - [`http`]: the axum Router (discovery, OpenAPI, get/list/watch, Table, Status errors,
 //!   authentication and authorization);
 //! - [`auth`]: front-proxy authentication and SubjectAccessReview authorization;
-//! - [`selector`]: label and field selector parsing.
+//! - [`selector`]: label and field selector parsing;
+//! - [`metrics`]: requests, watches, view sizes and engine timing for `/metrics`.
 //!
 //! The binary (`vm-dhcp apiserver`) feeds the engine from kube-rs watchers and the agents,
 //! verifies the aggregator's client certificate in TLS and posts the SubjectAccessReviews.
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod discovery;
 pub mod http;
+pub mod metrics;
 pub mod resources;
 pub mod selector;
 pub mod store;

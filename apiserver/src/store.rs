@@ -681,6 +681,19 @@ impl Engine {
         })
     }
 
+    /// How many objects each view holds.
+    pub fn object_counts(&self) -> Vec<(Resource, usize)> {
+        let inner = self.lock();
+        [
+            Resource::IpamAllocations,
+            Resource::MacAddresses,
+            Resource::DhcpLeases,
+        ]
+        .into_iter()
+        .map(|r| (r, inner.views[r.index()].objects.len()))
+        .collect()
+    }
+
     /// For the lease poller: every pool with the agent pods to ask, best first.
     pub fn lease_targets(&self) -> Vec<(Key, Vec<(Key, String)>)> {
         let inner = self.lock();

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use vm_dhcp_core::crd::IPPool;
 use vm_dhcp_core::kubevirt::VirtualMachine;
 use vm_dhcp_e2e::webhooks::{create_pool, pool, setup, vm};
@@ -72,7 +72,12 @@ async fn main() {
     creates(&plain_ns, &plain_net, "warm", WARMUP).await;
     let plain = creates(&plain_ns, &plain_net, "vm", VMS).await;
 
-    let (ns, replicas) = setup(cp, "bench-wh", 2).await;
+    let replica_count = std::env::var("BENCH_WEBHOOK_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(2);
+    let (ns, replicas) = setup(cp, "bench-wh", replica_count).await;
     let net = pool(
         &ns.name,
         "net",
@@ -104,7 +109,8 @@ async fn main() {
         "{:<22} {:>10} {:>10} {:>10}",
         "", "creates/s", "p50 ms", "p99 ms"
     );
-    for (name, r) in [("without webhooks", &plain), ("with webhooks (2)", &with)] {
+    let with_name = format!("with webhooks ({replica_count})");
+    for (name, r) in [("without webhooks", &plain), (with_name.as_str(), &with)] {
         println!(
             "{name:<22} {:>10.0} {:>10.2} {:>10.2}",
             r.rate(),
@@ -133,4 +139,44 @@ async fn main() {
             ms(mean)
         );
     }
+    // The floor under every admission: one guarded status write of the pool, which DESIGN §2
+    // requires before the answer. A request waits for the write in flight, then its own.
+    let empty_pool = pool(
+        &ns.name,
+        "floor",
+        "10.51.0.0/21",
+        "10.51.0.10",
+        "10.51.7.250",
+        None,
+    );
+    create_pool(&ns, &replicas, &empty_pool).await;
+    for (name, size) in [("floor", 0usize), ("net", VMS + WARMUP)] {
+        let (p50, p99) = status_write_cost(&pools, name).await;
+        println!(
+            "one guarded status write of a pool holding {size} allocations: p50 {:.2} ms, p99 {:.2} ms (20 writes)",
+            ms(p50),
+            ms(p99)
+        );
+    }
+}
+
+/// 20 resourceVersion-guarded merge patches of `status.lastUpdate`, one after another.
+async fn status_write_cost(pools: &Api<IPPool>, name: &str) -> (Duration, Duration) {
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let current = pools.get_status(name).await.expect("pool");
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "status": {"lastUpdate": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now())}
+        });
+        let t = Instant::now();
+        pools
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("status write");
+        took.push(t.elapsed());
+    }
+    took.sort();
+    (took[10], took[19])
 }

@@ -742,3 +742,67 @@ async fn a_watch_resumes_on_another_replica_without_gaps() {
         p.kill();
     }
 }
+
+/// GET http://127.0.0.1:<port><path> (HTTP/1.0, plain): the status code and body.
+async fn plain_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("response");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_watches_and_objects() {
+    let api = server().await;
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("aggmetrics").await;
+    create_pool(&ns, "met", 32, json!({"172.32.0.10": "02:00:00:00:32:10"})).await;
+    kubectl_until(cp, &["get", "ipamallocations", "-n", &ns.name], |t| {
+        t.contains("172.32.0.10")
+    })
+    .await;
+    // A watch held open while the metrics are read.
+    let client = cp.client().await;
+    let req = http::Request::get(format!(
+        "{GV}/namespaces/{}/macaddresses?watch=true",
+        ns.name
+    ))
+    .body(Vec::new())
+    .expect("request");
+    let mut lines = client.request_stream(req).await.expect("watch").lines();
+    let first = lines.next().await.expect("an event").expect("line");
+    assert!(first.contains("ADDED"), "{first}");
+    let (code, text) = plain_get(api.metrics_port, "/metrics").await;
+    assert_eq!(code, 200, "{text}");
+    for expected in [
+        "vm_dhcp_apiserver_requests_total{verb=\"list\",resource=\"ipamallocations\",code=\"200\"}",
+        "vm_dhcp_apiserver_watches{resource=\"macaddresses\"} 1",
+        "vm_dhcp_apiserver_request_duration_seconds_bucket{",
+        "vm_dhcp_apiserver_source_apply_seconds_count",
+        "vm_dhcp_apiserver_view_objects{resource=\"ipamallocations\"}",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    // The metrics port serves nothing else; the secure port does not serve /metrics
+    // without the aggregator's certificate.
+    assert_eq!(plain_get(api.metrics_port, "/apis").await.0, 404);
+    let anonymous = direct(api, cp, None).await;
+    let (code, _) = raw(&anonymous, "/metrics").await;
+    assert_eq!(code, 401);
+}

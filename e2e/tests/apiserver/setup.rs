@@ -24,6 +24,9 @@ pub const SERVER_USER: &str = "vm-dhcp-apiserver";
 
 pub struct AggregatedApi {
     pub port: u16,
+    /// Plain HTTP, /metrics.
+    #[allow(dead_code)]
+    pub metrics_port: u16,
     /// Where the Service lives.
     #[allow(dead_code)]
     pub namespace: String,
@@ -97,6 +100,7 @@ fn spawn(
 ) -> Result<AggregatedApi> {
     let run = run_dir()?;
     let port = vm_dhcp_e2e::free_port()?;
+    let metrics_port = vm_dhcp_e2e::free_port()?;
     let mut cmd = Command::new(binary()?);
     cmd.args([
         "apiserver".to_string(),
@@ -105,6 +109,7 @@ fn spawn(
         format!("--tls-cert-file={}", dir.join("tls.crt").display()),
         format!("--tls-private-key-file={}", dir.join("tls.key").display()),
         format!("--kubeconfig={}", dir.join("kubeconfig").display()),
+        format!("--metrics-port={metrics_port}"),
     ]);
     cmd.args(extra_args);
     cmd.env("RUST_LOG", "info");
@@ -116,6 +121,7 @@ fn spawn(
     )?;
     Ok(AggregatedApi {
         port,
+        metrics_port,
         namespace: namespace.to_string(),
         process: Mutex::new(process),
     })
