@@ -775,26 +775,17 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A pool whose addresses 10.0.0.<a> are held by MACs ending in <a>.
     fn pool(rv: u64, addresses: &[u8]) -> SourceObject {
-        let allocated: serde_json::Map<String, serde_json::Value> = addresses
+        let texts: Vec<(String, String)> = addresses
             .iter()
-            .map(|a| {
-                (
-                    format!("10.0.0.{a}"),
-                    format!("52:54:00:00:00:{a:02x}").into(),
-                )
-            })
+            .map(|a| (format!("10.0.0.{a}"), format!("52:54:00:00:00:{a:02x}")))
             .collect();
-        SourceObject::Pool(
-            serde_json::from_value(json!({
-                "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
-                "metadata": {"name": "net", "namespace": "default", "resourceVersion": rv.to_string()},
-                "spec": {"networkName": "default/net", "ipv4Config": {"cidr": "10.0.0.0/24",
-                    "serverIP": "10.0.0.2", "pool": {"start": "10.0.0.10", "end": "10.0.0.200"}}},
-                "status": {"ipv4": {"used": addresses.len(), "available": 1, "allocated": allocated}}
-            }))
-            .expect("pool"),
-        )
+        let rows: Vec<Row> = texts
+            .iter()
+            .map(|(ip, mac)| (ip.as_str(), mac.as_str(), None, false))
+            .collect();
+        pool_of(rv, &rows)
     }
 
     fn ready(engine: &Engine, first: SourceObject) {

@@ -743,28 +743,10 @@ async fn a_watch_resumes_on_another_replica_without_gaps() {
     }
 }
 
-/// GET http://127.0.0.1:<port><path> (HTTP/1.0, plain): the status code and body.
 async fn plain_get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    vm_dhcp_e2e::plain_get(port, path)
         .await
-        .expect("connect");
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("response");
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (code, body)
+        .unwrap_or_else(|e| panic!("GET {path} on port {port}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,27 +76,10 @@ impl Controller {
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
-                let req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
-                if s.write_all(req.as_bytes()).await.is_ok() {
-                    let mut text = String::new();
-                    if s.read_to_string(&mut text).await.is_ok() {
-                        let code = text
-                            .split_whitespace()
-                            .nth(1)
-                            .and_then(|c| c.parse().ok())
-                            .unwrap_or(0);
-                        let body = text
-                            .split_once("\r\n\r\n")
-                            .map(|x| x.1)
-                            .unwrap_or("")
-                            .to_string();
-                        return (code, body);
-                    }
-                }
+            if let Ok(answer) = vm_dhcp_e2e::plain_get(self.port, path).await {
+                return answer;
             }
             assert!(
                 Instant::now() < deadline,
