@@ -161,7 +161,7 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
     // the probes gets 401 (fail closed).
     let (config_tx, mut config_rx) = tokio::sync::watch::channel(DynamicConfig {
         config: Arc::new(crate::tls::server_config(cert.clone())?),
-        client_auth: false,
+        close_connections: true,
     });
     tokio::spawn(watch_authentication_config(
         client.clone(),
@@ -268,7 +268,7 @@ async fn watch_authentication_config(
                     .unwrap_or_else(|e| e.into_inner()) = rh;
                 let _ = configs.send(DynamicConfig {
                     config: Arc::new(tls),
-                    client_auth: true,
+                    close_connections: false,
                 });
                 server.authn_ready.store(true, Ordering::Relaxed);
                 tracing::info!("requestheader client CA and settings loaded");

@@ -115,29 +115,12 @@ pub async fn serve(
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = &mut shutdown => return,
-        };
-        let Ok((tcp, peer)) = accepted else {
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            match acceptor.accept(tcp).await {
-                Ok(tls) => {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                }
-                Err(e) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-            }
-        });
-    }
+    // One config for good: the sender may go, the receiver keeps its value.
+    let (_fixed, configs) = tokio::sync::watch::channel(DynamicConfig {
+        config: Arc::new(config),
+        close_connections: false,
+    });
+    serve_dynamic(listener, configs, router, shutdown).await;
 }
 
 /// The client certificate chain a connection presented and rustls verified, put into the
@@ -176,17 +159,18 @@ pub fn server_config_with_client_ca(
     Ok(config)
 }
 
-/// A server config and whether it asks for client certificates.
+/// A server config, and whether connections accepted with it close after each response.
 #[derive(Clone)]
 pub struct DynamicConfig {
     pub config: Arc<rustls::ServerConfig>,
-    pub client_auth: bool,
+    pub close_connections: bool,
 }
 
-/// Like [`serve`], but each new connection uses the latest config of `configs` (a client CA
-/// that rotates), and requests carry the verified [`PeerCertificates`] of their connection.
-/// A connection accepted while no client CA was configured answers with `Connection: close`,
-/// so that clients do not keep reusing a connection that can never carry an identity.
+/// Serves `router` over TLS; each new connection uses the latest config of `configs` (a
+/// client CA that rotates), and requests carry the verified [`PeerCertificates`] of their
+/// connection. With `close_connections` (the apiserver before it knows the client CA) each
+/// response says `Connection: close`, so that clients do not keep reusing a connection that
+/// can never carry an identity.
 pub async fn serve_dynamic(
     listener: TcpListener,
     configs: tokio::sync::watch::Receiver<DynamicConfig>,
@@ -204,7 +188,7 @@ pub async fn serve_dynamic(
         };
         let current = configs.borrow().clone();
         let acceptor = TlsAcceptor::from(current.config);
-        let router = if current.client_auth {
+        let router = if !current.close_connections {
             router.clone()
         } else {
             router.clone().layer(axum::middleware::map_response(
