@@ -173,13 +173,46 @@ async fn kubectl_get_prints_columns_and_full_objects() {
         &ns,
         "net-a",
         21,
-        json!({"172.21.0.10": "02:00:00:00:21:10", "172.21.0.2": "RESERVED", "172.21.0.11": "EXCLUDED"}),
+        json!({"172.21.0.10": "02:00:00:00:21:10", "172.21.0.12": "02:00:00:00:21:12",
+               "172.21.0.2": "RESERVED", "172.21.0.11": "EXCLUDED"}),
     )
     .await;
+    // What the webhook writes with an allocation: its owner, and whether it was asked for by
+    // address.
+    ns.api::<IPPool>()
+        .patch_status(
+            "net-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"ipv4": {
+                "owners": {"172.21.0.10": format!("{}/vm-a", ns.name),
+                           "172.21.0.12": format!("{}/vm-static", ns.name)},
+                "staticAddresses": ["172.21.0.12"]}}})),
+        )
+        .await
+        .expect("owners");
     let table = kubectl_until(cp, &["get", "ipamallocations", "-n", &ns.name], |t| {
-        t.contains("172.21.0.10")
+        t.contains("static")
     })
     .await;
+    let row = |ip: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(ip))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("172.21.0.12")[3..],
+        ["static".to_string(), format!("{}/vm-static", ns.name)],
+        "{table}"
+    );
+    assert_eq!(
+        row("172.21.0.10")[3..],
+        ["allocated".to_string(), format!("{}/vm-a", ns.name)],
+        "{table}"
+    );
     eprintln!("$ kubectl get ipamallocations -n {}\n{table}", ns.name);
     let header = table.lines().next().unwrap_or_default();
     for col in ["NAME", "ADDRESS", "MAC", "STATE", "OWNER"] {
