@@ -143,6 +143,31 @@ async fn seed_pool_and_vmnetcfg_allocate_at_admission_and_conflicts_are_refused(
         "{err}"
     );
 
+    // A VM asking for an address with the static-ip annotation gets it, and the pool lists
+    // it as static (what the aggregated API shows as state "static"); dynamic ones are not.
+    let mut wants = vm(&ns.name, "static-vm", &network);
+    wants.metadata.annotations = Some(BTreeMap::from([(
+        "static-ip.harvesterhci.io/nic-1".to_string(),
+        "192.168.48.85".to_string(),
+    )]));
+    let admitted = ns
+        .api::<VirtualMachine>()
+        .create(&PostParams::default(), &wants)
+        .await
+        .expect("static VM admitted");
+    assert_eq!(
+        allocation_of(&admitted).map(|a| a.ip_address),
+        Some("192.168.48.85".to_string())
+    );
+    let statics = pools
+        .get("net-48")
+        .await
+        .expect("pool")
+        .status
+        .and_then(|s| s.ipv4)
+        .and_then(|s| s.static_addresses);
+    assert_eq!(statics, Some(vec!["192.168.48.85".to_string()]));
+
     // Deleting the pool is refused while an address is held.
     let err = pools
         .delete("net-48", &DeleteParams::default())
@@ -150,7 +175,7 @@ async fn seed_pool_and_vmnetcfg_allocate_at_admission_and_conflicts_are_refused(
         .expect_err("held");
     assert!(
         err.to_string()
-            .contains("1 address(es) are still allocated"),
+            .contains("2 address(es) are still allocated"),
         "{err}"
     );
 }
