@@ -382,8 +382,9 @@ impl Inner {
             }));
         }
         if first {
-            view.rv = lease_rv;
-            view.oldest_rv = lease_rv;
+            // The list version covers every object's version.
+            view.rv = next_version.max(lease_rv + 1) - 1;
+            view.oldest_rv = view.rv;
             return false;
         }
         if changes.is_empty() {
@@ -894,6 +895,41 @@ mod tests {
         assert!(events.replay.iter().any(|e| e.kind == EventType::Deleted));
         let versions: BTreeSet<u64> = events.replay.iter().map(|e| e.rv).collect();
         assert_eq!(versions.len(), events.replay.len(), "one version per event");
+    }
+
+    fn leases(states: &[(u8, &str)]) -> Change {
+        let doc: AgentLeases = serde_json::from_value(json!({
+            "agent": "a-0", "active": true,
+            "items": states.iter().map(|(a, state)| json!({
+                "address": format!("10.0.0.{a}"), "mac": format!("52:54:00:00:00:{a:02x}"),
+                "state": state})).collect::<Vec<_>>()
+        }))
+        .expect("lease document");
+        Change::Leases(("default".into(), "net".into()), Some(doc))
+    }
+
+    #[test]
+    fn lease_versions_are_distinct_and_covered_by_the_list_version() {
+        let engine = Engine::new(1000);
+        engine.apply(vec![
+            Change::Replace(SourceKind::Pools, vec![pool(100, &[10, 11, 12])]),
+            leases(&[(10, "bound"), (11, "bound"), (12, "offered")]),
+            Change::Replace(SourceKind::Agents, vec![]),
+        ]);
+        let (items, list_rv) = engine.list(Resource::DhcpLeases, None).expect("list");
+        let versions: BTreeSet<u64> = items.iter().map(|o| o.resource_version).collect();
+        assert_eq!(versions.len(), 3, "one version each");
+        assert!(
+            versions.iter().all(|v| *v <= list_rv),
+            "{versions:?} > {list_rv}"
+        );
+        engine.apply(vec![leases(&[(10, "bound"), (11, "bound"), (12, "bound")])]);
+        let changed = engine
+            .watch_from(Resource::DhcpLeases, Some(list_rv))
+            .expect("watch");
+        assert_eq!(changed.replay.len(), 1, "only the lease that changed");
+        assert!(changed.replay[0].rv > list_rv);
+        assert_eq!(changed.rv, changed.replay[0].rv);
     }
 
     #[test]
