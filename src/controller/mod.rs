@@ -94,6 +94,9 @@ pub struct ControllerArgs {
     /// Seconds between full passes over every object (the sweep also runs on every change).
     #[arg(long, env = "VM_DHCP_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
+    /// Reconciles run at once (never two of one object): most wait on the apiserver.
+    #[arg(long, env = "VM_DHCP_WORKERS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: u16,
     /// Lease duration the agents use (passed to them).
     #[arg(
         long,
@@ -572,12 +575,25 @@ async fn reconcile_loop(ctx: Arc<Ctx>) -> Result<()> {
             }
             continue;
         }
-        for key in keys {
-            let result = match &key {
-                Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
-                Key::Workload(ns, name) => workload::reconcile(&ctx, ns, name).await,
-                Key::Nad(ns, name) => pool::reconcile_nad(&ctx, ns, name).await,
-            };
+        // The keys of one take are distinct, and the next take starts when they are all
+        // done: one object is never reconciled twice at once. Writers that meet (a sweep and
+        // a release of one pool) are kept apart by the resourceVersion guard.
+        let results: Vec<(Key, Result<()>)> = futures_util::stream::iter(keys)
+            .map(|key| {
+                let ctx = ctx.clone();
+                async move {
+                    let result = match &key {
+                        Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
+                        Key::Workload(ns, name) => workload::reconcile(&ctx, ns, name).await,
+                        Key::Nad(ns, name) => pool::reconcile_nad(&ctx, ns, name).await,
+                    };
+                    (key, result)
+                }
+            })
+            .buffer_unordered(usize::from(ctx.args.workers))
+            .collect()
+            .await;
+        for (key, result) in results {
             match result {
                 Ok(()) => {
                     failures.remove(&key);
