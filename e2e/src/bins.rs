@@ -84,3 +84,15 @@ mod tests {
         );
     }
 }
+
+/// busybox (its `udhcpc` is the DHCP client of the cluster tests), from PATH.
+pub fn busybox() -> String {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("busybox"))
+                .find(|p| p.is_file())
+        })
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| panic!("busybox not found in PATH (apt-get install busybox)"))
+}

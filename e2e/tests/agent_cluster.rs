@@ -68,17 +68,6 @@ fn vm_dhcp_binary() -> PathBuf {
     bin
 }
 
-fn busybox() -> String {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("busybox"))
-                .find(|p| p.is_file())
-        })
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| panic!("busybox not found in PATH (apt-get install busybox)"))
-}
-
 /// What every test starts from: a namespace with the agents' RBAC and the pool, and a
 /// simulator for `nodes`.
 struct Cluster {
@@ -323,7 +312,7 @@ impl Client {
         let proc = vm
             .spawn(
                 "udhcpc",
-                &busybox(),
+                &vm_dhcp_e2e::bins::busybox(),
                 &[
                     "udhcpc", "-f", "-i", &vm.ifname, "-t", "10", "-T", "1", "-A", "1", "-s", &hook,
                 ],

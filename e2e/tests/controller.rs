@@ -459,6 +459,44 @@ async fn agents_on_eligible_distinct_nodes_and_the_vm_lifecycle_allocates_and_re
     let pool = w.pools().get("net-1").await.expect("pool");
     assert_eq!(counts(&pool), (2, 8));
 
+    // The whole chain: a real DHCP client with the VM's first MAC on the VM network is
+    // given the address the webhook allocated, by the agent the controller placed.
+    let guest = w
+        .sim
+        .attach_vm_with_mac(&w.network, Some("02:aa:00:00:00:01"))
+        .await
+        .expect("VM namespace");
+    let udhcpc = [
+        "udhcpc",
+        "-i",
+        "eth0",
+        "-f",
+        "-n",
+        "-q",
+        "-t",
+        "15",
+        "-T",
+        "1",
+        "-s",
+        "/bin/true",
+    ];
+    let out = guest
+        .run(&vm_dhcp_e2e::bins::busybox(), &udhcpc)
+        .await
+        .expect("udhcpc");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("lease of 10.77.0.10 obtained"),
+        "udhcpc:\n{said}\nsimulator:\n{}",
+        w.sim.sim_log()
+    );
+    eprintln!("the VM's DHCP client:\n{said}");
+    drop(guest);
+
     // Metrics and debug views.
     let (code, metrics) = ctl.get("/metrics").await;
     assert_eq!(code, 200);
