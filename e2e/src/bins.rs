@@ -72,6 +72,18 @@ pub fn vm_dhcp_binary() -> PathBuf {
     bin
 }
 
+/// busybox (its `udhcpc` is the DHCP client of the cluster tests), from PATH.
+pub fn busybox() -> String {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("busybox"))
+                .find(|p| p.is_file())
+        })
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| panic!("busybox not found in PATH (apt-get install busybox)"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -83,16 +95,4 @@ mod tests {
             "{key}"
         );
     }
-}
-
-/// busybox (its `udhcpc` is the DHCP client of the cluster tests), from PATH.
-pub fn busybox() -> String {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("busybox"))
-                .find(|p| p.is_file())
-        })
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| panic!("busybox not found in PATH (apt-get install busybox)"))
 }
