@@ -68,6 +68,12 @@ bench-controller: e2e-bins
 	$(CARGO) build --release --locked --bin vm-dhcp
 	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --release --locked -p vm-dhcp-e2e --example bench_controller
 
+## demo: the whole product on a local control plane: webhook, controller, aggregated API, agents
+## on simulated nodes and a guest's real DHCP client (root). DEMO_EXIT=1 stops after the last step.
+.PHONY: demo
+demo:
+	scripts/demo.sh
+
 ## demo-agent: the DHCP agent offline in a network namespace, a real DHCP client in another (root).
 .PHONY: demo-agent
 demo-agent:
