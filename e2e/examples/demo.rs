@@ -15,8 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation};
@@ -24,7 +23,7 @@ use vm_dhcp_core::crd::IPPool;
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 use vm_dhcp_e2e::nodesim::{NodeSim, NodeSpec};
 use vm_dhcp_e2e::proc::{Process, run_dir};
-use vm_dhcp_e2e::{ControlPlane, TestNamespace};
+use vm_dhcp_e2e::ControlPlane;
 
 #[path = "../tests/apiserver/setup.rs"]
 mod setup;
@@ -72,40 +71,6 @@ async fn show(cp: &ControlPlane, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// `vm-dhcp webhook` with self-managed certificates, reached through an ExternalName Service.
-async fn webhook(cp: &ControlPlane, ns: &TestNamespace) -> Result<Process> {
-    let name = "vm-dhcp-webhook";
-    let port = vm_dhcp_e2e::free_port()?;
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}
-    }))?;
-    ns.api::<Service>()
-        .create(&PostParams::default(), &svc)
-        .await?;
-    let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
-    cmd.args([
-        "webhook",
-        &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
-        &format!("--namespace={}", ns.name),
-        &format!("--name={name}"),
-        &format!("--https-port={port}"),
-        &format!("--service-port={port}"),
-        "--service-cidr=10.96.0.0/12",
-    ]);
-    let run = run_dir()?;
-    let mut proc = Process::spawn("vm-dhcp-webhook", cmd, &run.join("demo-webhook.log"), &run)?;
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
-    let deadline = Instant::now() + WAIT;
-    while configs.get_opt(name).await?.is_none() {
-        if proc.exited().is_some() || Instant::now() > deadline {
-            bail!("the webhook never registered:\n{}", proc.log_tail(40));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(proc)
-}
-
 fn controller(cp: &ControlPlane, ns: &str) -> Result<Process> {
     let port = vm_dhcp_e2e::free_port()?;
     let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
@@ -141,7 +106,7 @@ async fn main() -> Result<()> {
     let network = format!("{}/net-48", ns.name);
 
     step("vm-dhcp webhook: self-managed CA in a Secret, registers its own configurations");
-    let _webhook = webhook(cp, &ns).await?;
+    let _webhook = vm_dhcp_e2e::webhooks::self_managed_binary(cp, &ns, "vm-dhcp-webhook").await?;
     step("vm-dhcp apiserver: dhcp.harvesterhci.io/v1alpha1 behind the aggregator");
     let _api = setup::start(cp, &[])
         .await
@@ -268,30 +233,7 @@ async fn main() -> Result<()> {
     let guest = sim
         .attach_vm_with_mac(&network, Some(&allocation.mac_address))
         .await?;
-    let out = guest
-        .run(
-            &vm_dhcp_e2e::bins::busybox(),
-            &[
-                "udhcpc",
-                "-i",
-                "eth0",
-                "-f",
-                "-n",
-                "-q",
-                "-t",
-                "15",
-                "-T",
-                "1",
-                "-s",
-                "/bin/true",
-            ],
-        )
-        .await?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = guest.udhcpc_once().await?;
     println!("{}", said.trim_end());
     if !said.contains(&format!("lease of {} obtained", allocation.ip_address)) {
         bail!(

@@ -202,6 +202,36 @@ impl VmNetns {
             .with_context(|| format!("running {program} in {}", self.name))
     }
 
+    /// One DHCP exchange with busybox udhcpc on the VM's interface (up to 15 tries a second
+    /// apart, nothing configured): what the client said, to find its `lease of <ip>
+    /// obtained` line.
+    pub async fn udhcpc_once(&self) -> Result<String> {
+        let out = self
+            .run(
+                &crate::bins::busybox(),
+                &[
+                    "udhcpc",
+                    "-i",
+                    &self.ifname,
+                    "-f",
+                    "-n",
+                    "-q",
+                    "-t",
+                    "15",
+                    "-T",
+                    "1",
+                    "-s",
+                    "/bin/true",
+                ],
+            )
+            .await?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
     /// Starts a long-running `program args` (a DHCP client, a server) in the VM's namespace,
     /// with its output in `<run dir>/nodesim/<vm>-<log_name>.log`; like every harness child it
     /// dies with the test process, and is killed when the returned [`Process`] is dropped.

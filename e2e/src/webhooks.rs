@@ -244,3 +244,48 @@ pub async fn setup(
     wait_for_webhooks(&ns).await;
     (ns, replicas)
 }
+
+/// `vm-dhcp webhook` as a process with self-managed certificates, named `name`, reached by
+/// the apiserver through the Service `<ns>/<name>` (ExternalName → localhost); returns once
+/// it has registered its configurations.
+pub async fn self_managed_binary(
+    cp: &ControlPlane,
+    ns: &TestNamespace,
+    name: &str,
+) -> anyhow::Result<crate::proc::Process> {
+    use anyhow::bail;
+    use k8s_openapi::api::core::v1::Service;
+    let port = crate::free_port()?;
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}
+    }))?;
+    ns.api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await?;
+    let mut cmd = std::process::Command::new(crate::bins::vm_dhcp_binary());
+    cmd.args([
+        "webhook",
+        &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
+        &format!("--namespace={}", ns.name),
+        &format!("--name={name}"),
+        &format!("--https-port={port}"),
+        &format!("--service-port={port}"),
+        "--service-cidr=10.96.0.0/12",
+    ]);
+    let run = crate::proc::run_dir()?;
+    let log = run.join(format!("webhook-{}-{name}.log", ns.name));
+    let mut proc = crate::proc::Process::spawn("vm-dhcp-webhook", cmd, &log, &run)?;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while configs.get_opt(name).await?.is_none() {
+        if proc.exited().is_some() || Instant::now() > deadline {
+            bail!(
+                "the webhook never registered its configurations:\n{}",
+                proc.log_tail(40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(proc)
+}

@@ -466,29 +466,7 @@ async fn agents_on_eligible_distinct_nodes_and_the_vm_lifecycle_allocates_and_re
         .attach_vm_with_mac(&w.network, Some("02:aa:00:00:00:01"))
         .await
         .expect("VM namespace");
-    let udhcpc = [
-        "udhcpc",
-        "-i",
-        "eth0",
-        "-f",
-        "-n",
-        "-q",
-        "-t",
-        "15",
-        "-T",
-        "1",
-        "-s",
-        "/bin/true",
-    ];
-    let out = guest
-        .run(&vm_dhcp_e2e::bins::busybox(), &udhcpc)
-        .await
-        .expect("udhcpc");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = guest.udhcpc_once().await.expect("udhcpc");
     assert!(
         said.contains("lease of 10.77.0.10 obtained"),
         "udhcpc:\n{said}\nsimulator:\n{}",

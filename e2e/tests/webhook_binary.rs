@@ -6,8 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, PostParams};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_e2e::ControlPlane;
@@ -18,50 +17,10 @@ async fn self_managed_webhook_registers_itself_and_allocates() {
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("whbin").await;
     let name = "vm-dhcp-webhook";
-    let port = vm_dhcp_e2e::free_port().expect("port");
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}
-    }))
-    .expect("service");
-    ns.api::<Service>()
-        .create(&PostParams::default(), &svc)
+    let mut proc = vm_dhcp_e2e::webhooks::self_managed_binary(cp, &ns, name)
         .await
-        .expect("service");
-    let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
-    cmd.args([
-        "webhook",
-        &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
-        &format!("--namespace={}", ns.name),
-        &format!("--name={name}"),
-        &format!("--https-port={port}"),
-        &format!("--service-port={port}"),
-        "--service-cidr=10.96.0.0/12",
-    ]);
-    let run = run_dir().expect("run dir");
-    let mut proc = Process::spawn(
-        "vm-dhcp-webhook",
-        cmd,
-        &run.join("webhook-binary.log"),
-        &run,
-    )
-    .expect("spawn");
-
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
+        .expect("the webhook registers itself");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while configs.get_opt(name).await.expect("get").is_none() {
-        assert!(
-            proc.exited().is_none(),
-            "webhook exited:\n{}",
-            proc.log_tail(40)
-        );
-        assert!(
-            Instant::now() < deadline,
-            "configurations never registered:\n{}",
-            proc.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let secret = ns
         .api::<Secret>()
         .get(&format!("{name}-tls"))
