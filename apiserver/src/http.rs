@@ -511,7 +511,12 @@ async fn handle(State(s): State<Arc<ApiServer>>, req: Request) -> Response {
                 // A watch on one object: the collection watch pinned to the name.
                 let mut query = query;
                 query.retain(|(k, _)| k != "fieldSelector");
-                query.push(("fieldSelector".into(), format!("metadata.name={name}")));
+                // Escaped as kube's fields.EscapeValue does, so that no name reads as syntax.
+                let escaped = name
+                    .replace('\\', "\\\\")
+                    .replace(',', "\\,")
+                    .replace('=', "\\=");
+                query.push(("fieldSelector".into(), format!("metadata.name={escaped}")));
                 return watch_collection(&s, Some(namespace), resource, &query, format).await;
             }
             get_object(&s, &namespace, resource, &name, &query, format)

@@ -968,3 +968,29 @@ async fn lease_view_from_the_agent_document() {
         "lease versions are clock microseconds: {rv}"
     );
 }
+
+#[tokio::test]
+async fn a_watch_on_one_object_takes_any_name_literally() {
+    let f = fixture();
+    // The name is pinned with an escaped field selector: commas and '=' are no syntax.
+    let mut w = watch(
+        &f,
+        &format!("{GV}/namespaces/default/ipamallocations/a,b=c?watch=true"),
+        None,
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), w.next_events(1))
+            .await
+            .is_err(),
+        "no object has that name: no event"
+    );
+    let mut one = watch(
+        &f,
+        &format!("{GV}/namespaces/default/ipamallocations/net-48.192-168-48-10?watch=true"),
+        None,
+    )
+    .await;
+    let ev = one.next_events(1).await;
+    assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-10");
+}

@@ -92,7 +92,7 @@ pub fn ippool_defaults(pool: &serde_json::Value) -> Result<Vec<FieldDefault>, St
     let server_missing =
         str_at(pool, "/spec/ipv4Config/serverIP").is_none_or(|s| s.trim().is_empty());
     if server_missing {
-        let mut masked: Vec<u32> = pool
+        let mut masked: std::collections::HashSet<u32> = pool
             .pointer("/spec/ipv4Config/pool/exclude")
             .and_then(serde_json::Value::as_array)
             .into_iter()
@@ -102,12 +102,22 @@ pub fn ippool_defaults(pool: &serde_json::Value) -> Result<Vec<FieldDefault>, St
         if let Some(router) =
             str_at(pool, "/spec/ipv4Config/router").and_then(|r| r.trim().parse::<Ipv4Addr>().ok())
         {
-            masked.push(u32::from(router));
+            masked.insert(u32::from(router));
         }
-        let candidates = || (first..=last).filter(|a| !masked.contains(a));
-        let server = candidates()
-            .find(|a| *a < start || *a > end)
-            .or_else(|| candidates().next())
+        // The first free address of a span: at most one step more than there are masked
+        // addresses, whatever the size of the network (a /0 must not be walked).
+        let first_free = |from: u32, to: u32| (from..=to).find(|a| !masked.contains(a));
+        let below = (start > first)
+            .then(|| first_free(first, (start - 1).min(last)))
+            .flatten();
+        let above = || {
+            (end < last)
+                .then(|| first_free((end + 1).max(first), last))
+                .flatten()
+        };
+        let server = below
+            .or_else(above)
+            .or_else(|| first_free(first, last))
             .ok_or_else(|| {
                 format!(
                     "no address of {net} is left for the DHCP server; set spec.ipv4Config.serverIP"

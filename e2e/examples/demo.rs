@@ -21,9 +21,9 @@ use serde_json::json;
 use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation};
 use vm_dhcp_core::crd::IPPool;
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
+use vm_dhcp_e2e::ControlPlane;
 use vm_dhcp_e2e::nodesim::{NodeSim, NodeSpec};
 use vm_dhcp_e2e::proc::{Process, run_dir};
-use vm_dhcp_e2e::ControlPlane;
 
 #[path = "../tests/apiserver/setup.rs"]
 mod setup;

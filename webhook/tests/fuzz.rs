@@ -386,8 +386,7 @@ fn bad_ip() -> impl Strategy<Value = String> {
     ]
 }
 
-/// CIDRs, valid and not. Prefixes stay at /16 or longer: see
-/// `ippool_defaults_for_a_huge_cidr_answers_in_time` for what shorter ones cost.
+/// CIDRs, valid and not, of every prefix length.
 fn bad_cidr() -> impl Strategy<Value = String> {
     prop_oneof![
         prop::sample::select(vec![
@@ -410,7 +409,7 @@ fn bad_cidr() -> impl Strategy<Value = String> {
             "/24",
         ])
         .prop_map(String::from),
-        (any::<u32>(), 16u8..=32).prop_map(|(n, p)| format!("{}/{p}", std::net::Ipv4Addr::from(n))),
+        (any::<u32>(), 0u8..=32).prop_map(|(n, p)| format!("{}/{p}", std::net::Ipv4Addr::from(n))),
         "[0-9./:]{0,20}",
     ]
 }
@@ -830,14 +829,12 @@ fn the_bases_are_understood() {
     }
 }
 
-/// Found while writing this file: an IPPool CREATE with a huge subnet and neither range nor server
-/// address makes the mutator look for the server address by walking every address of the
-/// subnet (`ippool_defaults` in core/src/admission.rs), pinning a worker thread: about 3
-/// minutes for 0.0.0.0/0 in a debug build, 11 s for a /4. Any client allowed to create
-/// IPPools can occupy the webhook (it also admits every VM) this way. The random CIDRs above
-/// stay at /16 or longer so that the property runs in seconds; this test holds the bug.
+/// Found while writing this file: an IPPool CREATE with a huge subnet and neither range nor
+/// server address made the mutator look for the server address by walking every address of
+/// the subnet (`ippool_defaults` in core/src/admission.rs), pinning a worker thread for
+/// about 3 minutes for 0.0.0.0/0. It now takes at most one step per excluded address. The
+/// bound below only keeps a regression from hanging the run: it is no speed measurement.
 #[test]
-#[ignore = "known bug: core's ippool_defaults scans the whole subnet for a server address"]
 fn ippool_defaults_for_a_huge_cidr_answers_in_time() {
     let mut body: Value = serde_json::from_str(CREATE).expect("fixture");
     body["request"]["object"]["spec"]["ipv4Config"] = json!({"cidr": "0.0.0.0/0"});
@@ -863,7 +860,7 @@ fn ippool_defaults_for_a_huge_cidr_answers_in_time() {
         let _ = tx.send(code);
     });
     let code = rx
-        .recv_timeout(std::time::Duration::from_secs(2))
-        .expect("the mutator answers a 0.0.0.0/0 pool within 2 s");
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the mutator answers a 0.0.0.0/0 pool (it used to walk 2^32 addresses)");
     assert_eq!(code, StatusCode::OK);
 }

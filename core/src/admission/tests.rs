@@ -65,6 +65,31 @@ fn defaults_fill_missing_and_empty_fields() {
     );
 }
 
+#[test]
+fn server_address_of_a_whole_internet_pool_is_found_without_walking_it() {
+    // Defaults are computed before validation refuses the size: they must stay cheap.
+    let raw = json!({"spec": {"ipv4Config": {"cidr": "0.0.0.0/0",
+        "pool": {"exclude": ["0.0.0.1", "0.0.0.2"]}}}});
+    let got = ippool_defaults(&raw).expect("defaults");
+    let server = got
+        .iter()
+        .find(|d| d.path == "/spec/ipv4Config/serverIP")
+        .map(|d| d.value.as_str());
+    assert_eq!(server, Some("0.0.0.3"));
+    // A range that leaves room above it only: the first free address after the end.
+    let raw = json!({"spec": {"ipv4Config": {"cidr": "10.0.0.0/8", "router": "10.255.255.253",
+        "pool": {"start": "10.0.0.1", "end": "10.255.255.252"}}}});
+    let got = ippool_defaults(&raw).expect("defaults");
+    assert_eq!(
+        got,
+        vec![FieldDefault {
+            path: "/spec/ipv4Config/serverIP",
+            value: "10.255.255.254".into(),
+            exists: false
+        }]
+    );
+}
+
 fn seed_spec_obj() -> serde_json::Value {
     json!({"spec": seed_spec()})
 }
