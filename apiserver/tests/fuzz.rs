@@ -5,10 +5,9 @@
 //! Deterministic by default (a fixed seed, no regression files): `PROPTEST_RNG_SEED=<n>`
 //! explores other inputs and `PROPTEST_CASES=<n>` changes the case counts.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
@@ -16,7 +15,7 @@ use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 use base64::Engine as _;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use vm_dhcp_apiserver::auth::{
@@ -33,37 +32,13 @@ const GV: &str = "/apis/dhcp.harvesterhci.io/v1alpha1";
 // ---------------------------------------------------------------------------------------
 // Harness
 
-/// Same inputs on every run unless `PROPTEST_RNG_SEED` says otherwise; failures are printed
-/// (minimal input included), not written into the source tree.
-fn config(cases: u32) -> Config {
-    let mut config = Config {
-        failure_persistence: None,
-        ..Config::default()
-    };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    if config.rng_seed == RngSeed::Random {
-        config.rng_seed = RngSeed::Fixed(0x7664_6863_7066_757a);
-    }
-    config
-}
+#[path = "../../tests/support/fuzz_harness.rs"]
+mod harness;
+use harness::{count_panics, panics, reset_panics};
 
-thread_local! {
-    /// Panics on this thread, counted by the hook: a current-thread runtime runs the watch
-    /// tasks the handler spawns here too, so a panic there counts although tokio catches it.
-    static PANICS: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count_panics() {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            PANICS.with(|p| p.set(p.get() + 1));
-            previous(info);
-        }));
-    });
+/// This file's default seed (see `harness::config`).
+fn config(cases: u32) -> proptest::test_runner::Config {
+    harness::config(cases, 0x7664_6863_7066_757a)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -763,14 +738,14 @@ fn random_requests_get_a_status_never_a_panic_or_500() {
     let before: Vec<_> = servers.iter().map(|s| snapshot(s)).collect();
     let mut runner = TestRunner::new(config(1024));
     let result = runner.run(&case(), |case| {
-        PANICS.with(|p| p.set(0));
+        reset_panics();
         rt.block_on(async {
             check(&servers, case).await?;
             // Let spawned watch tasks run on until they notice the dropped body.
             tokio::task::yield_now().await;
             Ok::<(), TestCaseError>(())
         })?;
-        let panics = PANICS.with(Cell::get);
+        let panics = panics();
         prop_assert_eq!(
             panics,
             0,

@@ -8,9 +8,8 @@
 //! regression files): `PROPTEST_RNG_SEED=<n>` explores other inputs and `PROPTEST_CASES=<n>`
 //! changes the case count.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -21,7 +20,7 @@ use kube::core::admission::AdmissionReview;
 use kube::runtime::{reflector, watcher};
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use vm_dhcp_core::crd::IPPool;
@@ -43,37 +42,13 @@ const PATHS: [&str; 5] = [
 // ---------------------------------------------------------------------------------------
 // Harness
 
-/// Same inputs on every run unless `PROPTEST_RNG_SEED` says otherwise; failures are printed
-/// (minimal input included), not written into the source tree.
-fn config(cases: u32) -> Config {
-    let mut config = Config {
-        failure_persistence: None,
-        ..Config::default()
-    };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    if config.rng_seed == RngSeed::Random {
-        config.rng_seed = RngSeed::Fixed(0x7664_6863_7077_6866);
-    }
-    config
-}
+#[path = "../../tests/support/fuzz_harness.rs"]
+mod harness;
+use harness::{count_panics, panics, reset_panics};
 
-thread_local! {
-    /// Panics on this thread, counted by the hook (tasks of a current-thread runtime run
-    /// here too, so a panic that tokio or axum would swallow still counts).
-    static PANICS: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count_panics() {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            PANICS.with(|p| p.set(p.get() + 1));
-            previous(info);
-        }));
-    });
+/// This file's default seed (see `harness::config`).
+fn config(cases: u32) -> proptest::test_runner::Config {
+    harness::config(cases, 0x7664_6863_7077_6866)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -761,9 +736,9 @@ fn mutated_reviews_get_an_answer_never_a_panic() {
         .collect();
     let mut runner = TestRunner::new(config(1024));
     let result = runner.run(&case(), |case| {
-        PANICS.with(|p| p.set(0));
+        reset_panics();
         rt.block_on(check(&states, &bases, &case))?;
-        let panics = PANICS.with(Cell::get);
+        let panics = panics();
         prop_assert_eq!(
             panics,
             0,
