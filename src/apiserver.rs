@@ -1,7 +1,8 @@
 //! `vm-dhcp apiserver`: the aggregated API `dhcp.harvesterhci.io/v1alpha1` over HTTPS.
 //!
 //! The wiring around the `vm-dhcp-apiserver` crate: kube-rs watchers feed its engine
-//! (IPPools and agent pods), a poller reads each pool's active agent's lease view, TLS verifies the aggregator's client certificate against the requestheader CA of
+//! (IPPools and agent pods), a poller reads each pool's active agent's lease view, TLS
+//! verifies the aggregator's client certificate against the requestheader CA of
 //! `kube-system/extension-apiserver-authentication` (reloaded when it rotates), and every
 //! request is authorized with a SubjectAccessReview.
 

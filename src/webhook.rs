@@ -28,10 +28,11 @@ use crate::tls::{ReloadingCert, certified_key};
 #[derive(Args, Debug, Clone)]
 pub struct WebhookArgs {
     /// Name of the webhook: its Service, its Secret (`<name>-tls`) and its configurations.
+    /// The default is the chart's for the Harvester add-on release (`<release>-webhook`).
     #[arg(
         long,
         env = "VM_DHCP_WEBHOOK_NAME",
-        default_value = "harvester-vm-dhcp-webhook"
+        default_value = "harvester-vm-dhcp-controller-webhook"
     )]
     pub name: String,
     /// Namespace of the Service and the Secret.

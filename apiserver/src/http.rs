@@ -1027,6 +1027,10 @@ async fn watch_collection(
         include,
         columns_sent: false,
     };
+    // Subscribed before the start is taken: a change between the two only wakes the stream
+    // once for nothing, while a change after the start can never go unnoticed.
+    let mut changes = s.engine.subscribe();
+    changes.mark_unchanged();
     let start = match s.engine.watch_from(resource, from) {
         Ok(st) => st,
         Err(e @ StoreError::Expired { .. }) => {
@@ -1059,11 +1063,12 @@ async fn watch_collection(
     let engine = s.engine.clone();
     let bookmark_every = s.bookmark_interval;
     let mut cursor = start.cursor;
-    let mut last_rv = start.rv;
+    // Resumed from V on a replica that has not seen V yet (versions agree across
+    // replicas): the changes up to V are the client's already, only later ones go out.
+    let floor = from.unwrap_or(0);
+    let mut last_rv = start.rv.max(floor);
     tokio::spawn(async move {
         let _open = open;
-        let mut changes = engine.subscribe();
-        changes.mark_unchanged();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut bookmark_tick = tokio::time::interval(bookmark_every);
         bookmark_tick.reset();
@@ -1081,10 +1086,11 @@ async fn watch_collection(
                     }
                     let mut out = Vec::new();
                     match engine.events_after(resource, cursor) {
-                        Ok((entries, next, rv)) => {
+                        Ok((mut entries, next, rv)) => {
+                            entries.retain(|e| e.rv > floor);
                             encode_entries(&mut enc, &filter, &entries, &mut out);
                             cursor = next;
-                            last_rv = rv;
+                            last_rv = rv.max(floor);
                         }
                         Err(e) => {
                             line(&mut out, &json!({"type": "ERROR", "object": status_object(StatusCode::GONE, "Expired", e.to_string())}));

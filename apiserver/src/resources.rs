@@ -106,7 +106,7 @@ static IPAM: ResourceDef = ResourceDef {
         (
             "owner",
             "string",
-            "The VirtualMachine (and its VirtualMachineNetworkConfig, of the same name) holding the address, as <namespace>/<name>, from IPPool.status.ipv4.owners; absent for an allocation the Go version made until the controller adopts it.",
+            "The VirtualMachine (and its VirtualMachineNetworkConfig, of the same name) holding the address, as <namespace>/<name>, from IPPool.status.ipv4.owners; absent for an allocation the Go version made until it is adopted (by the controller, or by the webhook when its owner asks again).",
         ),
     ],
 };

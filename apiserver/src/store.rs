@@ -7,12 +7,16 @@
 //! are etcd revisions (one counter for the whole cluster):
 //! - `ipamallocations` and `macaddresses` are computed from the IPPools alone, which arrive on
 //!   one watch stream in revision order, so every replica sees the same changes in the same
-//!   order. One pool change at revision `r` can change many objects: the i-th of them (in
-//!   name order, deletions last) gets version `r × 65,536 + i`, so every event has a version
-//!   of its own and every replica gives it the same one. A list's version is
+//!   order. One pool change at revision `r` can change many objects: the i-th of them (in an
+//!   order fixed by the pool's before and after, so the same on every replica) gets version
+//!   `r × 65,536 + i`, so every event has a version of its own and every replica gives it
+//!   the same one. A list's version is
 //!   `r × 65,536 + 65,535` for the last revision seen. A watch resumed from version V on any
-//!   replica gets exactly the changes after V; a V older than what the replica remembers
-//!   gets 410 Expired and the client lists again, as with kube-apiserver's watch cache.
+//!   replica gets exactly the changes after V (a replica that has not seen V yet sends only
+//!   what comes after it); a V older than what the replica remembers gets 410 Expired and
+//!   the client lists again, as with kube-apiserver's watch cache. A list's version is the
+//!   newest pool revision the replica holds: a deleted pool's revision is not among them,
+//!   so after such a deletion a replica started later may list at a lower version.
 //!   (After a relist of the pools, which coalesces the changes it missed, this replica's
 //!   versions continue from its last one; only then can they differ from another replica's.)
 //! - an object keeps its version while its content is unchanged (a pool's new revision does
@@ -250,15 +254,12 @@ impl View {
             });
             self.next_seq += 1;
         }
-        // Trim whole versions, so that "resume from V" never skips half of V's changes.
+        // Every change has a version of its own: resuming from a trimmed one is Expired.
         while self.history.len() > limit {
             let Some(dropped) = self.history.pop_front() else {
                 break;
             };
             self.oldest_rv = self.oldest_rv.max(dropped.rv);
-            while self.history.front().is_some_and(|e| e.rv == dropped.rv) {
-                self.history.pop_front();
-            }
         }
     }
 }
@@ -320,7 +321,6 @@ impl Inner {
                 .rv
                 .saturating_add(1)
                 .max(rv.saturating_mul(VERSIONS_PER_REVISION));
-            let first_version = next_version;
             let mut next = || {
                 let v = next_version;
                 next_version += 1;
@@ -349,10 +349,7 @@ impl Inner {
                     }
                 }
             }
-            view.rv = view
-                .rv
-                .max(last_version_of(rv))
-                .max(next_version.max(first_version) - 1);
+            view.rv = view.rv.max(last_version_of(rv)).max(next_version - 1);
             any |= !changes.is_empty();
             view.record(changes, limit);
         }
@@ -558,13 +555,11 @@ impl Engine {
                     .get(key)
                     .map(|p| pool_views(p))
                     .unwrap_or_default();
+                let version = inner.sources.pools.get(key).map_or(0, |p| {
+                    rv_of(&p.metadata).saturating_mul(VERSIONS_PER_REVISION)
+                });
                 for (view, objects) in inner.views.iter_mut().zip([allocs, macs]) {
-                    let versions: Vec<u64> = objects
-                        .iter()
-                        .map(|o| o.resource_version.saturating_mul(VERSIONS_PER_REVISION))
-                        .collect();
-                    let mut versions = versions.into_iter();
-                    view.replace_pool(key, objects, &mut || versions.next().unwrap_or(0));
+                    view.replace_pool(key, objects, &mut || version);
                 }
             }
             let rv = last_version_of(inner.pool_rv);
@@ -867,6 +862,8 @@ mod tests {
                 ("10.0.0.15", m3, Some("ns/c"), false),
                 ("10.0.0.16", m3, Some("ns/c"), true),
                 ("10.0.0.2", "RESERVED", None, false),
+                // An unreadable key holding a MAC too, sorting after every address.
+                ("9.not.an.address", m1, None, false),
             ],
             // Released, and a MAC held twice becomes held once.
             vec![("10.0.0.15", m3, Some("ns/c"), false)],

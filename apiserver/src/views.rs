@@ -385,7 +385,8 @@ pub fn changed_views(old: &IPPool, new: &IPPool) -> Option<PartialViews> {
     }
     // Where each of them is now (the last address in order wins, as in `pool_views`).
     for (address, value) in after.allocated {
-        if let Ok(mac) = value.parse::<MacAddr>()
+        if address.parse::<Ipv4Addr>().is_ok()
+            && let Ok(mac) = value.parse::<MacAddr>()
             && let Some(at) = macs.get_mut(&mac)
         {
             *at = Some(address.as_str());

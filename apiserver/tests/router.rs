@@ -994,3 +994,34 @@ async fn a_watch_on_one_object_takes_any_name_literally() {
     let ev = one.next_events(1).await;
     assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-10");
 }
+
+#[tokio::test]
+async fn a_watch_resumed_ahead_of_this_replica_sends_only_later_changes() {
+    // Another replica already streamed revision 110's first two changes (versions agree
+    // across replicas); this one has not seen revision 110 yet.
+    let f = fixture();
+    let seen = 110 * 65_536 + 1;
+    let mut w = watch(
+        &f,
+        &format!("{GV}/namespaces/default/ipamallocations?watch=true&resourceVersion={seen}"),
+        None,
+    )
+    .await;
+    let mut allocated = base_allocated();
+    for (ip, mac) in [
+        ("192.168.48.14", "52:54:00:00:00:04"),
+        ("192.168.48.15", "52:54:00:00:00:05"),
+        ("192.168.48.16", "52:54:00:00:00:06"),
+    ] {
+        allocated[ip] = mac.into();
+    }
+    f.engine.apply(vec![Change::Apply(SourceObject::Pool(pool(
+        110, allocated,
+    )))]);
+    let ev = w.next_events(1).await;
+    assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-16");
+    assert_eq!(
+        ev[0]["object"]["metadata"]["resourceVersion"],
+        (seen + 1).to_string()
+    );
+}

@@ -1,6 +1,8 @@
 {{/*
 The webhook's name: its Service, its --name and both webhook configurations. One helper,
-so the Service the configurations point at is the Service the chart creates.
+so that the webhook's Service and Deployment (--name) templates, still to come, and the
+configurations here agree. The binary's --name default is this helper's default for the
+Harvester add-on release (harvester-vm-dhcp-controller-webhook).
 */}}
 {{- define "vm-dhcp.webhookName" -}}
 {{- $name := .Values.webhook.service.name | default (printf "%s-webhook" .Release.Name) -}}

@@ -85,13 +85,19 @@ impl PoolBook {
     ) -> Result<(Self, Vec<RebuildIssue>), IpamError> {
         let allocated = status.and_then(|s| s.allocated.clone()).unwrap_or_default();
         let owners = status.and_then(|s| s.owners.clone()).unwrap_or_default();
+        let (ipam, issues) = Ipam::rebuild(layout, &allocated)?;
+        // Only addresses a MAC holds can be static (a leftover of an older write is not).
         let statics = status
             .and_then(|s| s.static_addresses.as_ref())
             .into_iter()
             .flatten()
+            .filter(|ip| {
+                allocated
+                    .get(*ip)
+                    .is_some_and(|v| v.parse::<MacAddr>().is_ok())
+            })
             .cloned()
             .collect();
-        let (ipam, issues) = Ipam::rebuild(layout, &allocated)?;
         let by_mac = allocated
             .iter()
             .filter_map(|(ip, mac)| Some((mac.parse().ok()?, ip.parse().ok()?)))
@@ -214,8 +220,12 @@ impl PoolBook {
             }
             let adopted = owner.is_none();
             if adopted {
-                // An allocation the Go version made: whoever asks for it first adopts it.
+                // An allocation the Go version made: whoever asks for it first adopts it, and
+                // one asked for by address (a static-ip annotation) is static.
                 self.owners.insert(held.to_string(), req.owner.clone());
+                if req.want == Some(held) {
+                    self.statics.insert(held.to_string());
+                }
                 self.dirty = true;
             }
             let found = Allocation {
@@ -241,6 +251,8 @@ impl PoolBook {
         self.allocated.insert(key.clone(), mac.to_string());
         if req.want.is_some() {
             self.statics.insert(key.clone());
+        } else {
+            self.statics.remove(&key);
         }
         self.owners.insert(key, req.owner.clone());
         self.by_mac.insert(mac, ip);
@@ -262,10 +274,10 @@ impl PoolBook {
                             let _ = self.ipam.release(a.ip);
                             self.allocated.remove(&key);
                             self.by_mac.remove(&a.mac);
-                            self.statics.remove(&key);
                         }
                         if a.new || *adopted {
                             self.owners.remove(&key);
+                            self.statics.remove(&key);
                         }
                     }
                     self.dirty = dirty_before;

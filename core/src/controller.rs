@@ -306,14 +306,21 @@ pub fn ipv4_merge_patch(before: Option<&IPv4Status>, after: &IPv4Status) -> serd
         }
         out
     }
-    serde_json::json!({
+    let mut patch = serde_json::json!({
         "allocated": diff(before.and_then(|b| b.allocated.as_ref()), after.allocated.as_ref()),
         "owners": diff(before.and_then(|b| b.owners.as_ref()), after.owners.as_ref()),
-        // A list: a merge patch replaces it whole (null removes it).
-        "staticAddresses": after.static_addresses,
         "used": after.used,
         "available": after.available,
-    })
+    });
+    // A list: a merge patch replaces it whole (null removes it); sent only when it changed.
+    let statics = |s: Option<&IPv4Status>| {
+        s.and_then(|s| s.static_addresses.clone())
+            .filter(|l| !l.is_empty())
+    };
+    if statics(before) != statics(Some(after)) {
+        patch["staticAddresses"] = serde_json::json!(statics(Some(after)));
+    }
+    patch
 }
 
 /// Whether two statuses say the same (maps compared as maps, absent = empty).

@@ -262,9 +262,9 @@ async fn commit_batch(
             .as_ref()
             .ok_or_else(|| pool_err("spec.ipv4Config is missing".into()))?;
         let layout = PoolLayout::from_config(config).map_err(|e| pool_err(e.to_string()))?;
-        let before = pool.status.as_ref().and_then(|s| s.ipv4.clone());
+        let before = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
         let (mut book, _issues) =
-            PoolBook::from_status(layout, before.as_ref()).map_err(|e| pool_err(e.to_string()))?;
+            PoolBook::from_status(layout, before).map_err(|e| pool_err(e.to_string()))?;
         let results: Vec<JobResult> = batch
             .iter()
             .map(|job| {
@@ -281,7 +281,8 @@ async fn commit_batch(
             *cached = Some(pool);
             return Ok(results);
         }
-        let updated = with_status(&pool, book.status());
+        let read_version = pool.metadata.resource_version.clone();
+        let updated = with_status(pool, book.status());
         match source
             .api
             .replace_status(&source.name, &PostParams::default(), &updated)
@@ -295,7 +296,7 @@ async fn commit_batch(
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 metrics.conflict();
                 *conflicts += 1;
-                stale = pool.metadata.resource_version.clone();
+                stale = read_version;
                 // Another writer won: read again and decide again.
                 if attempt > 3 {
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
@@ -315,8 +316,7 @@ async fn commit_batch(
 /// update, as the Go version's UpdateStatus: measured against a real apiserver it costs
 /// 15 ms where a merge patch costs 19 ms at 1,000 allocations, 77 ms against 121 ms at
 /// 5,000 (the apiserver skips applying a patch to the stored object).
-fn with_status(pool: &IPPool, ipv4: IPv4Status) -> IPPool {
-    let mut updated = pool.clone();
+fn with_status(mut updated: IPPool, ipv4: IPv4Status) -> IPPool {
     let status = updated.status.get_or_insert_with(Default::default);
     status.ipv4 = Some(ipv4);
     status.last_update = Some(Time(k8s_openapi::jiff::Timestamp::now()));

@@ -227,3 +227,36 @@ fn addresses_asked_for_are_listed_static_and_undone_with_the_request() {
         book.status().static_addresses
     );
 }
+
+#[test]
+fn a_stale_static_mark_never_makes_a_dynamic_allocation_static() {
+    let mut status = empty().status();
+    // 10.0.0.11 is marked static but nobody holds it (a hand edit, an older writer).
+    status.static_addresses = Some(vec!["10.0.0.11".into()]);
+    let (mut book, _) = PoolBook::from_status(layout(), Some(&status)).expect("book");
+    assert_eq!(book.status().static_addresses, None, "dropped on read");
+    let a = book.allocate(&req("ns/vm1", 1, None)).expect("dynamic");
+    assert_eq!(a.ip.to_string(), "10.0.0.11");
+    assert_eq!(book.status().static_addresses, None);
+}
+
+#[test]
+fn a_go_era_allocation_adopted_by_its_static_ip_is_static() {
+    let status = IPv4Status {
+        allocated: Some(BTreeMap::from([(
+            "10.0.0.13".to_string(),
+            "52:54:00:00:00:07".to_string(),
+        )])),
+        owners: None,
+        static_addresses: None,
+        used: 1,
+        available: 8,
+    };
+    let (mut book, _) = PoolBook::from_status(layout(), Some(&status)).expect("book");
+    book.allocate(&req("ns/vm7", 7, Some("10.0.0.13")))
+        .expect("adopted");
+    assert_eq!(
+        book.status().static_addresses,
+        Some(vec!["10.0.0.13".to_string()])
+    );
+}

@@ -179,6 +179,10 @@ fn release_removes_only_the_matching_mac_and_recounts_with_marks() {
     assert_eq!((after.used, after.available), (1, 8));
 
     let patch = ipv4_merge_patch(Some(&before), &after);
+    assert!(
+        patch.get("staticAddresses").is_none(),
+        "an unchanged list is not sent"
+    );
     assert_eq!(patch["allocated"]["192.168.48.82"], serde_json::Value::Null);
     assert_eq!(patch["owners"]["192.168.48.82"], serde_json::Value::Null);
     assert_eq!(patch["allocated"]["192.168.48.81"], MARK_EXCLUDED);
