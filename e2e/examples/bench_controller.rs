@@ -105,19 +105,6 @@ fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn conditions_written(p: &IPPool) -> bool {
     let conds = p.status.as_ref().and_then(|s| s.conditions.as_ref());
     ["Registered", "CacheReady"]
@@ -179,7 +166,10 @@ async fn timed_start(
         Ok(())
     };
     let ready = loop {
-        if http_status(port, "/readyz").await == Some(200) {
+        if vm_dhcp_e2e::plain_get(port, "/readyz")
+            .await
+            .is_ok_and(|(code, _)| code == 200)
+        {
             break t0.elapsed();
         }
         check(&mut proc)?;

@@ -18,10 +18,20 @@ pub mod webhooks;
 
 /// `GET http://127.0.0.1:<port><path>` over plain HTTP/1.0: the status code and the body.
 pub async fn plain_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    plain_get_at(std::net::Ipv4Addr::LOCALHOST.into(), port, path).await
+}
+
+/// `GET http://<ip>:<port><path>` over plain HTTP/1.0 (a pod IP, from the root namespace):
+/// the status code and the body.
+pub async fn plain_get_at(
+    ip: std::net::IpAddr,
+    port: u16,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut stream = tokio::net::TcpStream::connect((ip, port)).await?;
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
         .await?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;

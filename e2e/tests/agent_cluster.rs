@@ -19,7 +19,6 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vm_dhcp_core::crd::IPPool;
 use vm_dhcp_e2e::nodesim::{NETWORKS_ANNOTATION, NodeSim, NodeSpec, VmNetns};
 use vm_dhcp_e2e::proc::Process;
@@ -50,22 +49,6 @@ macro_rules! require_root {
             return;
         }
     };
-}
-
-fn vm_dhcp_binary() -> PathBuf {
-    // The e2e crate does not depend on the binary crate: find it next to our test binary.
-    let mut dir = std::env::current_exe().expect("test binary path");
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("vm-dhcp");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build --bin vm-dhcp` first (make e2e does)",
-        bin.display()
-    );
-    bin
 }
 
 /// What every test starts from: a namespace with the agents' RBAC and the pool, and a
@@ -112,7 +95,10 @@ async fn cluster(prefix: &str, nodes: &[&str]) -> Cluster {
         .await
         .expect("write pool status");
 
-    let programs = HashMap::from([("harvester-vm-dhcp".to_string(), vm_dhcp_binary())]);
+    let programs = HashMap::from([(
+        "harvester-vm-dhcp".to_string(),
+        vm_dhcp_e2e::bins::vm_dhcp_binary(),
+    )]);
     let nodes = nodes.iter().map(|n| NodeSpec::new(n)).collect();
     let sim = NodeSim::start(cp, &ns.name, nodes, programs)
         .await
@@ -205,28 +191,22 @@ impl Cluster {
         }
     }
 
-    /// GET from an agent's HTTP server at its pod IP.
-    async fn agent_json(&self, pod: &str, path: &str) -> Option<Value> {
+    /// GET from an agent's HTTP server at its pod IP: the body.
+    async fn agent_get(&self, pod: &str, path: &str) -> Option<String> {
         let ip = self.sim.pod_ip(pod)?;
-        let mut stream = tokio::net::TcpStream::connect((ip, 8080)).await.ok()?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        vm_dhcp_e2e::plain_get_at(ip.into(), 8080, path)
             .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        let (_, body) = text.split_once("\r\n\r\n")?;
-        serde_json::from_str(body).ok()
+            .ok()
+            .map(|(_, body)| body)
+    }
+
+    async fn agent_json(&self, pod: &str, path: &str) -> Option<Value> {
+        serde_json::from_str(&self.agent_get(pod, path).await?).ok()
     }
 
     /// An agent's Prometheus text at its pod IP.
     async fn agent_metrics(&self, pod: &str) -> Option<String> {
-        let ip = self.sim.pod_ip(pod)?;
-        let mut s = tokio::net::TcpStream::connect((ip, 8080)).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.ok()?;
-        Some(text)
+        self.agent_get(pod, "/metrics").await
     }
 
     async fn vm(&self) -> VmNetns {

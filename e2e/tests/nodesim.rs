@@ -11,7 +11,6 @@ use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vm_dhcp_e2e::ControlPlane;
 use vm_dhcp_e2e::nodesim::{NodeSim, NodeSpec, UNREACHABLE_TAINT, netns_list};
 
@@ -109,17 +108,6 @@ async fn wait_gone(pods: &Api<Pod>, name: &str) {
     }
 }
 
-/// GET `path` from `ip:port` over plain HTTP/1.0, from the root namespace.
-async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect((ip, port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
 fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -187,13 +175,11 @@ async fn node_affinity_places_the_pod_which_runs_ready_and_reachable() {
     );
     let pid = sim.pid("web", "web").expect("web has a process");
     assert!(process_alive(pid));
-    let page = http_get(&pod_ip, 8080, "/index.html")
+    let ip: std::net::IpAddr = pod_ip.parse().expect("pod IP");
+    let (code, page) = vm_dhcp_e2e::plain_get_at(ip, 8080, "/index.html")
         .await
         .expect("HTTP to the pod IP");
-    assert!(
-        page.starts_with("HTTP/1.") && page.contains(&marker),
-        "{page}"
-    );
+    assert!(code == 200 && page.contains(&marker), "{code} {page}");
 
     // Same server, probe on a missing page: running, never ready. By now "web" has shown
     // that probes run, so "unready" has been probed too.
