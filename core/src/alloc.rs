@@ -86,18 +86,9 @@ impl PoolBook {
         let allocated = status.and_then(|s| s.allocated.clone()).unwrap_or_default();
         let owners = status.and_then(|s| s.owners.clone()).unwrap_or_default();
         let (ipam, issues) = Ipam::rebuild(layout, &allocated)?;
-        // Only addresses a MAC holds can be static (a leftover of an older write is not).
         let statics = status
-            .and_then(|s| s.static_addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|ip| {
-                allocated
-                    .get(*ip)
-                    .is_some_and(|v| v.parse::<MacAddr>().is_ok())
-            })
-            .cloned()
-            .collect();
+            .map(|s| s.held_statics(&allocated))
+            .unwrap_or_default();
         let by_mac = allocated
             .iter()
             .filter_map(|(ip, mac)| Some((mac.parse().ok()?, ip.parse().ok()?)))

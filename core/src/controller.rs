@@ -250,16 +250,8 @@ pub fn next_ipv4(
     // Owners of addresses no longer allocated are dropped (a half-finished older write).
     owners.retain(|ip, _| allocated.contains_key(ip));
     let statics: Vec<String> = before
-        .and_then(|b| b.static_addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|ip| {
-            allocated
-                .get(*ip)
-                .is_some_and(|v| v.parse::<MacAddr>().is_ok())
-        })
-        .cloned()
-        .collect::<BTreeSet<String>>()
+        .map(|b| b.held_statics(&allocated))
+        .unwrap_or_default()
         .into_iter()
         .collect();
     let (ipam, _issues) = Ipam::rebuild(layout.clone(), &allocated)?;

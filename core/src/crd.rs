@@ -9,7 +9,7 @@
 //!   copy-pasted `End is required once set`).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
@@ -230,6 +230,23 @@ pub struct IPv4Status {
     pub used: i64,
     #[serde(default)]
     pub available: i64,
+}
+
+impl IPv4Status {
+    /// The `staticAddresses` that `allocated` still gives to a MAC, each once, in order: a
+    /// leftover of an older write (released, or a mark) is not static.
+    pub fn held_statics(&self, allocated: &BTreeMap<String, String>) -> BTreeSet<String> {
+        self.static_addresses
+            .iter()
+            .flatten()
+            .filter(|ip| {
+                allocated
+                    .get(*ip)
+                    .is_some_and(|v| v.parse::<crate::mac::MacAddr>().is_ok())
+            })
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

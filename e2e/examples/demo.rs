@@ -11,7 +11,6 @@
 //! it made are removed now or by the next run.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -73,18 +72,8 @@ async fn show(cp: &ControlPlane, args: &[&str]) -> Result<()> {
 
 fn controller(cp: &ControlPlane, ns: &str) -> Result<Process> {
     let port = vm_dhcp_e2e::free_port()?;
-    let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
-    cmd.args([
-        "controller",
-        &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
-        &format!("--namespace={ns}"),
-        &format!("--watch-namespace={ns}"),
-        &format!("--service-account-name={AGENT_SA}"),
-        &format!("--leader-election-namespace={ns}"),
-        &format!("--image={AGENT_IMAGE}"),
-        &format!("--http-addr=127.0.0.1:{port}"),
-    ]);
-    cmd.env("RUST_LOG", "info,kube=warn");
+    let mut cmd = vm_dhcp_e2e::controller_command(cp, ns, AGENT_SA, port);
+    cmd.arg(format!("--image={AGENT_IMAGE}"));
     let run = run_dir()?;
     Process::spawn(
         "vm-dhcp-controller",

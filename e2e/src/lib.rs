@@ -43,3 +43,26 @@ pub async fn plain_get_at(
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     Ok((code, body.to_string()))
 }
+
+/// `vm-dhcp controller` against `cp`, confined to namespace `ns` (what it watches, its agents
+/// and its leader Lease), agents running as service account `agent_sa`, HTTP on
+/// 127.0.0.1:`port`; callers add their own flags.
+pub fn controller_command(
+    cp: &ControlPlane,
+    ns: &str,
+    agent_sa: &str,
+    port: u16,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bins::vm_dhcp_binary());
+    cmd.args([
+        "controller".to_string(),
+        format!("--kubeconfig={}", cp.kubeconfig_path.display()),
+        format!("--namespace={ns}"),
+        format!("--watch-namespace={ns}"),
+        format!("--service-account-name={agent_sa}"),
+        format!("--leader-election-namespace={ns}"),
+        format!("--http-addr=127.0.0.1:{port}"),
+    ]);
+    cmd.env("RUST_LOG", "info,kube=warn");
+    cmd
+}

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -42,27 +41,19 @@ struct Controller {
 impl Controller {
     fn start(cp: &'static ControlPlane, ns: &str, extra: &[&str]) -> Controller {
         let port = vm_dhcp_e2e::free_port().expect("port");
-        let mut cmd = Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
+        let mut cmd = vm_dhcp_e2e::controller_command(cp, ns, AGENT_SA, port);
         cmd.args([
-            "controller",
-            &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
-            &format!("--namespace={ns}"),
-            &format!("--watch-namespace={ns}"),
-            &format!("--service-account-name={AGENT_SA}"),
-            &format!("--leader-election-namespace={ns}"),
             "--lost-node-grace-seconds=3",
             "--leak-grace-seconds=3",
             "--resync-seconds=5",
             "--agent-lease-duration-seconds=3",
             "--leader-election-lease-seconds=6",
             "--enable-cache-dump-api",
-            &format!("--http-addr=127.0.0.1:{port}"),
         ]);
         cmd.args(extra);
         if !extra.iter().any(|a| a.starts_with("--image=")) {
             cmd.arg(format!("--image={AGENT_IMAGE}"));
         }
-        cmd.env("RUST_LOG", "info,kube=warn");
         let run = run_dir().expect("run dir");
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
