@@ -667,6 +667,114 @@ async fn a_lost_node_agent_is_replaced_and_pause_removes_agents() {
     w.wait_pool("active after unpause", all_true).await;
 }
 
+/// Creates a VM with one NIC on the test network, with `annotations`; the error is the
+/// webhook's refusal.
+async fn try_vm(
+    w: &World,
+    name: &str,
+    mac: &str,
+    annotations: serde_json::Value,
+) -> Result<VirtualMachine, kube::Error> {
+    let vm: VirtualMachine = serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": w.ns.name, "annotations": annotations},
+        "spec": {"runStrategy": "Halted", "template": {"spec": {
+            "domain": {"devices": {"interfaces": [{"name": "nic-1", "bridge": {}, "macAddress": mac}]}},
+            "networks": [{"name": "nic-1", "multus": {"networkName": w.network}}]}}}
+    }))
+    .expect("vm");
+    w.vms().create(&PostParams::default(), &vm).await
+}
+
+/// Retries a create that the webhook refuses until it is admitted; fails after `limit`.
+async fn admitted_within(
+    limit: Duration,
+    what: &str,
+    mut attempt: impl AsyncFnMut() -> Result<VirtualMachine, kube::Error>,
+) -> VirtualMachine {
+    let start = Instant::now();
+    loop {
+        match attempt().await {
+            Ok(vm) => {
+                eprintln!("{what}: admitted {:?} after the release", start.elapsed());
+                return vm;
+            }
+            Err(e) => assert!(
+                start.elapsed() < limit,
+                "{what}: still refused {:?} after the release: {e}",
+                start.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Regression: after the controller released an address, the webhook kept refusing it for
+/// 35 s and more (it reused the pool it had cached after a batch of refusals). A full pool
+/// and a static request for a held address are refused; once the controller has released,
+/// both are admitted within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_after_a_release_sees_the_release() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-rel", &[("a", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let _ctl = Controller::start(cp, &w.ns.name, &["--agents-per-pool=1"]);
+    w.pool("10.81.0.0/24", "10.81.0.10", "10.81.0.12").await;
+    for (i, name) in ["vm1", "vm2", "vm3"].iter().enumerate() {
+        w.vm(name, &[("nic-1", &format!("02:cd:00:00:00:0{}", i + 1))])
+            .await;
+    }
+    let full = try_vm(&w, "vm4", "02:cd:00:00:00:04", json!({}))
+        .await
+        .expect_err("a full pool refuses");
+    assert!(full.to_string().contains("no free address left"), "{full}");
+    let static_ip = json!({"static-ip.harvesterhci.io/nic-1": "10.81.0.10"});
+    let taken = try_vm(&w, "vm5", "02:cd:00:00:00:05", static_ip.clone())
+        .await
+        .expect_err("a held address refuses a static request");
+    assert!(taken.to_string().contains("already allocated"), "{taken}");
+
+    // vm1 goes: the controller releases 10.81.0.10, then the static request gets it.
+    w.vms()
+        .delete("vm1", &DeleteParams::default())
+        .await
+        .expect("delete vm1");
+    w.wait_pool("released vm1's address", |p| {
+        !allocated(p).contains_key("10.81.0.10") && counts(p).1 == 1
+    })
+    .await;
+    let vm5 = admitted_within(Duration::from_secs(5), "static request", async || {
+        try_vm(&w, "vm5", "02:cd:00:00:00:05", static_ip.clone()).await
+    })
+    .await;
+    assert!(
+        vm5.annotations()["dhcp.harvesterhci.io/allocations"].contains("10.81.0.10"),
+        "{:?}",
+        vm5.annotations()
+    );
+
+    // Full again; vm2 goes, and the dynamic request that was refused gets its address.
+    w.vms()
+        .delete("vm2", &DeleteParams::default())
+        .await
+        .expect("delete vm2");
+    w.wait_pool("released vm2's address", |p| {
+        !allocated(p).contains_key("10.81.0.11") && counts(p).1 == 1
+    })
+    .await;
+    let vm4 = admitted_within(Duration::from_secs(5), "full pool", async || {
+        try_vm(&w, "vm4", "02:cd:00:00:00:04", json!({})).await
+    })
+    .await;
+    assert!(
+        vm4.annotations()["dhcp.harvesterhci.io/allocations"].contains("10.81.0.11"),
+        "{:?}",
+        vm4.annotations()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaks_are_swept_and_a_restarted_controller_loses_nothing() {
     if !can_run_pods() {

@@ -99,6 +99,15 @@ impl Source {
             .and_then(|p| p.metadata.resource_version.clone())
     }
 
+    /// Has the watch cache seen no version of the pool but ours (or none at all)? Then our
+    /// last write's copy is the newest there is.
+    fn only_ours(&self, ours: &std::collections::VecDeque<String>) -> bool {
+        match self.cached_version() {
+            None => true,
+            Some(rv) => ours.iter().any(|o| *o == rv),
+        }
+    }
+
     /// The current pool: from the cache when it holds a version other than `stale` (the one
     /// a write just lost with), else read from the apiserver.
     async fn read(&self, stale: Option<&str>) -> Result<IPPool, kube::Error> {
@@ -140,6 +149,7 @@ async fn run(source: Source, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
             &source,
             &pool_name,
             &mut cached,
+            &fairness.ours,
             &batch,
             &metrics,
             &mut conflicts,
@@ -235,6 +245,7 @@ async fn commit_batch(
     source: &Source,
     pool_name: &str,
     cached: &mut Option<IPPool>,
+    ours: &std::collections::VecDeque<String>,
     batch: &[Job],
     metrics: &Metrics,
     conflicts: &mut u32,
@@ -244,10 +255,19 @@ async fn commit_batch(
         message: e.to_string(),
     };
     let mut stale: Option<String> = None;
+    let mut fresh_read = false;
     for attempt in 0..MAX_ATTEMPTS {
-        let pool = match cached.take() {
-            Some(pool) => pool,
-            None => source.read(stale.as_deref()).await.map_err(api_err)?,
+        // Our last write's copy saves a read only while no one else has written since: a
+        // release by the controller (or another replica's write) shows in the watch cache
+        // with a version we never wrote.
+        let reuse = cached.take().filter(|_| !fresh_read && source.only_ours(ours));
+        let (pool, from_api) = match reuse {
+            Some(pool) => (pool, false),
+            None if fresh_read => (source.api.get(&source.name).await.map_err(api_err)?, true),
+            None => (
+                source.read(stale.as_deref()).await.map_err(api_err)?,
+                false,
+            ),
         };
         let pool_err = |message: String| CommitError::Pool {
             pool: pool_name.to_string(),
@@ -278,7 +298,24 @@ async fn commit_batch(
             })
             .collect();
         if !book.is_dirty() {
-            *cached = Some(pool);
+            // A refusal decided on a copy that may lag (the cache, or our own last write)
+            // is decided again on a quorum read: a release must be seen by the next
+            // admission, not after the next watch event or never.
+            let refused = results.iter().any(|r| {
+                matches!(
+                    r,
+                    Err(CommitError::Alloc(
+                        AllocError::Address(_)
+                            | AllocError::AddressTaken { .. }
+                            | AllocError::MacBoundElsewhere { .. }
+                            | AllocError::MacHoldsOther { .. }
+                    ))
+                )
+            });
+            if refused && !from_api {
+                fresh_read = true;
+                continue;
+            }
             return Ok(results);
         }
         let read_version = pool.metadata.resource_version.clone();
