@@ -26,7 +26,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cp "target/$(cat /rust-target)/release/vm-dhcp" /vm-dhcp
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && \
+# iproute2: the agent's `ip` (src/agent/netif.rs) adds and removes the pool's server address
+# on its interface (--manage-server-ip). ca-certificates: TLS to the Kubernetes API.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates iproute2 && \
     rm -rf /var/lib/apt/lists/*
 COPY --from=builder /vm-dhcp /usr/bin/vm-dhcp
 USER 65532:65532
