@@ -1558,6 +1558,8 @@ affinity:
     for sa in of_kind(&docs, "ServiceAccount") {
         assert_eq!(sa["metadata"]["annotations"]["example.com/role"], "dhcp");
         assert_eq!(sa["automountServiceAccountToken"], false);
+        // The agent pods (made by the controller) get the pull secrets from theirs.
+        assert_eq!(sa["imagePullSecrets"], json!([{"name": "pull"}]));
     }
     assert_eq!(
         controller["spec"]["template"]["spec"]["serviceAccountName"],
