@@ -1,9 +1,11 @@
 //! Where the upstream test binaries are: built once per machine by `e2e/build-bins.sh` into
-//! a cache keyed by their versions (e2e/go/VERSIONS).
+//! a cache keyed by their versions (e2e/go/VERSIONS). kube-apiserver, etcd, kubectl and helm
+//! are required ([`bin_dir`]); kube-controller-manager and cert-manager are looked up only
+//! by the tests that need them.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 const VERSIONS: &str = include_str!("../go/VERSIONS");
 
@@ -55,6 +57,54 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+fn built(path: PathBuf) -> Result<PathBuf> {
+    if !path.exists() {
+        bail!(
+            "{} is missing: run e2e/build-bins.sh (or `make e2e-bins`) to build it (or set \
+             VM_DHCP_BIN_DIR to the directory it prints)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// kube-controller-manager, from the same module and version as kube-apiserver.
+pub fn kube_controller_manager() -> Result<PathBuf> {
+    built(bin_dir()?.join("kube-controller-manager"))
+}
+
+/// The pinned cert-manager module version (e2e/go/VERSIONS).
+pub fn cert_manager_version() -> Result<&'static str> {
+    version("CERT_MANAGER_VERSION").context("e2e/go/VERSIONS lacks CERT_MANAGER_VERSION")
+}
+
+/// `<bin dir>/cert-manager-<version>/`: our launcher of cert-manager's controller and CA
+/// injector (`cert-manager controller|cainjector`, module e2e/go/certmanager) and `crds/`.
+pub fn cert_manager_dir() -> Result<PathBuf> {
+    Ok(bin_dir()?.join(format!("cert-manager-{}", cert_manager_version()?)))
+}
+
+/// The cert-manager launcher binary (`cert-manager controller|cainjector|version`).
+pub fn cert_manager() -> Result<PathBuf> {
+    built(cert_manager_dir()?.join("cert-manager"))
+}
+
+/// cert-manager's CRD manifests (one CRD per `.yaml` file), copied from the module's
+/// `deploy/crds` at build time, sorted by file name.
+pub fn cert_manager_crds() -> Result<Vec<PathBuf>> {
+    let dir = built(cert_manager_dir()?.join("crds"))?;
+    let mut files = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    files.retain(|f| f.extension().is_some_and(|e| e == "yaml"));
+    files.sort();
+    if files.is_empty() {
+        bail!("no CRDs in {}", dir.display());
+    }
+    Ok(files)
+}
+
 /// The `vm-dhcp` binary of this build: the e2e crate does not depend on the binary crate,
 /// so it is found next to the running test binary (`make e2e` builds it first).
 pub fn vm_dhcp_binary() -> PathBuf {
@@ -94,5 +144,11 @@ mod tests {
             key.contains("_etcd-v3.") && key.contains("_helm-v3."),
             "{key}"
         );
+    }
+
+    #[test]
+    fn cert_manager_version_is_pinned() {
+        let v = super::cert_manager_version().expect("VERSIONS pins cert-manager");
+        assert!(v.starts_with("v1."), "{v}");
     }
 }

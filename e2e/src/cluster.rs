@@ -1,5 +1,9 @@
 //! A real control plane for tests: etcd and kube-apiserver on free loopback ports, with the
 //! aggregation layer's front-proxy certificates, started once per test binary.
+//!
+//! Two shared instances: [`ControlPlane::shared`] runs no controllers at all (no garbage
+//! collector, no namespace controller: many tests rely on that), and
+//! [`ControlPlane::with_controllers`] adds kube-controller-manager, as in a cluster.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -37,10 +41,50 @@ pub struct ControlPlane {
     pub serving_ca: Ca,
     pub front_proxy: FrontProxy,
     pub bin_dir: PathBuf,
-    /// How long start-up took, from nothing to CRDs established.
+    /// How long start-up took, from nothing to CRDs established (and, with controllers,
+    /// kube-controller-manager working).
     pub startup: Duration,
+    /// What runs besides etcd and kube-apiserver.
+    pub options: Options,
+    /// How long kube-controller-manager took from its start until its controllers worked
+    /// (`None` without controllers).
+    pub controllers_startup: Option<Duration>,
     processes: Mutex<Vec<Process>>,
 }
+
+/// What a control plane runs besides etcd and kube-apiserver.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Also run kube-controller-manager with [`CONTROLLERS`], and let kube-apiserver reach
+    /// aggregated APIs at their Service's endpoints (`--enable-aggregator-routing`) as a
+    /// cluster without kube-proxy on the apiserver's host must.
+    pub controllers: bool,
+}
+
+/// The controllers kube-controller-manager runs in a control plane with controllers: those
+/// a cluster needs for objects to behave as users expect (Deployments get ReplicaSets and
+/// Pods, deleted namespaces go away, owners' dependents are collected, aggregated
+/// ClusterRoles are filled, Services get Endpoints and EndpointSlices, namespaces get their
+/// `default` ServiceAccount and `kube-root-ca.crt`). Left out because there is no real node:
+/// node lifecycle, taint eviction and pod GC (they would evict or delete the simulated
+/// nodes' pods), node IPAM, volumes, and CSR signing.
+pub const CONTROLLERS: &[&str] = &[
+    "serviceaccount-token-controller",
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
+    "garbage-collector-controller",
+    "namespace-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "statefulset-controller",
+    "daemonset-controller",
+    "job-controller",
+    "disruption-controller",
+    "clusterrole-aggregation-controller",
+    "endpoints-controller",
+    "endpointslice-controller",
+    "endpointslice-mirroring-controller",
+];
 
 /// A free TCP port on 127.0.0.1 (the listener is closed again: a tiny race we accept).
 pub fn free_port() -> Result<u16> {
@@ -54,46 +98,86 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 }
 
 const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
+const CONTROLLER_MANAGER_USER: &str = "system:kube-controller-manager";
+
+/// Starts a value once per test binary: on a thread of its own, with a runtime of its own
+/// (which cannot nest in the caller's, and must not be the runtime of one `#[tokio::test]`,
+/// which ends with that test). A failed start panics every caller.
+pub async fn start_once<T, F, Fut>(
+    cell: &'static OnceLock<T>,
+    init: &'static Mutex<()>,
+    what: &'static str,
+    start: F,
+) -> &'static T
+where
+    T: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    if let Some(value) = cell.get() {
+        return value;
+    }
+    tokio::task::spawn_blocking(move || {
+        let _guard = init.lock().unwrap_or_else(|e| e.into_inner());
+        if cell.get().is_none() {
+            let started = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime for start-up");
+                rt.block_on(start())
+            })
+            .join()
+            .unwrap_or_else(|_| panic!("{what} start-up thread panicked"));
+            match started {
+                Ok(value) => {
+                    let _ = cell.set(value);
+                }
+                Err(e) => panic!("starting {what} failed: {e:#}"),
+            }
+        }
+        cell.get().expect("value set above")
+    })
+    .await
+    .expect("start-up task")
+}
 
 impl ControlPlane {
-    /// The control plane shared by every test of this test binary, started on first use.
+    /// The control plane shared by every test of this test binary, started on first use:
+    /// etcd and kube-apiserver only, no controllers.
     pub async fn shared() -> &'static ControlPlane {
         static CP: OnceLock<ControlPlane> = OnceLock::new();
         static INIT: Mutex<()> = Mutex::new(());
-        if let Some(cp) = CP.get() {
-            return cp;
-        }
-        // Start on a thread of its own: it runs its own runtime, which cannot nest in ours.
-        tokio::task::spawn_blocking(|| {
-            let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
-            if CP.get().is_none() {
-                let started = std::thread::spawn(|| {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("tokio runtime for control-plane start-up");
-                    rt.block_on(ControlPlane::start())
-                })
-                .join()
-                .expect("control-plane start-up thread panicked");
-                match started {
-                    Ok(cp) => {
-                        let _ = CP.set(cp);
-                    }
-                    Err(e) => panic!("starting the test control plane failed: {e:#}"),
-                }
-            }
-            CP.get().expect("control plane set above")
+        start_once(&CP, &INIT, "the test control plane", ControlPlane::start).await
+    }
+
+    /// A second control plane shared by the tests of this test binary that need
+    /// kube-controller-manager (see [`CONTROLLERS`]), started on first use. It is separate
+    /// from [`ControlPlane::shared`], whose tests rely on no controller running.
+    pub async fn with_controllers() -> &'static ControlPlane {
+        static CP: OnceLock<ControlPlane> = OnceLock::new();
+        static INIT: Mutex<()> = Mutex::new(());
+        start_once(&CP, &INIT, "the control plane with controllers", || {
+            ControlPlane::start_with(Options { controllers: true })
         })
         .await
-        .expect("control-plane start-up task")
     }
 
     /// Starts etcd and kube-apiserver, waits until ready, installs the CRDs.
     pub async fn start() -> Result<ControlPlane> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts etcd and kube-apiserver (and kube-controller-manager if asked), waits until
+    /// ready, installs the CRDs.
+    pub async fn start_with(options: Options) -> Result<ControlPlane> {
         let t0 = Instant::now();
         let bin_dir = crate::bins::bin_dir()?;
-        let dir = run_dir()?.join("control-plane");
+        let dir = if options.controllers {
+            run_dir()?.join("control-plane-with-controllers")
+        } else {
+            run_dir()?.join("control-plane")
+        };
         std::fs::create_dir_all(&dir)?;
         let run = run_dir()?;
 
@@ -164,6 +248,9 @@ impl ControlPlane {
             format!("--proxy-client-key-file={}", p(&fp_key_file)),
             "--v=1".into(),
         ]);
+        if options.controllers {
+            api.arg("--enable-aggregator-routing=true");
+        }
         processes.push(Process::spawn(
             "kube-apiserver",
             api,
@@ -190,16 +277,99 @@ impl ControlPlane {
             },
             bin_dir,
             startup: Duration::ZERO,
+            options,
+            controllers_startup: None,
             processes: Mutex::new(processes),
         };
         if let Err(e) = cp.wait_ready().await {
             bail!("{e:#}\n{}", cp.logs(40));
         }
-        cp.install_crds().await?;
+        let mut controllers_startup = None;
+        if options.controllers {
+            let t1 = Instant::now();
+            cp.start_controller_manager(&ca_file, &sa_key_file)?;
+            cp.install_crds().await?;
+            if let Err(e) = cp.wait_controllers().await {
+                bail!("{e:#}\n{}", cp.logs(40));
+            }
+            controllers_startup = Some(t1.elapsed());
+        } else {
+            cp.install_crds().await?;
+        }
         Ok(ControlPlane {
             startup: t0.elapsed(),
+            controllers_startup,
             ..cp
         })
+    }
+
+    /// Starts kube-controller-manager as `system:kube-controller-manager` (the identity its
+    /// bootstrap RBAC is for), each controller under its own service account as kubeadm does.
+    fn start_controller_manager(&self, ca_file: &Path, sa_key_file: &Path) -> Result<()> {
+        let dir = self.dir.join("kube-controller-manager");
+        std::fs::create_dir_all(&dir)?;
+        let cert = self.ca.client(CONTROLLER_MANAGER_USER, &[])?;
+        let config = kubeconfig(self.apiserver_port, &self.ca.cert_pem(), &cert);
+        let config_path = dir.join("kubeconfig");
+        std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+        let p = |path: &Path| path.display().to_string();
+        let mut kcm = Command::new(crate::bins::kube_controller_manager()?);
+        kcm.args([
+            format!("--kubeconfig={}", p(&config_path)),
+            format!("--authentication-kubeconfig={}", p(&config_path)),
+            format!("--authorization-kubeconfig={}", p(&config_path)),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", free_port()?),
+            format!("--cert-dir={}", p(&dir)),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=true".into(),
+            format!("--root-ca-file={}", p(ca_file)),
+            format!("--service-account-private-key-file={}", p(sa_key_file)),
+            format!("--controllers={}", CONTROLLERS.join(",")),
+            "--v=1".into(),
+        ]);
+        let process = Process::spawn(
+            "kube-controller-manager",
+            kcm,
+            &self.dir.join("kube-controller-manager.log"),
+            &run_dir()?,
+        )?;
+        self.processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(process);
+        Ok(())
+    }
+
+    /// Waits until kube-controller-manager's controllers act: the `default` namespace got
+    /// its `default` ServiceAccount and its `kube-root-ca.crt` ConfigMap, both made by
+    /// controllers that run under service-account credentials they had to obtain first.
+    async fn wait_controllers(&self) -> Result<()> {
+        use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let client = self.client().await;
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+        let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+        loop {
+            self.check_alive()?;
+            let sa = sas.get_opt("default").await.ok().flatten().is_some();
+            let cm = cms
+                .get_opt("kube-root-ca.crt")
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            if sa && cm {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-controller-manager did not create the default ServiceAccount \
+                     ({sa}) and kube-root-ca.crt ({cm}) in namespace default within 90 s"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// A new client on the caller's runtime (a kube Client is bound to the runtime that made
@@ -235,36 +405,14 @@ impl ControlPlane {
         }
     }
 
-    /// Fails if etcd or kube-apiserver has exited.
+    /// Fails if etcd, kube-apiserver (or kube-controller-manager) has exited.
     pub fn check_alive(&self) -> Result<()> {
-        let mut procs = self.processes.lock().unwrap_or_else(|e| e.into_inner());
-        for proc in procs.iter_mut() {
-            if let Some(status) = proc.exited() {
-                bail!(
-                    "{} exited ({status}); its log:\n{}",
-                    proc.name,
-                    proc.log_tail(40)
-                );
-            }
-        }
-        Ok(())
+        check_processes(&self.processes)
     }
 
-    /// The last lines of etcd's and kube-apiserver's logs.
+    /// The last lines of etcd's and kube-apiserver's (and kube-controller-manager's) logs.
     pub fn logs(&self, lines: usize) -> String {
-        let procs = self.processes.lock().unwrap_or_else(|e| e.into_inner());
-        procs
-            .iter()
-            .map(|p| {
-                format!(
-                    "----- {} ({}) -----\n{}",
-                    p.name,
-                    p.log.display(),
-                    log_tail(&p.log, lines)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        processes_logs(&self.processes, lines)
     }
 
     async fn install_crds(&self) -> Result<()> {
@@ -278,6 +426,12 @@ impl ControlPlane {
             }
         }
         files.sort();
+        self.apply_crds(&files).await
+    }
+
+    /// Applies the CRDs in `files` (one per file; files not ending in `.yaml` are skipped)
+    /// with server-side apply and waits until all are established.
+    pub async fn apply_crds(&self, files: &[PathBuf]) -> Result<()> {
         let client = self.client().await;
         let crds: Api<CustomResourceDefinition> = Api::all(client);
         let mut names = Vec::new();
@@ -322,8 +476,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// A fresh namespace for one test (no namespace controller runs: deleted namespaces would
-    /// stay Terminating, so every test gets a new one). Its guard prints the control-plane
+    /// A fresh namespace for one test (in [`ControlPlane::shared`] no namespace controller
+    /// runs: deleted namespaces would stay Terminating, so every test gets a new one). Its guard prints the control-plane
     /// logs if the test fails.
     pub async fn namespace(&'static self, prefix: &str) -> TestNamespace {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -355,6 +509,38 @@ impl ControlPlane {
             .await
             .expect("running kubectl")
     }
+}
+
+/// Fails if one of `processes` has exited, with the tail of its log.
+pub(crate) fn check_processes(processes: &Mutex<Vec<Process>>) -> Result<()> {
+    let mut procs = processes.lock().unwrap_or_else(|e| e.into_inner());
+    for proc in procs.iter_mut() {
+        if let Some(status) = proc.exited() {
+            bail!(
+                "{} exited ({status}); its log:\n{}",
+                proc.name,
+                proc.log_tail(40)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The last `lines` lines of the logs of `processes`, each under a header.
+pub(crate) fn processes_logs(processes: &Mutex<Vec<Process>>, lines: usize) -> String {
+    let procs = processes.lock().unwrap_or_else(|e| e.into_inner());
+    procs
+        .iter()
+        .map(|p| {
+            format!(
+                "----- {} ({}) -----\n{}",
+                p.name,
+                p.log.display(),
+                log_tail(&p.log, lines)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Waits until something listens on 127.0.0.1:`port`, or `proc` exits.

@@ -6,6 +6,7 @@
 //! run left behind is removed by the next one.
 
 pub mod bins;
+pub mod certmanager;
 pub mod cluster;
 pub mod nodesim;
 pub mod pki;
