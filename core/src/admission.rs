@@ -13,12 +13,10 @@ use crate::ipam::{IpamError, PoolLayout, parse_cidr};
 use crate::kubevirt::VirtualMachine;
 use crate::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
 
-/// The most addresses one pool may span. The whole IPPool must fit in one etcd object
-/// (1.5 MiB by default). Measured against kube-apiserver 1.34: 10,000 allocations with
-/// 22-character owners make a 1,085,811-byte object (about 108 bytes each: `allocated`,
-/// `owners`, and the apiserver's managedFields listing every key), which leaves room for
-/// owner names half again as long.
-pub const MAX_POOL_ADDRESSES: u32 = 10_000;
+/// The most addresses one pool may span: the hosts of a /16. Each allocation is an object of
+/// its own (DESIGN §2), so the pool's size no longer meets etcd's object limit; the bound
+/// keeps the IPAM bitmap (2 × 8 KiB) and a full list of the pool's objects small.
+pub const MAX_POOL_ADDRESSES: u32 = 65_534;
 
 /// VM annotation with a static address for one NIC (Harvester 1.9 UI).
 pub const STATIC_IP_ANNOTATION_PREFIX: &str = "static-ip.harvesterhci.io/";
@@ -227,7 +225,7 @@ pub fn validate_ippool(
     let size = u32::from(layout.end) - u32::from(layout.start) + 1;
     if size > MAX_POOL_ADDRESSES {
         return Err(format!(
-            "pool range {}-{} spans {size} addresses; one IPPool holds at most {MAX_POOL_ADDRESSES}, because its status must fit in one etcd object (1.5 MiB): use a smaller range",
+            "pool range {}-{} spans {size} addresses; one IPPool holds at most {MAX_POOL_ADDRESSES} (a /16): use a smaller range",
             layout.start, layout.end
         ));
     }
@@ -281,21 +279,29 @@ pub fn validate_ippool(
 }
 
 /// Why an IPPool may not be deleted yet: it still has allocated addresses.
-pub fn validate_ippool_delete(pool: &IPPool) -> Result<(), String> {
-    let Some(ipv4) = pool.status.as_ref().and_then(|s| s.ipv4.as_ref()) else {
-        return Ok(());
+///
+/// `holdings` are the pool's address objects (the truth); without them (no cache) the pool
+/// status is read, as the Go version does.
+pub fn validate_ippool_delete(
+    pool: &IPPool,
+    holdings: Option<&[crate::store::Holding]>,
+) -> Result<(), String> {
+    let from_status;
+    let list = match holdings {
+        Some(h) => h,
+        None => {
+            from_status = crate::store::holdings_in_status(
+                pool.status.as_ref().and_then(|s| s.ipv4.as_ref()),
+            );
+            &from_status[..]
+        }
     };
-    let held: Vec<String> = ipv4
-        .allocated
+    let held: Vec<String> = list
         .iter()
-        .flatten()
-        .filter(|(_, v)| v.parse::<MacAddr>().is_ok())
-        .map(
-            |(ip, mac)| match ipv4.owners.as_ref().and_then(|o| o.get(ip)) {
-                Some(owner) => format!("{ip} ({owner})"),
-                None => format!("{ip} ({mac})"),
-            },
-        )
+        .map(|h| match &h.owner {
+            Some(owner) => format!("{} ({owner})", h.ip),
+            None => format!("{} ({})", h.ip, h.mac),
+        })
         .collect();
     if held.is_empty() {
         return Ok(());

@@ -170,18 +170,9 @@ impl PoolBook {
     }
 
     fn generate_mac(&self, owner: &str, seed: u64) -> Result<MacAddr, AllocError> {
-        for attempt in 0..64u64 {
-            let h = fnv1a((seed ^ attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes());
-            let b = h.to_be_bytes();
-            // Locally administered (bit 1), unicast (bit 0 clear).
-            let mac = MacAddr([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]);
-            match self.lookup(mac) {
-                None => return Ok(mac),
-                Some((_, Some(o))) if o == owner => return Ok(mac),
-                Some(_) => continue,
-            }
-        }
-        Err(AllocError::NoMacAvailable)
+        generate_mac(owner, seed, |mac| {
+            self.lookup(mac).map(|(_, o)| o.map(str::to_string))
+        })
     }
 
     /// Allocates one NIC's address, or returns the one its MAC already holds.
@@ -278,6 +269,28 @@ impl PoolBook {
         }
         Ok(done.into_iter().map(|(a, _)| a).collect())
     }
+}
+
+/// A stable locally administered MAC from `seed` that nobody but `owner` holds: `holder`
+/// says who holds a MAC (`Some(None)`: held, owner unknown). The same seed gives the same
+/// MAC on every retry and in every replica.
+pub fn generate_mac(
+    owner: &str,
+    seed: u64,
+    holder: impl Fn(MacAddr) -> Option<Option<String>>,
+) -> Result<MacAddr, AllocError> {
+    for attempt in 0..64u64 {
+        let h = fnv1a((seed ^ attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes());
+        let b = h.to_be_bytes();
+        // Locally administered (bit 1), unicast (bit 0 clear).
+        let mac = MacAddr([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]);
+        match holder(mac) {
+            None => return Ok(mac),
+            Some(Some(o)) if o == owner => return Ok(mac),
+            Some(_) => continue,
+        }
+    }
+    Err(AllocError::NoMacAvailable)
 }
 
 /// FNV-1a: stable across versions and platforms (std's hasher is not), so a generated MAC

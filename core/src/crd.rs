@@ -335,6 +335,90 @@ pub struct NetworkConfigStatus {
     pub state: Option<String>,
 }
 
+/// One allocated address of an IPPool: the allocation store's unit of truth (DESIGN §2).
+/// Creating it reserves the address (AlreadyExists: it is taken); deleting it releases it.
+/// Named `<pool>.<address>` (see `store::address_object_name`), in the pool's namespace.
+/// Written by the webhook (allocation) and the controller (migration, release); users read
+/// the `ipamallocations` view instead.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "network.harvesterhci.io",
+    version = "v1alpha1",
+    kind = "IPPoolAddress",
+    doc = "IPPoolAddress is one allocated address of an IPPool (written by vm-dhcp; read the ipamallocations view)",
+    plural = "ippooladdresses",
+    singular = "ippooladdress",
+    shortname = "ippaddr",
+    namespaced,
+    printcolumn = r#"{"name":"IPPOOL","type":"string","jsonPath":".spec.ippool"}"#,
+    printcolumn = r#"{"name":"ADDRESS","type":"string","jsonPath":".spec.address"}"#,
+    printcolumn = r#"{"name":"MAC","type":"string","jsonPath":".spec.macAddress"}"#,
+    printcolumn = r#"{"name":"OWNER","type":"string","jsonPath":".spec.owner"}"#,
+    printcolumn = r#"{"name":"STATIC","type":"boolean","jsonPath":".spec.static"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolAddressSpec {
+    /// The IPPool (same namespace).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("ippool is immutable"))]
+    pub ippool: String,
+    /// The address (IPv4 today; the store holds any family).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("address is immutable"))]
+    pub address: String,
+    /// The MAC holding the address, lower case `aa:bb:cc:dd:ee:ff`.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("macAddress is immutable"))]
+    pub mac_address: String,
+    /// `<namespace>/<name>` of the VM and its vmnetcfg; absent for an allocation migrated from
+    /// a pool status that named no owner (adopted by the first admission or the controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Asked for by address (a static-ip annotation or a vmnetcfg entry with `ipAddress`).
+    #[serde(default, rename = "static")]
+    pub static_: bool,
+    /// The VM interface (NIC name) when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+}
+
+/// The claim of one MAC in one IPPool's network: MAC uniqueness per network, made as atomic
+/// as address uniqueness by the object's name (`<pool>.<mac>`). It names the address the MAC
+/// holds or is taking; an admission touches it (`admittedAt`), so a release decided earlier
+/// (with this object's resourceVersion as precondition) cannot undo a re-admission.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "network.harvesterhci.io",
+    version = "v1alpha1",
+    kind = "IPPoolMACClaim",
+    doc = "IPPoolMACClaim binds one MAC to one address of an IPPool (written by vm-dhcp)",
+    plural = "ippoolmacclaims",
+    singular = "ippoolmacclaim",
+    shortname = "ippmac",
+    namespaced,
+    printcolumn = r#"{"name":"IPPOOL","type":"string","jsonPath":".spec.ippool"}"#,
+    printcolumn = r#"{"name":"MAC","type":"string","jsonPath":".spec.macAddress"}"#,
+    printcolumn = r#"{"name":"ADDRESS","type":"string","jsonPath":".spec.address"}"#,
+    printcolumn = r#"{"name":"OWNER","type":"string","jsonPath":".spec.owner"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolMACClaimSpec {
+    #[x_kube(validation = Rule::new("self == oldSelf").message("ippool is immutable"))]
+    pub ippool: String,
+    #[x_kube(validation = Rule::new("self == oldSelf").message("macAddress is immutable"))]
+    pub mac_address: String,
+    /// The address this MAC holds (or is taking: its IPPoolAddress may not exist yet).
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, rename = "static")]
+    pub static_: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// When an admission last asked for this MAC (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admitted_at: Option<String>,
+}
+
 /// The CRD manifests as `chart/crds/` holds them: (file name, YAML), in a stable order.
 pub fn crd_manifests() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
     use kube::CustomResourceExt;
@@ -346,6 +430,14 @@ pub fn crd_manifests() -> Result<Vec<(&'static str, String)>, serde_yaml::Error>
         (
             "network.harvesterhci.io_virtualmachinenetworkconfigs.yaml",
             serde_yaml::to_string(&VirtualMachineNetworkConfig::crd())?,
+        ),
+        (
+            "network.harvesterhci.io_ippooladdresses.yaml",
+            serde_yaml::to_string(&IPPoolAddress::crd())?,
+        ),
+        (
+            "network.harvesterhci.io_ippoolmacclaims.yaml",
+            serde_yaml::to_string(&IPPoolMACClaim::crd())?,
         ),
     ])
 }

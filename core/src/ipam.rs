@@ -440,6 +440,48 @@ impl Ipam {
         })
     }
 
+    /// The lowest free address that `skip` does not name, without taking it (the allocation
+    /// store takes it by creating its object; `skip` holds the ones being created now).
+    pub fn lowest_free(&self, skip: impl Fn(Ipv4Addr) -> bool) -> Result<Ipv4Addr, IpamError> {
+        self.nth_free(0, skip)
+    }
+
+    /// The `n`-th lowest free address that `skip` does not name (or the last one there is,
+    /// when fewer are free): admissions that lost a race spread out instead of all trying
+    /// the next lowest one.
+    pub fn nth_free(
+        &self,
+        n: usize,
+        skip: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<Ipv4Addr, IpamError> {
+        let mut seen = 0;
+        let mut last = None;
+        for (w, &word) in self.occupied.iter().enumerate().skip(self.hint) {
+            let mut free = !word;
+            while free != 0 {
+                let slot = w as u32 * 64 + free.trailing_zeros();
+                let ip = Ipv4Addr::from(self.base + slot);
+                if !skip(ip) {
+                    if seen == n {
+                        return Ok(ip);
+                    }
+                    seen += 1;
+                    last = Some(ip);
+                }
+                free &= free - 1;
+            }
+        }
+        if let Some(ip) = last {
+            return Ok(ip);
+        }
+        Err(IpamError::Exhausted {
+            start: self.layout.start,
+            end: self.layout.end,
+            used: self.used,
+            blocked: self.blocked,
+        })
+    }
+
     /// Why `ip` cannot be allocated, or `Ok(())` when it is free.
     pub fn check_static(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
         let cidr = self.layout.cidr;

@@ -12,6 +12,7 @@ pub mod dhcp;
 pub mod ipam;
 pub mod kubevirt;
 pub mod mac;
+pub mod store;
 
 pub use ipam::{AddrState, Ipam, IpamError, PoolLayout, RebuildIssue};
 pub use mac::{MacAddr, MacError};

@@ -9,7 +9,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, PostParams};
-use vm_dhcp_core::crd::IPPool;
+use std::collections::BTreeMap;
+
+use vm_dhcp_core::crd::{
+    IPPool, IPPoolAddress, IPPoolAddressSpec, IPPoolMACClaim, IPPoolMACClaimSpec,
+};
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 use vm_dhcp_webhook::config::{Endpoint, webhook_configurations};
 use vm_dhcp_webhook::{Metrics, Webhook};
@@ -288,4 +292,32 @@ pub async fn self_managed_binary(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(proc)
+}
+
+/// The address objects of a pool (the allocation store's truth): address → spec.
+pub async fn addresses(ns: &TestNamespace, pool: &str) -> BTreeMap<String, IPPoolAddressSpec> {
+    let lp = kube::api::ListParams::default()
+        .labels(&format!("{}={pool}", vm_dhcp_core::store::POOL_LABEL));
+    ns.api::<IPPoolAddress>()
+        .list(&lp)
+        .await
+        .expect("list ippooladdresses")
+        .items
+        .into_iter()
+        .map(|a| (a.spec.address.clone(), a.spec))
+        .collect()
+}
+
+/// The MAC claims of a pool: MAC → spec.
+pub async fn claims(ns: &TestNamespace, pool: &str) -> BTreeMap<String, IPPoolMACClaimSpec> {
+    let lp = kube::api::ListParams::default()
+        .labels(&format!("{}={pool}", vm_dhcp_core::store::POOL_LABEL));
+    ns.api::<IPPoolMACClaim>()
+        .list(&lp)
+        .await
+        .expect("list ippoolmacclaims")
+        .items
+        .into_iter()
+        .map(|c| (c.spec.mac_address.clone(), c.spec))
+        .collect()
 }

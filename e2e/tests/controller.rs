@@ -45,6 +45,7 @@ impl Controller {
         cmd.args([
             "--lost-node-grace-seconds=3",
             "--leak-grace-seconds=3",
+            "--admission-window-seconds=2",
             "--resync-seconds=5",
             "--agent-lease-duration-seconds=3",
             "--leader-election-lease-seconds=6",
@@ -447,8 +448,9 @@ async fn agents_on_eligible_distinct_nodes_and_the_vm_lifecycle_allocates_and_re
         Some("vm1")
     );
     assert_eq!(cfg.owner_references()[0].uid, vm.uid().expect("uid"));
-    let pool = w.pools().get("net-1").await.expect("pool");
-    assert_eq!(counts(&pool), (2, 8));
+    // The status is a projection of the address objects, written by the controller.
+    w.wait_pool("projected two allocations", |p| counts(p) == (2, 8))
+        .await;
 
     // The whole chain: a real DHCP client with the VM's first MAC on the VM network is
     // given the address the webhook allocated, by the agent the controller placed.
@@ -792,21 +794,51 @@ async fn leaks_are_swept_and_a_restarted_controller_loses_nothing() {
     // allocation without any owner appears (an admission later rejected).
     drop(ctl);
     w.vm("late", &[("nic-1", "02:bb:00:00:00:02")]).await;
-    let leak = json!({"status": {"ipv4": {"allocated": {"10.79.0.19": "02:bb:00:00:00:99"},
-                                          "owners": {"10.79.0.19": format!("{}/ghost", w.ns.name)}}}});
-    w.pools()
-        .patch_status("net-1", &PatchParams::default(), &Patch::Merge(&leak))
+    let leak = vm_dhcp_core::store::Holding {
+        ip: "10.79.0.19".parse().expect("ip"),
+        mac: "02:bb:00:00:00:99".parse().expect("mac"),
+        owner: Some(format!("{}/ghost", w.ns.name)),
+        static_: false,
+        interface: None,
+    };
+    w.ns.api::<vm_dhcp_core::crd::IPPoolMACClaim>()
+        .create(
+            &PostParams::default(),
+            &vm_dhcp_core::store::claim_object(&w.ns.name, "net-1", &w.network, &leak, None),
+        )
         .await
-        .expect("leak written");
+        .expect("leaked claim written");
+    w.ns.api::<vm_dhcp_core::crd::IPPoolAddress>()
+        .create(
+            &PostParams::default(),
+            &vm_dhcp_core::store::address_object(&w.ns.name, "net-1", &w.network, &leak),
+        )
+        .await
+        .expect("leaked address written");
 
     let ctl = Controller::start(cp, &w.ns.name, &["--agents-per-pool=1"]);
     w.wait_cfg("late", "created by the restarted controller", |c| {
         c.is_some()
     })
     .await;
+    let leaked = w.ns.api::<vm_dhcp_core::crd::IPPoolAddress>();
+    let deadline = Instant::now() + DEADLINE;
+    while leaked
+        .get_opt("net-1.10.79.0.19")
+        .await
+        .expect("get address object")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the leak was never swept:\n{}",
+            ctl.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let pool = w
-        .wait_pool("swept the leak", |p| {
-            !allocated(p).contains_key("10.79.0.19")
+        .wait_pool("projected without the leak", |p| {
+            !allocated(p).contains_key("10.79.0.19") && counts(p) == (2, 8)
         })
         .await;
     let held = allocated(&pool);

@@ -5,11 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation};
-use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
+use vm_dhcp_core::crd::{
+    IPPool, IPPoolAddress, IPPoolAddressSpec, IPPoolMACClaimSpec, VirtualMachineNetworkConfig,
+};
 use vm_dhcp_core::kubevirt::VirtualMachine;
-use vm_dhcp_e2e::webhooks::{create_pool, pool, setup, vm};
+use vm_dhcp_e2e::webhooks::{addresses, claims, create_pool, pool, setup, vm};
 use vm_dhcp_e2e::{ControlPlane, TestNamespace};
 
 fn vmnetcfg(ns: &str, vm: &str, mac: &str, network: &str) -> VirtualMachineNetworkConfig {
@@ -82,35 +85,31 @@ async fn seed_pool_and_vmnetcfg_allocate_at_admission_and_conflicts_are_refused(
         "lowest free address (81 is excluded)"
     );
 
-    let pools: Api<IPPool> = ns.api();
-    let status = pools
-        .get("net-48")
-        .await
-        .expect("pool")
-        .status
-        .and_then(|s| s.ipv4)
-        .expect("ipv4 status");
-    let allocated = status.allocated.expect("allocated");
+    // The allocation is one address object and one MAC claim, made before the answer.
+    let held = addresses(&ns, "net-48").await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    let a = &held["192.168.48.82"];
+    assert_eq!(a.mac_address, "fa:cf:8e:50:82:fc");
     assert_eq!(
-        allocated.get("192.168.48.82").map(String::as_str),
-        Some("fa:cf:8e:50:82:fc")
-    );
-    assert_eq!(
-        allocated.get("192.168.48.81").map(String::as_str),
-        Some("EXCLUDED")
-    );
-    assert_eq!(
-        (status.used, status.available),
-        (1, 7),
-        "counts written with the allocation"
-    );
-    assert_eq!(
-        status
-            .owners
-            .and_then(|o| o.get("192.168.48.82").cloned())
-            .as_deref(),
+        a.owner.as_deref(),
         Some(format!("{}/test-vm", ns.name).as_str())
     );
+    assert!(!a.static_);
+    let claimed = claims(&ns, "net-48").await;
+    assert_eq!(claimed["fa:cf:8e:50:82:fc"].address, "192.168.48.82");
+    let named = ns
+        .api::<IPPoolAddress>()
+        .get("net-48.192.168.48.82")
+        .await
+        .expect("address object named <pool>.<address>");
+    assert_eq!(
+        named
+            .labels()
+            .get("network.harvesterhci.io/mac")
+            .map(String::as_str),
+        Some("fa-cf-8e-50-82-fc")
+    );
+    let pools: Api<IPPool> = ns.api();
 
     // The same MAC for another VM: the conflicting static MAC is refused, naming the holder.
     let err = cfgs
@@ -159,14 +158,9 @@ async fn seed_pool_and_vmnetcfg_allocate_at_admission_and_conflicts_are_refused(
         allocation_of(&admitted).map(|a| a.ip_address),
         Some("192.168.48.85".to_string())
     );
-    let statics = pools
-        .get("net-48")
-        .await
-        .expect("pool")
-        .status
-        .and_then(|s| s.ipv4)
-        .and_then(|s| s.static_addresses);
-    assert_eq!(statics, Some(vec!["192.168.48.85".to_string()]));
+    let held = addresses(&ns, "net-48").await;
+    assert!(held["192.168.48.85"].static_, "{held:?}");
+    assert!(!held["192.168.48.82"].static_, "{held:?}");
 
     // Deleting the pool is refused while an address is held.
     let err = pools
@@ -230,8 +224,13 @@ async fn server_side_dry_run_changes_no_status() {
     let after = pools.get("net-dry").await.expect("pool");
     assert_eq!(
         after.metadata.resource_version, before.metadata.resource_version,
-        "status untouched"
+        "pool untouched"
     );
+    assert!(
+        addresses(&ns, "net-dry").await.is_empty(),
+        "no address object"
+    );
+    assert!(claims(&ns, "net-dry").await.is_empty(), "no MAC claim");
     assert!(
         ns.api::<VirtualMachineNetworkConfig>()
             .get_opt("dry-vm")
@@ -279,38 +278,40 @@ async fn create_vms(
         .await
 }
 
+/// Every admitted VM's address is held by its MAC in the store, no address went to two VMs
+/// and no MAC holds two addresses. Returns address → MAC of the VMs.
 fn check_distinct(
     vms: &[VirtualMachine],
-    status: &vm_dhcp_core::crd::IPv4Status,
+    held: &BTreeMap<String, IPPoolAddressSpec>,
+    claimed: &BTreeMap<String, IPPoolMACClaimSpec>,
 ) -> BTreeMap<String, String> {
-    let mut ips = BTreeSet::new();
     let mut by_ip = BTreeMap::new();
     for vm in vms {
         let a = allocation_of(vm)
             .unwrap_or_else(|| panic!("{:?} has no allocation annotation", vm.metadata.name));
         assert!(
-            ips.insert(a.ip_address.clone()),
+            by_ip
+                .insert(a.ip_address.clone(), a.mac_address.clone())
+                .is_none(),
             "{} handed out twice",
             a.ip_address
         );
-        by_ip.insert(a.ip_address.clone(), a.mac_address.clone());
-    }
-    let allocated = status.allocated.clone().unwrap_or_default();
-    for (ip, mac) in &by_ip {
         assert_eq!(
-            allocated.get(ip),
-            Some(mac),
-            "{ip} is durable in the pool status"
+            held.get(&a.ip_address).map(|h| h.mac_address.as_str()),
+            Some(a.mac_address.as_str()),
+            "{} is durable as an address object of its MAC",
+            a.ip_address
+        );
+        assert_eq!(
+            claimed.get(&a.mac_address).map(|c| c.address.as_str()),
+            Some(a.ip_address.as_str()),
+            "the claim of {} names its address",
+            a.mac_address
         );
     }
-    let macs: Vec<&String> = allocated.values().filter(|v| v.contains(':')).collect();
+    let macs: Vec<&String> = held.values().map(|h| &h.mac_address).collect();
     let unique: BTreeSet<&&String> = macs.iter().collect();
     assert_eq!(macs.len(), unique.len(), "a MAC holds two addresses");
-    assert_eq!(
-        status.used as usize,
-        macs.len(),
-        "used counts every MAC entry"
-    );
     by_ip
 }
 
@@ -335,17 +336,10 @@ async fn five_hundred_vms_from_32_clients_through_two_replicas_get_distinct_addr
     let t0 = Instant::now();
     let vms = create_vms(&ns, &network, 500, 32, 0).await;
     let took = t0.elapsed();
-    let status = ns
-        .api::<IPPool>()
-        .get("net-load")
-        .await
-        .expect("pool")
-        .status
-        .and_then(|s| s.ipv4)
-        .expect("status");
-    let by_ip = check_distinct(&vms, &status);
+    let held = addresses(&ns, "net-load").await;
+    let by_ip = check_distinct(&vms, &held, &claims(&ns, "net-load").await);
     assert_eq!(by_ip.len(), 500);
-    assert_eq!(status.used, 500, "no leak without failures");
+    assert_eq!(held.len(), 500, "no leak without failures");
     let committed: Vec<u64> = replicas
         .iter()
         .map(|r| r.webhook.metrics.allocations_committed())
@@ -366,7 +360,7 @@ async fn five_hundred_vms_from_32_clients_through_two_replicas_get_distinct_addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_replica_mid_load_loses_and_duplicates_nothing() {
+async fn five_hundred_vms_with_a_replica_killed_mid_load_lose_and_duplicate_nothing() {
     let cp = ControlPlane::shared().await;
     let (ns, mut replicas) = setup(cp, "wh-kill", 2).await;
     create_pool(
@@ -383,25 +377,20 @@ async fn killing_a_replica_mid_load_loses_and_duplicates_nothing() {
     )
     .await;
     let network = format!("{}/net-kill", ns.name);
-    let load = create_vms(&ns, &network, 300, 32, 20);
+    let load = create_vms(&ns, &network, 500, 32, 20);
     let kill = async {
         tokio::time::sleep(Duration::from_millis(400)).await;
         replicas[1].kill();
     };
     let (vms, ()) = tokio::join!(load, kill);
-    let status = ns
-        .api::<IPPool>()
-        .get("net-kill")
-        .await
-        .expect("pool")
-        .status
-        .and_then(|s| s.ipv4)
-        .expect("status");
-    let by_ip = check_distinct(&vms, &status);
-    assert_eq!(by_ip.len(), 300, "every VM was admitted with an address");
-    let leaks = status.used as usize - by_ip.len();
+    let held = addresses(&ns, "net-kill").await;
+    let claimed = claims(&ns, "net-kill").await;
+    let by_ip = check_distinct(&vms, &held, &claimed);
+    assert_eq!(by_ip.len(), 500, "every VM was admitted with an address");
+    let leaks = held.len() - by_ip.len();
+    let half = claimed.len() - by_ip.len();
     eprintln!(
-        "killed one of two replicas mid-load: 300 VMs admitted, 0 duplicates, {leaks} leaked allocation(s) left for the controller's sweep"
+        "killed one of two replicas mid-load: 500 VMs admitted, 0 duplicate addresses, 0 duplicate MACs; {leaks} address object(s) and {half} claim(s) beyond the VMs' left for the controller's sweep"
     );
 }
 

@@ -35,7 +35,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use vm_dhcp_core::admission::network_key;
 use vm_dhcp_core::controller::{self as decide, OrphanClock};
-use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress, IPPoolMACClaim, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 use vm_dhcp_core::mac::MacAddr;
 
@@ -91,6 +91,14 @@ pub struct ControllerArgs {
     /// its network) before it is released as a leak.
     #[arg(long, env = "VM_DHCP_LEAK_GRACE_SECONDS", default_value_t = 120)]
     pub leak_grace_seconds: u64,
+    /// Seconds after an admission touched a MAC's claim during which it is not released: the
+    /// admission may still be in flight (the webhooks' timeout is 10 s, plus clock skew).
+    #[arg(long, env = "VM_DHCP_ADMISSION_WINDOW_SECONDS", default_value_t = 12)]
+    pub admission_window_seconds: u64,
+    /// A pool status lists its allocations (`status.ipv4.allocated`, `owners`,
+    /// `staticAddresses`) up to this many; above, only the counts and a condition.
+    #[arg(long, env = "VM_DHCP_STATUS_MAX_ALLOCATIONS", default_value_t = vm_dhcp_core::store::PROJECTION_MAX_ENTRIES)]
+    pub status_max_allocations: usize,
     /// Seconds between full passes over every object (the sweep also runs on every change).
     #[arg(long, env = "VM_DHCP_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
@@ -184,10 +192,10 @@ struct Stores {
     pods: Store<Pod>,
     nodes: Store<Node>,
     leases: Store<Lease>,
+    claims: Store<IPPoolMACClaim>,
+    /// The address objects: the truth of every pool (DESIGN §2).
+    holdings: vm_dhcp_webhook::holdings::WatchedHoldings,
 }
-
-/// MAC → address of one pool.
-type MacIndex = Arc<HashMap<MacAddr, Ipv4Addr>>;
 
 pub struct Ctx {
     client: Client,
@@ -195,13 +203,15 @@ pub struct Ctx {
     stores: Stores,
     queue: Queue,
     orphans: Mutex<OrphanClock>,
+    /// Half-made allocations (a crash between the writes of one admission), since when.
+    half_made: Mutex<OrphanClock>,
+    /// When each pool's status was last projected (projections are batched).
+    projected: Mutex<HashMap<(String, String), Instant>>,
     started: Instant,
     /// Leaks released, by pool.
     swept: Family<Vec<(String, String)>, Counter>,
     recorder: Recorder,
     ready: AtomicBool,
-    /// MAC → address of each pool, by pool resourceVersion (vmnetcfg status needs it often).
-    mac_index: Mutex<HashMap<(String, String), (String, MacIndex)>>,
 }
 
 impl Ctx {
@@ -212,29 +222,13 @@ impl Ctx {
         })
     }
 
-    /// The address a MAC holds in a pool, from the cached pool status.
+    /// The address a MAC holds in a pool, from its address objects.
     fn held_ip(&self, pool: &IPPool, mac: MacAddr) -> Option<Ipv4Addr> {
         let key = (pool.namespace().unwrap_or_default(), pool.name_any());
-        let rv = pool.resource_version().unwrap_or_default();
-        let mut index = self.mac_index.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = index
-            .get(&key)
-            .filter(|(v, _)| *v == rv)
-            .map(|(_, m)| m.clone());
-        let map = match fresh {
-            Some(m) => m,
-            None => {
-                let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
-                let map: HashMap<MacAddr, Ipv4Addr> = decide::held(ipv4)
-                    .into_iter()
-                    .map(|h| (h.mac, h.ip))
-                    .collect();
-                let map = Arc::new(map);
-                index.insert(key, (rv, map.clone()));
-                map
-            }
-        };
-        map.get(&mac).copied()
+        match self.stores.holdings.lock().of_mac(&key, mac)?.ip {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        }
     }
 
     fn now(&self) -> Duration {
@@ -367,6 +361,13 @@ fn on_nad(ctx: &Ctx, n: &NetworkAttachmentDefinition) {
     ctx.enqueue_pools_of_network(&format!("{ns}/{}", n.name_any()));
 }
 
+fn on_claim(ctx: &Ctx, c: &IPPoolMACClaim) {
+    ctx.queue.push(Key::Pool(
+        c.namespace().unwrap_or_default(),
+        c.spec.ippool.clone(),
+    ));
+}
+
 fn on_pod(ctx: &Ctx, p: &Pod) {
     let labels = p.labels();
     if let (Some(ns), Some(name)) = (
@@ -466,6 +467,24 @@ async fn serve(args: ControllerArgs) -> Result<()> {
             slot.clone(),
             on_lease,
         ),
+        claims: watch(
+            scoped(&client, watch_ns),
+            watcher::Config::default(),
+            slot.clone(),
+            on_claim,
+        ),
+        holdings: {
+            let slot = slot.clone();
+            vm_dhcp_webhook::holdings::watch_holdings(
+                scoped::<IPPoolAddress>(&client, watch_ns),
+                watcher::Config::default(),
+                move |(ns, pool), _| {
+                    if let Some(ctx) = slot.get() {
+                        ctx.queue.push(Key::Pool(ns.clone(), pool.clone()));
+                    }
+                },
+            )
+        },
     };
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -486,11 +505,12 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         stores,
         queue: Queue::default(),
         orphans: Mutex::new(OrphanClock::default()),
+        half_made: Mutex::new(OrphanClock::default()),
+        projected: Mutex::new(HashMap::new()),
         started: Instant::now(),
         swept: Family::default(),
         recorder,
         ready: AtomicBool::new(false),
-        mac_index: Mutex::new(HashMap::new()),
     });
     let _ = slot.set(ctx.clone());
 
@@ -513,7 +533,10 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         s.nads.wait_until_ready().await?;
         s.pods.wait_until_ready().await?;
         s.nodes.wait_until_ready().await?;
-        s.leases.wait_until_ready().await
+        s.leases.wait_until_ready().await?;
+        s.claims.wait_until_ready().await?;
+        s.holdings.clone().wait_until_synced().await;
+        Ok::<(), kube::runtime::reflector::store::WriterDropped>(())
     };
     tokio::select! {
         r = synced => r.context("the caches stopped before they were complete")?,

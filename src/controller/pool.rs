@@ -1,16 +1,17 @@
-//! IPPool reconcile: finalizer and takeover of the Go version's, NAD labels, the status
-//! (marks, counts, releases of leaks, adoption of ownerless allocations, conditions,
-//! agentPodRef), and the agent pods. Also the shared guarded writer of `status.ipv4`.
+//! IPPool reconcile: finalizer and takeover of the Go version's, NAD labels, the migration of
+//! a status-held pool into address objects, the sweep (leaks, half-made allocations,
+//! adoption of ownerless ones), the status (a projection of the address objects: marks,
+//! counts, conditions, agentPodRef), and the agent pods. Also the release of allocations.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use vm_dhcp_core::PoolLayout;
@@ -18,15 +19,20 @@ use vm_dhcp_core::admission::network_key;
 use vm_dhcp_core::controller::{
     self as decide, AgentInput, AgentPod, LiveOwners, Ownership, set_condition,
 };
-use vm_dhcp_core::crd::{Condition, IPPool, IPPoolSpec, IPv4Config, PodReference};
+use vm_dhcp_core::crd::{
+    Condition, IPPool, IPPoolAddress, IPPoolMACClaim, IPPoolSpec, IPv4Config, PodReference,
+};
 use vm_dhcp_core::kubevirt::NetworkAttachmentDefinition;
 use vm_dhcp_core::mac::MacAddr;
+use vm_dhcp_core::store::{self as store, HalfMade, PoolKey};
 
 use super::{Ctx, Key, get, is_conflict, is_not_found, now_text};
 
 const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
 const WRITE_ATTEMPTS: usize = 10;
+/// The shortest time between two projections of one pool's status.
+const PROJECTION_INTERVAL: Duration = Duration::from_millis(500);
 
 fn pool_key(pool: &IPPool) -> String {
     format!(
@@ -117,7 +123,7 @@ fn layout_of(pool: &IPPool) -> Result<PoolLayout, String> {
 /// Releases addresses of one network whose (network, MAC) nobody holds any more. Entries
 /// that a live vmnetcfg entry or VM NIC still lists are kept (the owner is still there).
 pub(super) async fn release(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     network: &str,
     entries: &[(MacAddr, Ipv4Addr)],
     skip_cfg: Option<(&str, &str)>,
@@ -127,33 +133,330 @@ pub(super) async fn release(
         return Ok(()); // no pool, nothing to give back
     };
     let live = live_owners(ctx, skip_cfg);
-    let release: Vec<(Ipv4Addr, MacAddr)> = entries
-        .iter()
-        .filter(|(mac, _)| live.get(network, *mac).is_none())
-        .map(|(mac, ip)| (*ip, *mac))
-        .collect();
-    if release.is_empty() {
-        return Ok(());
+    let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+    for (mac, _) in entries {
+        if live.get(network, *mac).is_none() {
+            release_mac(ctx, &key, network, *mac, why).await?;
+        }
     }
-    let ns = pool.namespace().unwrap_or_default();
-    let name = pool.name_any();
-    let layout = layout_of(&pool).map_err(|e| anyhow!("IPPool {ns}/{name}: {e}"))?;
-    let written = write_pool_status(ctx, &ns, &name, None, |p| {
-        let before = p.status.as_ref().and_then(|s| s.ipv4.as_ref());
-        let after = decide::next_ipv4(&layout, before, &release, &[])?;
-        if decide::same_ipv4(before, &after) {
+    Ok(())
+}
+
+fn precondition(resource_version: Option<String>) -> DeleteParams {
+    DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version,
+            uid: None,
+        }),
+        ..DeleteParams::default()
+    }
+}
+
+/// Gives back what one MAC holds in a pool: its claim first, then the address object, each
+/// only if it is still the version this decision saw. Safe against a re-admission of the MAC
+/// (a VM deleted and recreated under its name), which touches the claim before its object
+/// is stored: a claim touched within the admission window is left for later, the owner is
+/// looked up with a quorum read, and a claim touched since it was read fails the delete's
+/// precondition. Returns the address released, if any.
+async fn release_mac(
+    ctx: &Arc<Ctx>,
+    key: &PoolKey,
+    network: &str,
+    mac: MacAddr,
+    why: &str,
+) -> Result<Option<IpAddr>> {
+    let (ns, pool) = key;
+    let claims: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let addresses: Api<IPPoolAddress> = Api::namespaced(ctx.client.clone(), ns);
+    let claim_name = store::claim_object_name(pool, mac);
+    if let Some(claim) = get(&ctx.stores.claims, ns, &claim_name) {
+        let window = Duration::from_secs(ctx.args.admission_window_seconds);
+        if let Some(wait) = admission_in_flight(claim.spec.admitted_at.as_deref(), window) {
+            ctx.requeue_after(
+                Key::Pool(ns.clone(), pool.clone()),
+                wait + Duration::from_millis(200),
+            );
             return Ok(None);
         }
-        Ok(Some(serde_json::json!({
-            "lastUpdate": Timestamp::now().to_string(),
-            "ipv4": decide::ipv4_merge_patch(before, &after),
-        })))
-    })
-    .await?;
-    if written.is_some() {
-        for (ip, mac) in &release {
-            tracing::info!(pool = %format!("{ns}/{name}"), %ip, %mac, %why, "address released");
+        if let Some(owner) = claim.spec.owner.as_deref()
+            && owner_holds(ctx, owner, network, mac).await?
+        {
+            return Ok(None);
         }
+        match claims
+            .delete(&claim_name, &precondition(claim.resource_version()))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) if is_conflict(&e) => return Ok(None), // admitted again meanwhile
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("releasing MAC {mac} in IPPool {ns}/{pool}"));
+            }
+        }
+    }
+    let held = {
+        let h = ctx.stores.holdings.lock();
+        h.of_mac(key, mac)
+            .map(|held| (held.ip, h.version(key, held.ip).map(str::to_string)))
+    };
+    let Some((ip, version)) = held else {
+        return Ok(None);
+    };
+    let name = store::address_object_name(pool, ip);
+    match addresses.delete(&name, &precondition(version)).await {
+        Ok(_) => {
+            tracing::info!(pool = %format!("{ns}/{pool}"), %ip, %mac, %why, "address released");
+            Ok(Some(ip))
+        }
+        Err(e) if is_not_found(&e) || is_conflict(&e) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("releasing {ip} in IPPool {ns}/{pool}")),
+    }
+}
+
+/// How long until an admission that touched a claim at `admitted_at` is surely over, if it
+/// may still be in flight.
+fn admission_in_flight(admitted_at: Option<&str>, window: Duration) -> Option<Duration> {
+    let at: Timestamp = admitted_at?.parse().ok()?;
+    let age = Timestamp::now().duration_since(at);
+    let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
+    window.checked_sub(age).filter(|d| !d.is_zero())
+}
+
+/// Does the owner (`<namespace>/<name>`) still hold the MAC on the network, per a quorum
+/// read of its VM and vmnetcfg (the caches may not have seen a VM recreated a moment ago)?
+async fn owner_holds(ctx: &Ctx, owner: &str, network: &str, mac: MacAddr) -> Result<bool> {
+    let Some((ns, name)) = owner.split_once('/') else {
+        return Ok(false);
+    };
+    let mut live = LiveOwners::default();
+    let vms: Api<vm_dhcp_core::kubevirt::VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some(vm) = vms
+        .get_opt(name)
+        .await
+        .with_context(|| format!("reading VM {owner}"))?
+        .filter(|v| v.meta().deletion_timestamp.is_none())
+    {
+        live.add_vm(&vm);
+    }
+    let cfgs: Api<vm_dhcp_core::crd::VirtualMachineNetworkConfig> =
+        Api::namespaced(ctx.client.clone(), ns);
+    if let Some(cfg) = cfgs
+        .get_opt(name)
+        .await
+        .with_context(|| format!("reading vmnetcfg {owner}"))?
+        .filter(|c| c.meta().deletion_timestamp.is_none())
+    {
+        for e in cfg.spec.network_configs.iter().flatten() {
+            if let Ok(m) = e.mac_address.parse::<MacAddr>() {
+                live.insert(&e.network_name, m, owner.to_string());
+            }
+        }
+    }
+    Ok(live.get(network, mac).is_some())
+}
+
+/// Moves the allocations a pool status holds (the Go version's, or vm-dhcp's before the
+/// store) into address objects, idempotently, then marks the pool so admission allocates
+/// in it. Returns how many were migrated.
+async fn migrate(ctx: &Ctx, pool: &IPPool) -> Result<usize> {
+    let ns = pool.namespace().unwrap_or_default();
+    let name = pool.name_any();
+    let network = network_key(&pool.spec.network_name);
+    let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
+    let mut moved = 0;
+    if store::needs_migration(pool.meta().annotations.as_ref(), ipv4) {
+        let claims: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        let addresses: Api<IPPoolAddress> = Api::namespaced(ctx.client.clone(), &ns);
+        let holdings = store::holdings_in_status(ipv4);
+        let created = |r: Result<(), kube::Error>| match r {
+            Err(e) if e_already_exists(&e) => Ok(()),
+            other => other,
+        };
+        for h in &holdings {
+            let claim = store::claim_object(&ns, &name, &network, h, None);
+            created(
+                claims
+                    .create(&PostParams::default(), &claim)
+                    .await
+                    .map(|_| ()),
+            )
+            .with_context(|| format!("migrating {} of IPPool {ns}/{name}", h.ip))?;
+            let obj = store::address_object(&ns, &name, &network, h);
+            created(
+                addresses
+                    .create(&PostParams::default(), &obj)
+                    .await
+                    .map(|_| ()),
+            )
+            .with_context(|| format!("migrating {} of IPPool {ns}/{name}", h.ip))?;
+        }
+        moved = holdings.len();
+    }
+    if pool
+        .meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(store::STORE_ANNOTATION))
+        .map(String::as_str)
+        != Some(store::STORE_OBJECTS)
+    {
+        let api: Api<IPPool> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            store::STORE_ANNOTATION: store::STORE_OBJECTS}}});
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("marking IPPool {ns}/{name} as migrated"))?;
+        if moved > 0 {
+            tracing::info!(pool = %format!("{ns}/{name}"), allocations = moved,
+                "pool status migrated into IPPoolAddress objects");
+        }
+    }
+    Ok(moved)
+}
+
+fn e_already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 && s.reason == "AlreadyExists")
+}
+
+/// The claims of one pool: MAC → the address each names, with its resourceVersion.
+fn claims_of(ctx: &Ctx, key: &PoolKey) -> BTreeMap<MacAddr, (IpAddr, Option<String>)> {
+    ctx.stores
+        .claims
+        .state()
+        .iter()
+        .filter(|c| c.namespace().as_deref() == Some(key.0.as_str()) && c.spec.ippool == key.1)
+        .filter_map(|c| {
+            let h = store::holding_of_claim(c).ok()?;
+            Some((h.mac, (h.ip, c.resource_version())))
+        })
+        .collect()
+}
+
+/// Deletes the half-made allocations that have been so for the grace period.
+async fn sweep_half_made(ctx: &Arc<Ctx>, key: &PoolKey, grace: Duration) -> Result<()> {
+    let (ns, name) = key;
+    let claims = claims_of(ctx, key);
+    let named: BTreeMap<MacAddr, IpAddr> = claims.iter().map(|(m, (ip, _))| (*m, *ip)).collect();
+    let (found, versions) = {
+        let h = ctx.stores.holdings.lock();
+        let found = store::half_made(h.of_pool(key), &named);
+        let versions: BTreeMap<IpAddr, (MacAddr, Option<String>)> = h
+            .of_pool(key)
+            .map(|held| {
+                (
+                    held.ip,
+                    (held.mac, h.version(key, held.ip).map(str::to_string)),
+                )
+            })
+            .collect();
+        (found, versions)
+    };
+    // The clock's keys: (pool, address, MAC); a claim has no address of its own to key on.
+    let marks: Vec<(Ipv4Addr, MacAddr)> = found
+        .iter()
+        .filter_map(|f| match f {
+            HalfMade::Claim { mac } => Some((Ipv4Addr::UNSPECIFIED, *mac)),
+            HalfMade::Address { ip } => match (ip, versions.get(ip)) {
+                (IpAddr::V4(v4), Some((mac, _))) => Some((*v4, *mac)),
+                _ => None,
+            },
+        })
+        .collect();
+    let pool_key = format!("{ns}/{name}");
+    let due = {
+        let mut clock = ctx.half_made.lock().unwrap_or_else(|e| e.into_inner());
+        let due = clock.observe(&pool_key, &marks, ctx.now(), grace);
+        if let Some(next) = clock.next_due(ctx.now(), grace) {
+            ctx.requeue_after(
+                Key::Pool(ns.clone(), name.clone()),
+                next + Duration::from_millis(200),
+            );
+        }
+        due
+    };
+    for (ip, mac) in due {
+        let deleted = if ip.is_unspecified() {
+            let api: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
+            let version = claims.get(&mac).and_then(|(_, v)| v.clone());
+            api.delete(&store::claim_object_name(name, mac), &precondition(version))
+                .await
+                .map(|_| ())
+        } else {
+            let api: Api<IPPoolAddress> = Api::namespaced(ctx.client.clone(), ns);
+            let version = versions.get(&IpAddr::V4(ip)).and_then(|(_, v)| v.clone());
+            api.delete(
+                &store::address_object_name(name, IpAddr::V4(ip)),
+                &precondition(version),
+            )
+            .await
+            .map(|_| ())
+        };
+        match deleted {
+            Ok(()) => tracing::warn!(pool = %pool_key, %ip, %mac, grace_seconds = grace.as_secs(),
+                "half-made allocation swept (an admission stopped between its two writes)"),
+            Err(e) if is_not_found(&e) || is_conflict(&e) => {}
+            Err(e) => return Err(e).context("sweeping a half-made allocation"),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every address object and claim of a pool that is going away.
+async fn delete_store_of(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
+    let selector = format!(
+        "{}={}",
+        store::POOL_LABEL,
+        vm_dhcp_core::controller::shorten(name, 63)
+    );
+    let lp = ListParams::default().labels(&selector);
+    let addresses: Api<IPPoolAddress> = Api::namespaced(ctx.client.clone(), ns);
+    addresses
+        .delete_collection(&DeleteParams::default(), &lp)
+        .await
+        .with_context(|| format!("deleting the address objects of IPPool {ns}/{name}"))?;
+    let claims: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
+    claims
+        .delete_collection(&DeleteParams::default(), &lp)
+        .await
+        .with_context(|| format!("deleting the MAC claims of IPPool {ns}/{name}"))?;
+    Ok(())
+}
+
+/// Records the live owner on allocations that have none (migrated from a status that named
+/// none), on the address object and its claim.
+async fn adopt(ctx: &Ctx, key: &PoolKey, adopt: &[(IpAddr, MacAddr, String)]) -> Result<()> {
+    let (ns, name) = key;
+    let addresses: Api<IPPoolAddress> = Api::namespaced(ctx.client.clone(), ns);
+    let claims: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
+    for (ip, mac, owner) in adopt {
+        let patch = serde_json::json!({"spec": {"owner": owner}});
+        for result in [
+            addresses
+                .patch(
+                    &store::address_object_name(name, *ip),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ()),
+            claims
+                .patch(
+                    &store::claim_object_name(name, *mac),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ()),
+        ] {
+            match result {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e).context("recording an adopted owner"),
+            }
+        }
+        tracing::info!(pool = %format!("{ns}/{name}"), %ip, %mac, %owner, "allocation adopted by its owner");
     }
     Ok(())
 }
@@ -629,11 +932,15 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
             }
         }
         unlabel_nad(ctx, &pool).await?;
+        delete_store_of(ctx, ns, name).await?;
         set_finalizers(&api, &*pool, true).await?;
         tracing::info!(pool = %key, "IPPool removed: agents, Lease and NAD labels cleaned up");
         return Ok(());
     }
     set_finalizers(&api, &*pool, false).await?;
+    if migrate(ctx, &pool).await? > 0 {
+        return Ok(()); // the marked pool comes back as an event, with its new objects
+    }
 
     let network = network_key(&pool.spec.network_name);
     let (nad_ns, nad_name) = network.split_once('/').unwrap_or(("", ""));
@@ -665,37 +972,81 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
     };
 
     // Sweep: orphans (after the grace period) are released; ownerless allocations that a
-    // live vmnetcfg entry or VM NIC holds are adopted.
+    // live vmnetcfg entry or VM NIC holds are adopted; half-made ones are deleted.
     let layout = layout_of(&pool);
     let grace = Duration::from_secs(ctx.args.leak_grace_seconds);
-    let (due, adopt) = match &layout {
-        Ok(_) => {
-            let live = live_owners(ctx, None);
-            let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
-            let mut orphans = Vec::new();
-            let mut adopt = Vec::new();
-            for h in decide::held(ipv4) {
-                match decide::ownership(&network, &h, &live) {
-                    Ownership::Owned { adopt: Some(owner) } => adopt.push((h.ip, owner)),
-                    Ownership::Owned { adopt: None } => {}
-                    Ownership::Orphan => orphans.push((h.ip, h.mac)),
-                }
+    let store_key: PoolKey = (ns.to_string(), name.to_string());
+    let (orphans, adoptions) = {
+        let live = live_owners(ctx, None);
+        let holdings = ctx.stores.holdings.lock();
+        let mut orphans = Vec::new();
+        let mut adoptions = Vec::new();
+        for h in holdings.of_pool(&store_key) {
+            let IpAddr::V4(ip) = h.ip else { continue };
+            let held = decide::Held {
+                ip,
+                mac: h.mac,
+                owner: h.owner.clone(),
+            };
+            match decide::ownership(&network, &held, &live) {
+                Ownership::Owned { adopt: Some(owner) } => adoptions.push((h.ip, h.mac, owner)),
+                Ownership::Owned { adopt: None } => {}
+                Ownership::Orphan => orphans.push((ip, h.mac)),
             }
-            let mut clock = ctx.orphans.lock().unwrap_or_else(|e| e.into_inner());
-            let due = clock.observe(&key, &orphans, ctx.now(), grace);
-            if let Some(next) = clock.next_due(ctx.now(), grace) {
-                ctx.requeue_after(
-                    Key::Pool(ns.into(), name.into()),
-                    next + Duration::from_millis(200),
-                );
-            }
-            (due, adopt)
         }
-        Err(_) => (Vec::new(), Vec::new()),
+        (orphans, adoptions)
     };
+    let due = {
+        let mut clock = ctx.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        let due = clock.observe(&key, &orphans, ctx.now(), grace);
+        if let Some(next) = clock.next_due(ctx.now(), grace) {
+            ctx.requeue_after(
+                Key::Pool(ns.into(), name.into()),
+                next + Duration::from_millis(200),
+            );
+        }
+        due
+    };
+    adopt(ctx, &store_key, &adoptions).await?;
+    let mut swept = Vec::new();
+    for (ip, mac) in &due {
+        if release_mac(ctx, &store_key, &network, *mac, "leak swept")
+            .await?
+            .is_some()
+        {
+            swept.push((*ip, *mac));
+        }
+    }
+    sweep_half_made(ctx, &store_key, grace).await?;
     if let Some(after) = outcome.recheck {
         ctx.requeue_after(Key::Pool(ns.into(), name.into()), after);
     }
+
+    // The status projects the address objects, at most once per interval: under a burst of
+    // admissions one write carries many of them.
+    let projection = match &layout {
+        Ok(layout) => ctx
+            .stores
+            .holdings
+            .lock()
+            .index(&store_key, layout)
+            .map(|i| i.projection(ctx.args.status_max_allocations))
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
+    let project_now = {
+        let last = ctx.projected.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get(&store_key) {
+            Some(at) if at.elapsed() < PROJECTION_INTERVAL => {
+                ctx.requeue_after(
+                    Key::Pool(ns.into(), name.into()),
+                    PROJECTION_INTERVAL - at.elapsed(),
+                );
+                false
+            }
+            _ => true,
+        }
+    };
 
     let now = now_text();
     let written = write_pool_status(ctx, ns, name, Some((*pool).clone()), |p| {
@@ -703,16 +1054,39 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
         let mut conditions = condition_list(p);
         let mut changed = false;
         let mut patch = serde_json::Map::new();
-        let cache = match &layout {
-            Ok(layout) => decide::next_ipv4(layout, before, &due, &adopt).map_err(|e| e.to_string()),
-            Err(e) => Err(e.clone()),
-        };
-        match &cache {
-            Ok(after) if !decide::same_ipv4(before, after) => {
-                patch.insert("ipv4".into(), decide::ipv4_merge_patch(before, after));
+        let cache = projection.as_ref().map(|p| &p.ipv4).map_err(Clone::clone);
+        match &projection {
+            Ok(p) if project_now && !decide::same_ipv4(before, &p.ipv4) => {
+                let ipv4 = if p.listed {
+                    decide::ipv4_merge_patch(before, &p.ipv4)
+                } else {
+                    serde_json::json!({"allocated": null, "owners": null, "staticAddresses": null,
+                        "used": p.ipv4.used, "available": p.ipv4.available})
+                };
+                patch.insert("ipv4".into(), ipv4);
                 patch.insert("lastUpdate".into(), Timestamp::now().to_string().into());
             }
             _ => {}
+        }
+        if let Ok(p) = &projection {
+            let message = if p.listed {
+                String::new()
+            } else {
+                format!(
+                    "more than {} allocations: status.ipv4.allocated is left out; list them with kubectl get ipamallocations -n {ns} (or kubectl get ippooladdresses -n {ns} -l {}={name})",
+                    ctx.args.status_max_allocations,
+                    store::POOL_LABEL
+                )
+            };
+            let reason = if p.listed { "" } else { "TooManyToList" };
+            changed |= set_condition(
+                &mut conditions,
+                store::LISTED_CONDITION,
+                p.listed,
+                reason,
+                &message,
+                &now,
+            );
         }
         let disabled = decide::disabled_message("ippool", ns, name);
         let cond = |r: &Result<(), String>| match r {
@@ -770,8 +1144,17 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
     })
     .await?;
 
-    if written.is_some() && !due.is_empty() {
-        for (ip, mac) in &due {
+    if written.as_ref().is_some_and(|w| {
+        w.status.as_ref().and_then(|s| s.ipv4.as_ref())
+            != pool.status.as_ref().and_then(|s| s.ipv4.as_ref())
+    }) {
+        ctx.projected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(store_key.clone(), std::time::Instant::now());
+    }
+    {
+        for (ip, mac) in &swept {
             tracing::warn!(pool = %key, %ip, %mac, grace_seconds = grace.as_secs(),
                 "leak swept: no vmnetcfg entry or VM NIC holds this allocation; released");
             ctx.swept

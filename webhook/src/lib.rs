@@ -1,14 +1,15 @@
-//! The admission adapter: decodes AdmissionReviews, asks the core for a decision, commits
-//! allocations through the pool's committer, and answers. It never panics on a request
+//! The admission adapter: decodes AdmissionReviews, asks the core for a decision, makes
+//! allocations through the store (`allocator`), and answers. It never panics on a request
 //! body: anything it cannot read is answered with an HTTP 400 that says what was wrong, or a
 //! denial that names the field.
 
-pub mod committer;
+pub mod allocator;
 pub mod config;
+pub mod holdings;
 pub mod metrics;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
@@ -27,11 +28,11 @@ use vm_dhcp_core::admission::{
     ALLOCATIONS_ANNOTATION, NicPlan, PoolContext, ippool_defaults, network_key, nic_allocation,
     plan_vm, plan_vmnetcfg, validate_ippool, validate_ippool_delete,
 };
-use vm_dhcp_core::alloc::{AllocRequest, Allocation, MacChoice};
+use vm_dhcp_core::alloc::{Allocation, MacChoice};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 
-pub use committer::{CommitError, Committer};
+pub use allocator::{Allocator, Made, Nic, StoreError};
 pub use metrics::Metrics;
 
 /// Paths the webhook configurations point at.
@@ -45,23 +46,24 @@ pub const PATH_MUTATE_VM: &str = "/v1/webhook/mutation/virtualmachines";
 pub struct Webhook {
     client: Option<kube::Client>,
     pools: Store<IPPool>,
-    committers: Mutex<HashMap<(String, String), Committer>>,
+    allocator: Option<Allocator>,
     service_cidr: Option<Ipv4Net>,
     pub metrics: Metrics,
 }
 
 impl Webhook {
-    /// `client` is `None` only for in-process tests of decisions that need no commit.
+    /// `allocator` is `None` only for in-process tests of decisions that need no write.
     pub fn new(
         client: Option<kube::Client>,
         pools: Store<IPPool>,
+        allocator: Option<Allocator>,
         service_cidr: Option<Ipv4Net>,
         metrics: Metrics,
     ) -> Self {
         Webhook {
             client,
             pools,
-            committers: Mutex::new(HashMap::new()),
+            allocator,
             service_cidr,
             metrics,
         }
@@ -99,56 +101,55 @@ impl Webhook {
         })
     }
 
-    fn committer(&self, pool: &IPPool) -> Result<Committer, String> {
-        let ns = pool.metadata.namespace.clone().unwrap_or_default();
-        let name = pool.metadata.name.clone().unwrap_or_default();
-        let client = self
-            .client
-            .clone()
-            .ok_or("no Kubernetes client: allocation is unavailable")?;
-        let mut committers = self.committers.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (ns.clone(), name.clone());
-        if let Some(c) = committers.get(&key).filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let c = Committer::spawn(
-            Api::namespaced(client, &ns),
-            name,
-            self.metrics.clone(),
-            self.pools.clone(),
-        );
-        committers.insert(key, c.clone());
-        Ok(c)
-    }
-
-    /// Commits the plans, grouped by network: per pool all or nothing.
+    /// Allocates every plan or none: per pool through the store; what a failed admission
+    /// made is deleted again.
     async fn allocate(&self, plans: &[NicPlan], dry_run: bool) -> Result<Vec<Allocation>, String> {
+        if plans.is_empty() {
+            return Ok(Vec::new());
+        }
+        let allocator = self
+            .allocator
+            .as_ref()
+            .ok_or("no Kubernetes client: allocation is unavailable")?;
         let mut by_network: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, plan) in plans.iter().enumerate() {
             by_network.entry(plan.network.as_str()).or_default().push(i);
         }
         let mut out: Vec<Option<Allocation>> = vec![None; plans.len()];
+        let mut made = Vec::new();
         for (network, idx) in by_network {
-            let pool = self
-                .pool_for(network)
-                .ok_or_else(|| format!("network {network} has no IPPool any more"))?;
-            let committer = self.committer(&pool)?;
-            let reqs: Vec<AllocRequest> = idx.iter().map(|&i| plans[i].request.clone()).collect();
-            let got = committer
-                .allocate(reqs, dry_run)
-                .await
-                .map_err(|e| match e {
-                    CommitError::Alloc(a) => {
-                        let first = &plans[idx[0]];
-                        format!(
-                            "network {network}: {a} (requested for {})",
-                            first.request.owner
-                        )
+            let result = match self.pool_for(network) {
+                None => Err(format!("network {network} has no IPPool any more")),
+                Some(pool) => {
+                    let nics: Vec<Nic<'_>> = idx
+                        .iter()
+                        .map(|&i| Nic {
+                            request: &plans[i].request,
+                            interface: Some(plans[i].interface.as_str()).filter(|s| !s.is_empty()),
+                        })
+                        .collect();
+                    allocator
+                        .allocate(&pool, &nics, dry_run, &mut made)
+                        .await
+                        .map_err(|e| match e {
+                            StoreError::Alloc(a) => format!(
+                                "network {network}: {a} (requested for {})",
+                                plans[idx[0]].request.owner
+                            ),
+                            other => other.to_string(),
+                        })
+                }
+            };
+            match result {
+                Ok(got) => {
+                    for (&i, a) in idx.iter().zip(got) {
+                        out[i] = Some(a);
                     }
-                    other => other.to_string(),
-                })?;
-            for (&i, a) in idx.iter().zip(got) {
-                out[i] = Some(a);
+                }
+                Err(e) => {
+                    allocator.roll_back(made).await;
+                    return Err(e);
+                }
             }
         }
         Ok(out.into_iter().flatten().collect())
@@ -291,7 +292,9 @@ async fn validate_ippool_route(State(state): State<Arc<Webhook>>, body: Bytes) -
                     .old_object
                     .as_ref()
                     .ok_or("the request carries no old object")?;
-                validate_ippool_delete(&typed::<IPPool>(old, "IPPool")?)?;
+                let pool = typed::<IPPool>(old, "IPPool")?;
+                let holdings = st.allocator.as_ref().map(|a| a.holdings_of(&pool));
+                validate_ippool_delete(&pool, holdings.as_deref())?;
                 Ok(resp)
             }
             Operation::Create | Operation::Update => {
@@ -447,8 +450,9 @@ async fn mutate_vm(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
     .await
 }
 
-/// Starts the IPPool cache (a reflector over every namespace) and returns the webhook state
-/// once the cache has synced: readiness means the cache is complete.
+/// Starts the caches (IPPools, MAC claims, and the address objects as per-pool indexes,
+/// each a watch over every namespace) and returns the webhook state once all have synced:
+/// readiness means the caches are complete.
 pub async fn start(
     client: kube::Client,
     service_cidr: Option<Ipv4Net>,
@@ -456,23 +460,74 @@ pub async fn start(
 ) -> Result<Arc<Webhook>, kube::runtime::reflector::store::WriterDropped> {
     use futures::StreamExt as _;
     use kube::runtime::{WatchStreamExt as _, reflector, watcher};
-    let (store, writer) = reflector::store();
-    let pools: Api<IPPool> = Api::all(client.clone());
-    let stream = reflector(writer, watcher(pools, watcher::Config::default()))
-        .default_backoff()
-        .applied_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "IPPool watch failed; retrying");
+    use vm_dhcp_core::crd::{IPPoolAddress, IPPoolMACClaim};
+
+    fn drain<S, T, E>(what: &'static str, stream: S)
+    where
+        S: futures::Stream<Item = Result<T, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "{what} watch failed; retrying");
+                }
             }
-        }
-    });
-    store.wait_until_ready().await?;
+        });
+    }
+
+    let (pools, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(
+            Api::<IPPool>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects();
+    drain("IPPool", stream);
+
+    let (claims, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(
+            Api::<IPPoolMACClaim>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects();
+    drain("IPPoolMACClaim", stream);
+
+    let pending: Arc<std::sync::Mutex<std::collections::HashMap<_, _>>> = Arc::default();
+    let seen = pending.clone();
+    let mut holdings = holdings::watch_holdings(
+        Api::<IPPoolAddress>::all(client.clone()),
+        watcher::Config::default(),
+        move |key, ip| {
+            if let Some(std::net::IpAddr::V4(ip)) = ip {
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&(key.clone(), ip));
+            }
+        },
+    );
+    pools.wait_until_ready().await?;
+    claims.wait_until_ready().await?;
+    holdings.wait_until_synced().await;
+    let allocator = Allocator::new(
+        client.clone(),
+        claims,
+        holdings.holdings.clone(),
+        pending,
+        metrics.clone(),
+    );
     Ok(Arc::new(Webhook::new(
         Some(client),
-        store,
+        pools,
+        Some(allocator),
         service_cidr,
         metrics,
     )))

@@ -69,6 +69,7 @@ fn state(with_pool: bool) -> Arc<Webhook> {
     Arc::new(Webhook::new(
         None,
         store,
+        None,
         Some("10.53.0.0/16".parse().expect("cidr")),
         Metrics::unregistered(),
     ))

@@ -21,6 +21,7 @@ fn state(pools: Vec<IPPool>) -> Arc<Webhook> {
     Arc::new(Webhook::new(
         None,
         store,
+        None,
         Some("10.53.0.0/16".parse().expect("cidr")),
         Metrics::unregistered(),
     ))
