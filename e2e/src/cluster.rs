@@ -56,8 +56,10 @@ pub struct ControlPlane {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Options {
     /// Also run kube-controller-manager with [`CONTROLLERS`], and let kube-apiserver reach
-    /// aggregated APIs at their Service's endpoints (`--enable-aggregator-routing`) as a
-    /// cluster without kube-proxy on the apiserver's host must.
+    /// aggregated APIs and Service-addressed webhooks at their Service's EndpointSlice
+    /// addresses (`--enable-aggregator-routing`), as a cluster without kube-proxy on the
+    /// apiserver's host must. In that mode `ExternalName` Services are refused, and
+    /// EndpointSlices cannot hold loopback addresses: backends need a pod IP.
     pub controllers: bool,
 }
 
