@@ -1352,3 +1352,354 @@ async fn a_go_agent_left_terminating_on_a_lost_node_is_force_deleted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Address objects of the test pool `net-1`: address → (MAC, owner).
+async fn store_of(w: &World) -> BTreeMap<String, (String, Option<String>)> {
+    vm_dhcp_e2e::webhooks::addresses(&w.ns, "net-1")
+        .await
+        .into_iter()
+        .map(|(ip, a)| (ip, (a.mac_address, a.owner)))
+        .collect()
+}
+
+fn allocation_ip(vm: &VirtualMachine) -> String {
+    let record = &vm.annotations()["dhcp.harvesterhci.io/allocations"];
+    let list: Vec<serde_json::Value> = serde_json::from_str(record).expect("allocations JSON");
+    list[0]["ipAddress"]
+        .as_str()
+        .expect("ipAddress")
+        .to_string()
+}
+
+/// Issue 12 item 6: a pool whose status holds 5,000 allocations written by the Go version is
+/// migrated into address objects before admission allocates in it (which refuses, retryably,
+/// until then); every allocation is kept, and a Go-written static vmnetcfg keeps its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_pool_of_5000_allocations_is_migrated_and_keeps_every_one() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-mig", &[("a", true, false)]).await;
+    let ns = w.ns.name.clone();
+    // The Go version's static vmnetcfg (made before the pool existed: our webhook leaves
+    // entries on networks without a pool alone).
+    let cfg: VirtualMachineNetworkConfig = serde_json::from_value(json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "VirtualMachineNetworkConfig",
+        "metadata": {"name": "static-vm", "namespace": ns},
+        "spec": {"vmName": "static-vm", "networkConfigs": [{"networkName": w.network,
+                 "macAddress": "02:dd:ff:00:00:01", "ipAddress": "10.82.40.1"}]}
+    }))
+    .expect("cfg");
+    w.cfgs()
+        .create(&PostParams::default(), &cfg)
+        .await
+        .expect("static vmnetcfg");
+    w.pool("10.82.0.0/18", "10.82.0.10", "10.82.63.250").await;
+    let mut go: BTreeMap<String, String> = (0..5000u32)
+        .map(|i| {
+            let ip =
+                std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 82, 0, 10)) + i);
+            let b = i.to_be_bytes();
+            (
+                ip.to_string(),
+                format!("02:dd:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]),
+            )
+        })
+        .collect();
+    go.insert("10.82.40.1".into(), "02:dd:ff:00:00:01".into());
+    let status = json!({"status": {"ipv4": {"allocated": go, "used": go.len(), "available": 16_129 - go.len()}}});
+    w.pools()
+        .patch_status("net-1", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("Go status");
+
+    // Before the controller has migrated the pool, admission refuses and says to retry.
+    let early = try_vm(&w, "early", "02:dd:ee:00:00:01", json!({}))
+        .await
+        .expect_err("refused until migrated");
+    assert!(
+        early.to_string().contains("retry in a few seconds"),
+        "{early}"
+    );
+
+    let started = Instant::now();
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &ns, &["--no-agent"]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let pool = w.pools().get("net-1").await.expect("pool");
+        let marked = pool
+            .annotations()
+            .get(vm_dhcp_core::store::STORE_ANNOTATION)
+            .is_some_and(|v| v == vm_dhcp_core::store::STORE_OBJECTS);
+        if marked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool was never migrated:\n{}",
+            ctl.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "migrated {} Go allocations into address objects in {:.1} s",
+        go.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let held = store_of(&w).await;
+    let as_objects: BTreeMap<String, String> = held
+        .iter()
+        .map(|(ip, (mac, _))| (ip.clone(), mac.clone()))
+        .collect();
+    assert_eq!(as_objects.len(), go.len(), "one object per Go allocation");
+    assert!(as_objects == go, "every Go allocation kept as it was");
+    let claimed = vm_dhcp_e2e::webhooks::claims(&w.ns, "net-1").await;
+    assert_eq!(claimed.len(), go.len(), "one claim per MAC");
+
+    // Admission works again: a new VM gets the lowest address no Go allocation holds.
+    let vm = admitted_within(Duration::from_secs(30), "after migration", async || {
+        try_vm(&w, "early", "02:dd:ee:00:00:01", json!({})).await
+    })
+    .await;
+    let ip = allocation_ip(&vm);
+    assert_eq!(ip, "10.82.19.146", "10.82.0.10 + 5,000");
+    // The Go-written static vmnetcfg keeps its address: re-admitted on update, adopted.
+    let patch = json!({"metadata": {"labels": {"touched": "yes"}}});
+    let cfg = w
+        .cfgs()
+        .patch("static-vm", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("static vmnetcfg re-admitted");
+    assert_eq!(
+        cfg.spec.network_configs.expect("entries")[0]
+            .ip_address
+            .as_deref(),
+        Some("10.82.40.1")
+    );
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let held = store_of(&w).await;
+        let owner = held.get("10.82.40.1").and_then(|(_, o)| o.clone());
+        if owner.as_deref() == Some(format!("{ns}/static-vm").as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never adopted: {owner:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pool = w
+        .wait_pool("projected", |p| counts(p).0 == go.len() as i64 + 1)
+        .await;
+    assert_eq!(
+        allocated(&pool).get("10.82.40.1").map(String::as_str),
+        Some("02:dd:ff:00:00:01")
+    );
+}
+
+/// Issue 12 items 2 and 7: what a crash between the two writes of an admission leaves (a
+/// MAC claim without its address object, an address object no claim names) is swept after
+/// the grace period; a retry of the crashed admission completes it instead; complete
+/// allocations are never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_writes_of_an_admission_is_swept() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-crash", &[("a", true, false)]).await;
+    let ns = w.ns.name.clone();
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &ns, &["--no-agent"]);
+    w.pool("10.83.0.0/24", "10.83.0.10", "10.83.0.99").await;
+    let kept = w.vm("kept", &[("nic-1", "02:ee:00:00:00:01")]).await;
+    assert_eq!(allocation_ip(&kept), "10.83.0.10");
+
+    let holding = |ip: &str, mac: &str, owner: &str| vm_dhcp_core::store::Holding {
+        ip: ip.parse().expect("ip"),
+        mac: mac.parse().expect("mac"),
+        owner: Some(format!("{ns}/{owner}")),
+        static_: false,
+        interface: None,
+    };
+    let claims = w.ns.api::<vm_dhcp_core::crd::IPPoolMACClaim>();
+    let addresses = w.ns.api::<vm_dhcp_core::crd::IPPoolAddress>();
+    // Crashed after the claim: its VM is retried by the client, and gets the claimed address.
+    let retried = holding("10.83.0.50", "02:ee:00:00:00:02", "retried");
+    // Crashed after the claim: its VM never comes.
+    let gone = holding("10.83.0.51", "02:ee:00:00:00:03", "gone");
+    // An address object whose claim is gone (a release stopped half-way).
+    let stray = holding("10.83.0.52", "02:ee:00:00:00:04", "stray");
+    for h in [&retried, &gone] {
+        claims
+            .create(
+                &PostParams::default(),
+                &vm_dhcp_core::store::claim_object(&ns, "net-1", &w.network, h, None),
+            )
+            .await
+            .expect("half-made claim");
+    }
+    addresses
+        .create(
+            &PostParams::default(),
+            &vm_dhcp_core::store::address_object(&ns, "net-1", &w.network, &stray),
+        )
+        .await
+        .expect("stray address object");
+
+    let vm = try_vm(&w, "retried", "02:ee:00:00:00:02", json!({}))
+        .await
+        .expect("the retry is admitted");
+    assert_eq!(
+        allocation_ip(&vm),
+        "10.83.0.50",
+        "the claimed address, completed"
+    );
+
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let held = store_of(&w).await;
+        let claimed = vm_dhcp_e2e::webhooks::claims(&w.ns, "net-1").await;
+        let swept = !held.contains_key("10.83.0.52") && !claimed.contains_key("02:ee:00:00:00:03");
+        if swept {
+            assert_eq!(
+                held.keys().cloned().collect::<Vec<_>>(),
+                vec!["10.83.0.10".to_string(), "10.83.0.50".to_string()],
+                "complete allocations kept"
+            );
+            assert_eq!(claimed.len(), 2, "{claimed:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "half-made allocations never swept: {held:?} {claimed:?}\n{}",
+            ctl.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        ctl.log().contains("half-made allocation swept"),
+        "{}",
+        ctl.log()
+    );
+}
+
+/// Issue 12 items 4 and 5: a /16 pool is admitted and allocates at both ends; the status
+/// lists the allocations up to the limit, then only the counts with a condition that says
+/// where to look, and lists them again when they fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sixteen_pool_lists_its_allocations_in_the_status_only_while_they_fit() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-big", &[("a", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let _ctl = Controller::start(
+        cp,
+        &w.ns.name,
+        &["--no-agent", "--status-max-allocations=5"],
+    );
+    w.pool("10.90.0.0/16", "10.90.0.2", "10.90.255.254").await;
+    for i in 1..=5u8 {
+        w.vm(
+            &format!("vm{i}"),
+            &[("nic-1", &format!("02:f0:00:00:00:{i:02x}"))],
+        )
+        .await;
+    }
+    let top = try_vm(
+        &w,
+        "top",
+        "02:f0:00:00:00:ff",
+        json!({"static-ip.harvesterhci.io/nic-1": "10.90.255.254"}),
+    )
+    .await
+    .expect("the last address of the /16");
+    assert_eq!(allocation_ip(&top), "10.90.255.254");
+    let listed = |p: &IPPool| cond(p, vm_dhcp_core::store::LISTED_CONDITION);
+    let pool = w
+        .wait_pool("counts only", |p| {
+            counts(p).0 == 6 && listed(p).as_deref() == Some("False")
+        })
+        .await;
+    // 65,533 addresses in the range (the mutator put the server IP below it).
+    let (used, available) = counts(&pool);
+    let server = pool.spec.ipv4_config.as_ref().map(|c| c.server_ip.clone());
+    assert_eq!(server.as_deref(), Some("10.90.0.1"));
+    assert_eq!(used + available, 65_533, "{used} + {available}");
+    assert!(
+        allocated(&pool).is_empty(),
+        "allocations left out of the status"
+    );
+    let message = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.type_ == vm_dhcp_core::store::LISTED_CONDITION)
+        })
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("kubectl get ipamallocations"), "{message}");
+
+    w.vms()
+        .delete("vm1", &DeleteParams::default())
+        .await
+        .expect("delete vm1");
+    let pool = w
+        .wait_pool("listed again", |p| {
+            counts(p).0 == 5 && listed(p).as_deref() == Some("True")
+        })
+        .await;
+    let macs = allocated(&pool)
+        .values()
+        .filter(|v| v.contains(':'))
+        .count();
+    assert_eq!(macs, 5);
+}
+
+/// Issue 12 item 7: a VM deleted and recreated under the same name (same MAC) never loses the
+/// address it was just given, whatever the timing against the controller's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_recreated_under_its_name_keeps_its_address() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-recreate", &[("a", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &w.ns.name, &["--no-agent"]);
+    w.pool("10.84.0.0/24", "10.84.0.10", "10.84.0.99").await;
+    let first = w.vm("re", &[("nic-1", "02:ab:00:00:00:01")]).await;
+    let ip = allocation_ip(&first);
+    for round in 0..4u64 {
+        w.vms()
+            .delete("re", &DeleteParams::default())
+            .await
+            .expect("delete");
+        tokio::time::sleep(Duration::from_millis(round * 700)).await;
+        let again = admitted_within(Duration::from_secs(10), "recreated", async || {
+            try_vm(&w, "re", "02:ab:00:00:00:01", json!({})).await
+        })
+        .await;
+        assert_eq!(allocation_ip(&again), ip, "round {round}: the same address");
+    }
+    // Past the admission window the controller has decided; the address is still held.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = store_of(&w).await;
+    assert_eq!(
+        held.get(&ip).map(|(mac, _)| mac.as_str()),
+        Some("02:ab:00:00:00:01"),
+        "{held:?}\n{}",
+        ctl.log()
+    );
+    let claimed = vm_dhcp_e2e::webhooks::claims(&w.ns, "net-1").await;
+    assert_eq!(claimed["02:ab:00:00:00:01"].address, ip);
+    w.wait_cfg("re", "shows the address", |c| {
+        c.and_then(|c| c.status.as_ref())
+            .and_then(|s| s.network_configs.as_ref())
+            .is_some_and(|e| {
+                e.iter()
+                    .any(|e| e.allocated_ip_address.as_deref() == Some(ip.as_str()))
+            })
+    })
+    .await;
+}

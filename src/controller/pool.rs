@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
@@ -31,6 +32,8 @@ use super::{Ctx, Key, get, is_conflict, is_not_found, now_text};
 const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
 const WRITE_ATTEMPTS: usize = 10;
+/// Writes in flight while a pool status is migrated into objects.
+const MIGRATION_WRITES: usize = 32;
 /// The shortest time between two projections of one pool's status.
 const PROJECTION_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -274,24 +277,34 @@ async fn migrate(ctx: &Ctx, pool: &IPPool) -> Result<usize> {
             Err(e) if e_already_exists(&e) => Ok(()),
             other => other,
         };
-        for h in &holdings {
-            let claim = store::claim_object(&ns, &name, &network, h, None);
-            created(
-                claims
-                    .create(&PostParams::default(), &claim)
-                    .await
-                    .map(|_| ()),
-            )
-            .with_context(|| format!("migrating {} of IPPool {ns}/{name}", h.ip))?;
-            let obj = store::address_object(&ns, &name, &network, h);
-            created(
-                addresses
-                    .create(&PostParams::default(), &obj)
-                    .await
-                    .map(|_| ()),
-            )
-            .with_context(|| format!("migrating {} of IPPool {ns}/{name}", h.ip))?;
-        }
+        // Each allocation as the webhook makes it (claim, then address object); many at once.
+        let results: Vec<Result<()>> = futures_util::stream::iter(&holdings)
+            .map(|h| {
+                let (claims, addresses, ns, name, network) =
+                    (&claims, &addresses, &ns, &name, &network);
+                async move {
+                    let claim = store::claim_object(ns, name, network, h, None);
+                    created(
+                        claims
+                            .create(&PostParams::default(), &claim)
+                            .await
+                            .map(|_| ()),
+                    )
+                    .with_context(|| format!("migrating {} of IPPool {ns}/{name}", h.ip))?;
+                    let obj = store::address_object(ns, name, network, h);
+                    created(
+                        addresses
+                            .create(&PostParams::default(), &obj)
+                            .await
+                            .map(|_| ()),
+                    )
+                    .with_context(|| format!("migrating {} of IPPool {ns}/{name}", h.ip))
+                }
+            })
+            .buffer_unordered(MIGRATION_WRITES)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<()>>()?;
         moved = holdings.len();
     }
     if pool

@@ -136,6 +136,23 @@ impl Allocator {
         dry_run: bool,
         made: &mut Vec<Made>,
     ) -> Result<Vec<Allocation>, StoreError> {
+        // A pool not yet marked as migrated is read again (the cache may not have seen a
+        // status the Go version just wrote); once marked, the cached copy is enough.
+        let fresh;
+        let pool = if is_marked(pool) {
+            pool
+        } else {
+            let ns = pool.metadata.namespace.clone().unwrap_or_default();
+            let name = pool.metadata.name.clone().unwrap_or_default();
+            fresh = Api::<IPPool>::namespaced(self.client.clone(), &ns)
+                .get(&name)
+                .await
+                .map_err(|e| StoreError::Api {
+                    pool: format!("{ns}/{name}"),
+                    message: e.to_string(),
+                })?;
+            &fresh
+        };
         let ctx = pool_ctx(pool)?;
         let mut out = Vec::with_capacity(nics.len());
         for nic in nics {
@@ -644,6 +661,14 @@ fn check_owner(
         }),
         _ => Ok(()),
     }
+}
+
+fn is_marked(pool: &IPPool) -> bool {
+    pool.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(vm_dhcp_core::store::STORE_ANNOTATION))
+        .is_some_and(|v| v == vm_dhcp_core::store::STORE_OBJECTS)
 }
 
 fn pool_ctx(pool: &IPPool) -> Result<PoolCtx, StoreError> {
