@@ -14,7 +14,9 @@ pub use decide::{
     decide, message_type_label, process,
 };
 pub use search::{DomainError, encode_domain_search};
-pub use table::{DEFAULT_LEASE_TIME, LeaseTable, PoolOptions, TableError, TableIssue, ntp_names};
+pub use table::{
+    Blocked, DEFAULT_LEASE_TIME, LeaseTable, PoolOptions, TableError, TableIssue, ntp_names,
+};
 pub use wire::ReplyPacket;
 
 #[cfg(test)]

@@ -1,12 +1,15 @@
-//! The lease table: a pure function of one whole IPPool (its options and
-//! `status.ipv4.allocated`), recomputed from scratch on every change. Nothing is patched in
+//! The lease table: a pure function of one pool, recomputed from scratch on every change.
+//! In the cluster its inputs are the IPPool's spec (options, exclusions, server IP, router)
+//! and the pool's allocations as its `IPPoolAddress` objects hold them
+//! ([`LeaseTable::from_allocations`]); offline, one IPPool manifest whose
+//! `status.ipv4.allocated` lists the leases ([`LeaseTable::from_pool`]). Nothing is patched in
 //! place, so an edit of the pool's options reaches every client at its next renewal and a
 //! restarted agent serves every lease at once (the Go agent applies diffs and snapshots the
 //! options into each lease at creation: harvester/harvester#7015).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
@@ -106,6 +109,17 @@ pub enum TableIssue {
         served: Ipv4Addr,
         ignored: Ipv4Addr,
     },
+    /// An allocation of an address that is not IPv4 (a DHCPv4 agent cannot lease it).
+    NotIpv4 {
+        ip: IpAddr,
+        mac: MacAddr,
+    },
+    /// An allocation of an address the pool's spec keeps from clients.
+    Blocked {
+        ip: Ipv4Addr,
+        mac: MacAddr,
+        why: Blocked,
+    },
     BadRouter {
         value: String,
     },
@@ -148,7 +162,15 @@ impl fmt::Display for TableIssue {
                 ignored,
             } => write!(
                 f,
-                "MAC {mac} holds both {served} and {ignored}; serving {served}, fix the pool status"
+                "MAC {mac} holds both {served} and {ignored}; serving {served} (one allocation is stale: remove it)"
+            ),
+            Self::NotIpv4 { ip, mac } => write!(
+                f,
+                "{ip} (allocated to {mac}) is not an IPv4 address; no DHCPv4 lease for it"
+            ),
+            Self::Blocked { ip, mac, why } => write!(
+                f,
+                "{ip} (allocated to {mac}) is {why}; no lease for it (release the allocation)"
             ),
             Self::BadRouter { value } => write!(
                 f,
@@ -171,6 +193,27 @@ impl fmt::Display for TableIssue {
                 write!(f, "domainSearch left out (option 119): {error}")
             }
         }
+    }
+}
+
+/// Why the spec keeps an address from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// `spec.ipv4Config.serverIP`: the agent itself answers from it.
+    ServerIp,
+    /// `spec.ipv4Config.router`.
+    Router,
+    /// Listed in `spec.ipv4Config.pool.exclude`.
+    Excluded,
+}
+
+impl fmt::Display for Blocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ServerIp => "the pool's serverIP",
+            Self::Router => "the pool's router",
+            Self::Excluded => "excluded by spec.ipv4Config.pool.exclude",
+        })
     }
 }
 
@@ -231,9 +274,9 @@ fn pool_name(pool: &IPPool) -> String {
 }
 
 impl LeaseTable {
-    /// Computes the table from a whole pool. `ntp_resolved` maps each NTP host name of the
-    /// pool (see [`ntp_names`]) to its IPv4 addresses; a name missing there is left out and
-    /// reported.
+    /// Computes the table from a whole pool whose `status.ipv4.allocated` lists the leases
+    /// (the offline mode's manifest). `ntp_resolved` maps each NTP host name of the pool (see
+    /// [`ntp_names`]) to its IPv4 addresses; a name missing there is left out and reported.
     pub fn from_pool(
         pool: &IPPool,
         ntp_resolved: &BTreeMap<String, Vec<Ipv4Addr>>,
@@ -246,7 +289,7 @@ impl LeaseTable {
             .ok_or_else(|| TableError::NoIpv4Config { pool: name.clone() })?;
         let mut issues = Vec::new();
         let options = parse_options(&name, config, ntp_resolved, &mut issues)?;
-        let mut by_mac: HashMap<MacAddr, Ipv4Addr> = HashMap::new();
+        let mut leases = Leases::new(&options, 0);
         let allocated = pool
             .status
             .as_ref()
@@ -267,31 +310,68 @@ impl LeaseTable {
                 });
                 continue;
             };
-            if !options.subnet.contains(&ip) {
-                issues.push(TableIssue::OutsideSubnet { ip, mac });
-                continue;
-            }
-            match by_mac.get_mut(&mac) {
-                None => {
-                    by_mac.insert(mac, ip);
-                }
-                Some(held) => {
-                    // Keys iterate in string order; serve the numerically lowest address
-                    // so the choice does not depend on how addresses sort as text.
-                    let (served, ignored) = if ip < *held { (ip, *held) } else { (*held, ip) };
-                    *held = served;
-                    issues.push(TableIssue::DuplicateMac {
-                        mac,
-                        served,
-                        ignored,
-                    });
-                }
-            }
+            leases.add(ip, mac, &mut issues);
         }
         Ok(LeaseTable {
             pool: name,
+            by_mac: leases.by_mac,
             options,
-            by_mac,
+            issues,
+        })
+    }
+
+    /// Computes the table from a pool's spec (options, exclusions, server IP, router) and
+    /// its allocations as the pool's address objects hold them; the pool's status is not
+    /// read. An allocation of the server IP, the router or an excluded address is left out
+    /// and reported (the spec keeps those from clients), as is one outside the subnet or
+    /// not IPv4; a MAC holding two addresses gets the lower one.
+    pub fn from_allocations(
+        pool: &IPPool,
+        allocations: impl IntoIterator<Item = (IpAddr, MacAddr)>,
+        ntp_resolved: &BTreeMap<String, Vec<Ipv4Addr>>,
+    ) -> Result<Self, TableError> {
+        let name = pool_name(pool);
+        let config = pool
+            .spec
+            .ipv4_config
+            .as_ref()
+            .ok_or_else(|| TableError::NoIpv4Config { pool: name.clone() })?;
+        let mut issues = Vec::new();
+        let options = parse_options(&name, config, ntp_resolved, &mut issues)?;
+        // The CRD validates each entry as IPv4; one that does not parse blocks nothing.
+        let excluded: HashSet<Ipv4Addr> = config
+            .pool
+            .exclude
+            .iter()
+            .flatten()
+            .filter_map(|e| e.trim().parse().ok())
+            .collect();
+        let allocations = allocations.into_iter();
+        let mut leases = Leases::new(&options, allocations.size_hint().0);
+        for (ip, mac) in allocations {
+            let IpAddr::V4(ip) = ip else {
+                issues.push(TableIssue::NotIpv4 { ip, mac });
+                continue;
+            };
+            let why = if ip == options.server_ip {
+                Some(Blocked::ServerIp)
+            } else if options.router == Some(ip) {
+                Some(Blocked::Router)
+            } else if excluded.contains(&ip) {
+                Some(Blocked::Excluded)
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                issues.push(TableIssue::Blocked { ip, mac, why });
+                continue;
+            }
+            leases.add(ip, mac, &mut issues);
+        }
+        Ok(LeaseTable {
+            pool: name,
+            by_mac: leases.by_mac,
+            options,
             issues,
         })
     }
@@ -329,6 +409,44 @@ impl LeaseTable {
     /// What the table left out of the pool, for the adapter to log.
     pub fn issues(&self) -> &[TableIssue] {
         &self.issues
+    }
+}
+
+/// The MAC → address map being filled, with the checks both sources share.
+struct Leases<'a> {
+    options: &'a PoolOptions,
+    by_mac: HashMap<MacAddr, Ipv4Addr>,
+}
+
+impl<'a> Leases<'a> {
+    fn new(options: &'a PoolOptions, capacity: usize) -> Self {
+        Leases {
+            options,
+            by_mac: HashMap::with_capacity(capacity),
+        }
+    }
+
+    fn add(&mut self, ip: Ipv4Addr, mac: MacAddr, issues: &mut Vec<TableIssue>) {
+        if !self.options.subnet.contains(&ip) {
+            issues.push(TableIssue::OutsideSubnet { ip, mac });
+            return;
+        }
+        match self.by_mac.get_mut(&mac) {
+            None => {
+                self.by_mac.insert(mac, ip);
+            }
+            Some(held) => {
+                // Sources iterate in any order (status keys in string order); serve the
+                // numerically lowest address so the choice does not depend on it.
+                let (served, ignored) = if ip < *held { (ip, *held) } else { (*held, ip) };
+                *held = served;
+                issues.push(TableIssue::DuplicateMac {
+                    mac,
+                    served,
+                    ignored,
+                });
+            }
+        }
     }
 }
 

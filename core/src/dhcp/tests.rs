@@ -1213,3 +1213,119 @@ fn lease_state_names() {
         ]
     );
 }
+
+// ------------------------------------------------------------------ from_allocations
+
+fn allocation(ip: &str, mac_text: &str) -> (std::net::IpAddr, MacAddr) {
+    (ip.parse().expect("test IP"), mac(mac_text))
+}
+
+#[test]
+fn allocations_not_the_status_make_the_table() {
+    let pool = pool_from(SEED_POOL);
+    // The status says KNOWN holds .86 and UPPER .87; the allocations say otherwise.
+    let table = LeaseTable::from_allocations(
+        &pool,
+        [
+            allocation("192.168.48.88", KNOWN),
+            allocation("192.168.48.84", STRANGER),
+        ],
+        &resolved(),
+    )
+    .expect("servable");
+    assert_eq!(table.address_of(&mac(KNOWN)), Some(OTHER));
+    assert_eq!(
+        table.address_of(&mac(STRANGER)),
+        Some(Ipv4Addr::new(192, 168, 48, 84))
+    );
+    assert_eq!(table.address_of(&mac(UPPER)), None, "status only");
+    assert_eq!(table.len(), 2);
+    assert!(table.issues().is_empty(), "{:?}", table.issues());
+    // The options are the spec's, exactly as the offline table reads them.
+    assert_eq!(table.options(), seed_table().options());
+    assert_eq!(table.pool(), "default/net-48");
+
+    let empty = LeaseTable::from_allocations(&pool, [], &resolved()).expect("servable");
+    assert!(empty.is_empty());
+}
+
+#[test]
+fn allocations_the_spec_keeps_from_clients_are_left_out_and_reported() {
+    let table = LeaseTable::from_allocations(
+        &pool_from(SEED_POOL),
+        [
+            allocation("192.168.48.77", "02:00:00:00:00:01"), // serverIP
+            allocation("192.168.48.1", "02:00:00:00:00:02"),  // router
+            allocation("192.168.48.81", "02:00:00:00:00:03"), // excluded
+            allocation("10.0.0.5", "02:00:00:00:00:04"),      // outside the cidr
+            allocation("fd00::5", "02:00:00:00:00:05"),       // not IPv4
+            // One MAC, two addresses: the lower is served, whatever the order.
+            allocation("192.168.48.89", KNOWN),
+            allocation("192.168.48.83", KNOWN),
+            allocation("192.168.48.86", UPPER),
+        ],
+        &resolved(),
+    )
+    .expect("servable");
+    assert_eq!(
+        table.leases(),
+        vec![
+            (mac(KNOWN), Ipv4Addr::new(192, 168, 48, 83)),
+            (mac(UPPER), LEASED),
+        ]
+    );
+    let issues = table.issues();
+    for (ip, why) in [
+        (SERVER, Blocked::ServerIp),
+        (ROUTER, Blocked::Router),
+        (Ipv4Addr::new(192, 168, 48, 81), Blocked::Excluded),
+    ] {
+        assert!(
+            issues.iter().any(
+                |i| matches!(i, TableIssue::Blocked { ip: b, why: w, .. } if *b == ip && *w == why)
+            ),
+            "{ip} {why}: {issues:?}"
+        );
+    }
+    assert!(
+        issues
+            .iter()
+            .any(|i| matches!(i, TableIssue::OutsideSubnet { .. })),
+        "{issues:?}"
+    );
+    assert!(
+        issues
+            .iter()
+            .any(|i| matches!(i, TableIssue::NotIpv4 { .. })),
+        "{issues:?}"
+    );
+    assert!(
+        issues.contains(&TableIssue::DuplicateMac {
+            mac: mac(KNOWN),
+            served: Ipv4Addr::new(192, 168, 48, 83),
+            ignored: Ipv4Addr::new(192, 168, 48, 89),
+        }),
+        "{issues:?}"
+    );
+    let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.contains("192.168.48.81") && t.contains("exclude")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("192.168.48.77") && t.contains("serverIP")),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn allocations_over_an_unservable_spec_say_why() {
+    let mut pool = pool_from(SEED_POOL);
+    pool.spec.ipv4_config = None;
+    let err =
+        LeaseTable::from_allocations(&pool, [allocation("192.168.48.86", KNOWN)], &resolved())
+            .expect_err("no config");
+    assert!(matches!(err, TableError::NoIpv4Config { .. }), "{err}");
+}
