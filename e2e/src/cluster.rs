@@ -89,6 +89,11 @@ pub const CONTROLLERS: &[&str] = &[
 ];
 
 /// A free TCP port on 127.0.0.1 (the listener is closed again: a tiny race we accept).
+/// Whether etcd syncs to disk (`VM_DHCP_E2E_ETCD_FSYNC=1`, for benchmarks) or not (tests).
+pub fn etcd_fsync() -> bool {
+    std::env::var("VM_DHCP_E2E_ETCD_FSYNC").is_ok_and(|v| v == "1")
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -215,9 +220,13 @@ impl ControlPlane {
             &format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
             &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
             &format!("--initial-cluster=e2e=http://127.0.0.1:{peer_port}"),
-            "--unsafe-no-fsync",
             "--log-level=warn",
         ]);
+        // Tests skip etcd's fsync (it would only slow them); a benchmark of what admission
+        // pays sets VM_DHCP_E2E_ETCD_FSYNC=1 to sync to disk as production does.
+        if !etcd_fsync() {
+            etcd.arg("--unsafe-no-fsync");
+        }
         processes.push(Process::spawn("etcd", etcd, &dir.join("etcd.log"), &run)?);
         wait_tcp(etcd_port, &mut processes[0]).await?;
 
