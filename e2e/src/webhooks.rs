@@ -321,3 +321,75 @@ pub async fn claims(ns: &TestNamespace, pool: &str) -> BTreeMap<String, IPPoolMA
         .map(|c| (c.spec.mac_address.clone(), c.spec))
         .collect()
 }
+
+/// The floor webhook: the least any synchronous allocator can cost. A mutating webhook for
+/// the VMs of `ns` that makes exactly one small object (a ConfigMap) per admission, then
+/// allows. Served on the caller's runtime; registered as `floor-<ns>`.
+pub async fn floor_webhook(cp: &'static ControlPlane, ns: &TestNamespace) {
+    use axum::body::Bytes;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::core::DynamicObject;
+    use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+
+    let client = cp.client().await;
+    let route = move |body: Bytes| {
+        let client = client.clone();
+        async move {
+            let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return (axum::http::StatusCode::BAD_REQUEST, e.to_string()).into_response();
+                }
+            };
+            let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+                Ok(r) => r,
+                Err(_) => {
+                    return (axum::http::StatusCode::BAD_REQUEST, "no request").into_response();
+                }
+            };
+            let resp = AdmissionResponse::from(&req);
+            let ns = req.namespace.clone().unwrap_or_default();
+            let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("floor-{}", req.uid)},
+                "data": {"vm": req.name}
+            }))
+            .expect("ConfigMap");
+            let resp = match Api::<ConfigMap>::namespaced(client, &ns)
+                .create(&PostParams::default(), &cm)
+                .await
+            {
+                Ok(_) => resp,
+                Err(e) => resp.deny(e.to_string()),
+            };
+            axum::Json(resp.into_review()).into_response()
+        }
+    };
+    use axum::response::IntoResponse as _;
+    let router = axum::Router::new().route("/mutate", axum::routing::post(route));
+    let cert = cp
+        .serving_ca
+        .serving("floor-webhook", &["127.0.0.1"])
+        .expect("cert");
+    let port = crate::tls::serve(router, &cert).await.expect("serve floor");
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(cp.serving_ca.cert_pem());
+    let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("floor-{}", ns.name)},
+        "webhooks": [{
+            "name": "floor.vm-dhcp.test",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "NoneOnDryRun",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate"), "caBundle": ca},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+            "rules": [{"apiGroups": ["kubevirt.io"], "apiVersions": ["*"],
+                       "operations": ["CREATE"], "resources": ["virtualmachines"]}]
+        }]
+    }))
+    .expect("floor configuration");
+    Api::<MutatingWebhookConfiguration>::all(ns.client.clone())
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("register the floor webhook");
+}
