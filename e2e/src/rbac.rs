@@ -8,7 +8,8 @@ use serde_json::json;
 use crate::TestNamespace;
 
 /// Creates the ServiceAccount `name` with a Role and RoleBinding (also named `name`) that let
-/// an agent read its IPPool and hold its Lease (chart/templates/rbac-controller.yaml).
+/// an agent read its IPPool and the pool's address objects (its leases) and hold its Lease
+/// (chart/templates/rbac-controller.yaml).
 pub async fn agent_service_account(ns: &TestNamespace, name: &str) {
     let sa: ServiceAccount =
         serde_json::from_value(json!({"metadata": {"name": name}})).expect("service account");
@@ -19,7 +20,8 @@ pub async fn agent_service_account(ns: &TestNamespace, name: &str) {
     let role: Role = serde_json::from_value(json!({
         "metadata": {"name": name},
         "rules": [
-            {"apiGroups": ["network.harvesterhci.io"], "resources": ["ippools"],
+            {"apiGroups": ["network.harvesterhci.io"],
+             "resources": ["ippools", "ippooladdresses"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
              "verbs": ["get", "list", "watch", "create", "update", "patch"]}

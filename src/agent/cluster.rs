@@ -1,9 +1,19 @@
-//! Cluster mode: the IPPool named by `--ippool-ref`, watched through the API.
+//! Cluster mode: the IPPool named by `--ippool-ref` (its spec: options, exclusions, server
+//! IP, router) and the pool's allocations, one `IPPoolAddress` object each (DESIGN §2: the
+//! one source of truth; `status.ipv4.allocated` is a lagging projection and is not read).
 //!
-//! Every event carries the whole object, which goes into the same snapshot channel the
-//! offline file feeds; a periodic GET re-reads it as well, so a watch that silently stalls
-//! cannot leave the table behind the pool for longer than one resync period.
+//! One task runs both watches: the IPPool by name, the address objects by the pool label in
+//! the pool's namespace. A snapshot (the pool and every allocation) goes to the table task
+//! once both have synced — the IPPool seen and the first complete list of addresses — at
+//! once the first time, and after that on any change of either, coalesced over
+//! [`COALESCE`] so a burst of admissions costs one rebuild. A change of the IPPool's status
+//! alone (the controller's projection) changes nothing here. A periodic GET re-reads the
+//! IPPool, so a watch that silently stalls cannot leave the options behind for longer than
+//! one resync period; the address watch is re-established by the apiserver's watch timeout
+//! (under five minutes) and re-lists after any gap the apiserver cannot replay.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +23,16 @@ use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use tokio::sync::watch;
-use tokio::time::MissedTickBehavior;
-use vm_dhcp_core::crd::IPPool;
+use tokio::time::{Instant, MissedTickBehavior};
+use vm_dhcp_core::MacAddr;
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::store::{POOL_LABEL, holding_of_address};
 
-use super::source::PoolSnapshot;
+use super::source::{PoolSnapshot, Snapshot};
 use super::{AgentState, stopped};
+
+/// How long changes are gathered before one rebuild (after the first table).
+pub const COALESCE: Duration = Duration::from_millis(100);
 
 /// `<namespace>/<name>`, as `--ippool-ref`, `--lease-lock` and upstream's IPPOOL_REF spell it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,70 +59,250 @@ pub fn parse_ref(flag: &str, value: &str) -> anyhow::Result<ObjectRef> {
     }
 }
 
-/// Feeds `tx` with the pool on every change and every `resync`, until `stop`.
-pub async fn watch_pool(
-    api: Api<IPPool>,
+/// The label selector of a pool's address objects (the label value is the pool's name,
+/// shortened as the store shortens it when longer than a label value may be).
+pub fn address_selector(pool: &str) -> String {
+    let value = vm_dhcp_core::store::labels(pool, "", MacAddr([0; 6]))
+        .remove(POOL_LABEL)
+        .unwrap_or_default();
+    format!("{POOL_LABEL}={value}")
+}
+
+/// The allocations of one pool as its address objects say, fed by the watch protocol
+/// (`Init`, `InitApply`…, `InitDone`, then `Apply`/`Delete`). A relist is gathered aside and
+/// replaces the allocations only when complete, so the table never sees half a list.
+#[derive(Debug, Default)]
+struct Allocations {
+    pool: String,
+    by_ip: BTreeMap<IpAddr, MacAddr>,
+    relist: Option<BTreeMap<IpAddr, MacAddr>>,
+    /// The first complete list has arrived.
+    synced: bool,
+}
+
+impl Allocations {
+    fn new(pool: &str) -> Self {
+        Allocations {
+            pool: pool.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The object's allocation, if it is one of this pool's (a shortened label value can
+    /// be shared by two long pool names) and readable.
+    fn read(&self, obj: &IPPoolAddress) -> Option<(IpAddr, MacAddr)> {
+        if obj.spec.ippool != self.pool {
+            return None;
+        }
+        match holding_of_address(obj) {
+            Ok(h) => Some((h.ip, h.mac)),
+            Err(e) => {
+                tracing::warn!("{e}; no lease for it");
+                None
+            }
+        }
+    }
+
+    /// Applies one watch event; true when the allocations in force changed.
+    fn apply(&mut self, event: watcher::Event<IPPoolAddress>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(obj) => {
+                if let Some((ip, mac)) = self.read(&obj) {
+                    self.relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(ip, mac);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                let changed = !self.synced || listed != self.by_ip;
+                self.by_ip = listed;
+                self.synced = true;
+                changed
+            }
+            watcher::Event::Apply(obj) => match self.read(&obj) {
+                Some((ip, mac)) => self.by_ip.insert(ip, mac) != Some(mac),
+                None => false,
+            },
+            watcher::Event::Delete(obj) => {
+                if obj.spec.ippool != self.pool {
+                    return false;
+                }
+                match obj.spec.address.trim().parse::<IpAddr>() {
+                    Ok(ip) => self.by_ip.remove(&ip).is_some(),
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+}
+
+/// Reports a failing watch once per outage, and its recovery.
+struct Outage {
+    what: &'static str,
+    failing: bool,
+}
+
+impl Outage {
+    fn failed(&mut self, pool: &ObjectRef, e: &dyn std::fmt::Display) {
+        if !self.failing {
+            tracing::warn!(ippool = %pool, "watching {}: {e}; retrying with backoff, the current table stays in force", self.what);
+            self.failing = true;
+        }
+    }
+
+    fn ok(&mut self, pool: &ObjectRef) {
+        if self.failing {
+            tracing::info!(ippool = %pool, "{} watch restored", self.what);
+            self.failing = false;
+        }
+    }
+}
+
+/// Whether two versions of the IPPool make the same table (the status is not an input).
+fn same_input(a: &IPPool, b: &IPPool) -> bool {
+    a.spec == b.spec
+        && a.metadata.name == b.metadata.name
+        && a.metadata.namespace == b.metadata.namespace
+}
+
+/// Feeds `tx` with a snapshot of the pool and its allocations on every change (see the
+/// module docs), until `stop`.
+pub async fn watch_cluster(
+    pools: Api<IPPool>,
+    addresses: Api<IPPoolAddress>,
     pool: ObjectRef,
     tx: watch::Sender<PoolSnapshot>,
     state: Arc<AgentState>,
     resync: Duration,
     stop: watch::Receiver<bool>,
 ) {
-    let events = watcher::watch_object(api.clone(), &pool.name).default_backoff();
-    tokio::pin!(events);
-    let mut resync_tick = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
+    let pool_events = watcher::watch_object(pools.clone(), &pool.name).default_backoff();
+    tokio::pin!(pool_events);
+    let config = watcher::Config::default().labels(&address_selector(&pool.name));
+    let address_events = watcher::watcher(addresses, config).default_backoff();
+    tokio::pin!(address_events);
+    let mut resync_tick = tokio::time::interval_at(Instant::now() + resync, resync);
     resync_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let stop = stopped(stop);
     tokio::pin!(stop);
-    // Errors repeat while the apiserver is away: say so once per outage, not per retry.
-    let mut failing = false;
+
+    let mut spec: Option<Arc<IPPool>> = None;
+    let mut allocations = Allocations::new(&pool.name);
+    // When the gathered changes go out; None: nothing pending.
+    let mut flush_at: Option<Instant> = None;
+    let mut sent = false;
+    let mut pool_watch = Outage {
+        what: "the IPPool",
+        failing: false,
+    };
+    let mut address_watch = Outage {
+        what: "the IPPool's address objects",
+        failing: false,
+    };
     loop {
-        let seen = tokio::select! {
+        let flush = async {
+            match flush_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let changed = tokio::select! {
             _ = &mut stop => return,
-            event = events.next() => match event {
+            _ = flush => {
+                flush_at = None;
+                if let (Some(p), true) = (&spec, allocations.synced) {
+                    tx.send_replace(Some(Arc::new(Snapshot::Objects {
+                        pool: p.clone(),
+                        allocations: allocations.by_ip.iter().map(|(ip, mac)| (*ip, *mac)).collect(),
+                    })));
+                    sent = true;
+                }
+                false
+            }
+            event = address_events.next() => match event {
                 None => {
-                    tracing::error!("the IPPool watch ended; keeping the current table");
+                    tracing::error!(ippool = %pool, "the address object watch ended; keeping the current table");
                     return;
                 }
-                Some(Ok(seen)) => seen,
                 Some(Err(e)) => {
-                    if !failing {
-                        tracing::warn!(ippool = %pool, "watching the IPPool: {e}; retrying with backoff, the current table stays in force");
-                        failing = true;
-                    }
-                    continue;
+                    address_watch.failed(&pool, &e);
+                    false
+                }
+                Some(Ok(event)) => {
+                    address_watch.ok(&pool);
+                    allocations.apply(event)
                 }
             },
-            _ = resync_tick.tick() => match api.get_opt(&pool.name).await {
-                Ok(seen) => seen,
+            event = pool_events.next() => match event {
+                None => {
+                    tracing::error!(ippool = %pool, "the IPPool watch ended; keeping the current table");
+                    return;
+                }
+                Some(Err(e)) => {
+                    pool_watch.failed(&pool, &e);
+                    false
+                }
+                Some(Ok(seen)) => {
+                    pool_watch.ok(&pool);
+                    seen_pool(&pool, seen, &mut spec, &state, sent)
+                }
+            },
+            _ = resync_tick.tick() => match pools.get_opt(&pool.name).await {
+                Ok(seen) => seen_pool(&pool, seen, &mut spec, &state, sent),
                 Err(e) => {
                     tracing::warn!(ippool = %pool, "resync: reading the IPPool: {e}; the current table stays in force");
-                    continue;
+                    false
                 }
             },
         };
-        if failing {
-            tracing::info!(ippool = %pool, "IPPool watch restored");
-            failing = false;
+        if changed && flush_at.is_none() {
+            // The first table goes out as soon as both watches have synced; later changes
+            // are gathered for a moment.
+            flush_at = Some(if sent {
+                Instant::now() + COALESCE
+            } else {
+                Instant::now()
+            });
         }
-        match seen {
-            Some(p) => {
-                tx.send_replace(Some(Arc::new(p)));
+    }
+}
+
+/// Records the IPPool as seen; true when it changes the table's input.
+fn seen_pool(
+    pool: &ObjectRef,
+    seen: Option<IPPool>,
+    spec: &mut Option<Arc<IPPool>>,
+    state: &AgentState,
+    sent: bool,
+) -> bool {
+    match seen {
+        Some(p) => {
+            if spec.as_deref().is_some_and(|old| same_input(old, &p)) {
+                return false;
             }
-            None => {
-                // A missing pool may be a typo in --ippool-ref, an RBAC rule that hides it,
-                // or a deletion in progress; the controller removes agents of deleted pools.
-                state.metrics.reload("pool_missing");
-                tracing::warn!(
-                    ippool = %pool,
-                    "the IPPool does not exist (check --ippool-ref); {}",
-                    if tx.borrow().is_some() {
-                        "keeping the previous lease table"
-                    } else {
-                        "nothing to serve until it exists"
-                    }
-                );
-            }
+            *spec = Some(Arc::new(p));
+            true
+        }
+        None => {
+            // A missing pool may be a typo in --ippool-ref, an RBAC rule that hides it, or
+            // a deletion in progress; the controller removes agents of deleted pools.
+            state.metrics.reload("pool_missing");
+            tracing::warn!(
+                ippool = %pool,
+                "the IPPool does not exist (check --ippool-ref); {}",
+                if sent {
+                    "keeping the previous lease table"
+                } else {
+                    "nothing to serve until it exists"
+                }
+            );
+            false
         }
     }
 }
@@ -115,6 +310,111 @@ pub async fn watch_pool(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_dhcp_core::store::{Holding, address_object};
+
+    fn object(pool: &str, ip: &str, mac: &str) -> IPPoolAddress {
+        address_object(
+            "default",
+            pool,
+            "default/net-48",
+            &Holding {
+                ip: ip.parse().expect("ip"),
+                mac: mac.parse().expect("mac"),
+                owner: Some("default/vm".into()),
+                static_: false,
+                interface: None,
+            },
+        )
+    }
+
+    fn held(a: &Allocations) -> Vec<(String, String)> {
+        a.by_ip
+            .iter()
+            .map(|(ip, mac)| (ip.to_string(), mac.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn allocations_follow_the_watch_and_swap_a_relist_in_whole() {
+        let mut a = Allocations::new("net-48");
+        assert!(!a.apply(watcher::Event::Init));
+        assert!(!a.apply(watcher::Event::InitApply(object(
+            "net-48",
+            "192.168.48.86",
+            "02:00:00:00:00:86"
+        ))));
+        // Another pool whose long name shortens to the same label value.
+        assert!(!a.apply(watcher::Event::InitApply(object(
+            "other",
+            "192.168.48.87",
+            "02:00:00:00:00:87"
+        ))));
+        assert!(!a.synced);
+        assert!(a.apply(watcher::Event::InitDone), "first list");
+        assert!(a.synced);
+        assert_eq!(
+            held(&a),
+            [("192.168.48.86".into(), "02:00:00:00:00:86".into())]
+        );
+
+        let created = object("net-48", "192.168.48.88", "02:00:00:00:00:88");
+        assert!(a.apply(watcher::Event::Apply(created.clone())));
+        assert!(
+            !a.apply(watcher::Event::Apply(created.clone())),
+            "no change"
+        );
+        assert!(!a.apply(watcher::Event::Apply(object(
+            "other",
+            "192.168.48.89",
+            "02:00:00:00:00:89"
+        ))));
+        assert_eq!(a.by_ip.len(), 2);
+
+        // A relist in progress leaves the allocations in force alone.
+        assert!(!a.apply(watcher::Event::Init));
+        assert!(!a.apply(watcher::Event::InitApply(created.clone())));
+        assert_eq!(a.by_ip.len(), 2);
+        assert!(a.apply(watcher::Event::InitDone), ".86 went in the gap");
+        assert_eq!(
+            held(&a),
+            [("192.168.48.88".into(), "02:00:00:00:00:88".into())]
+        );
+        assert!(!a.apply(watcher::Event::Init));
+        assert!(!a.apply(watcher::Event::InitApply(created.clone())));
+        assert!(!a.apply(watcher::Event::InitDone), "same list");
+
+        assert!(a.apply(watcher::Event::Delete(created.clone())));
+        assert!(!a.apply(watcher::Event::Delete(created)), "already gone");
+        assert!(a.by_ip.is_empty());
+    }
+
+    #[test]
+    fn unreadable_objects_are_skipped() {
+        let mut a = Allocations::new("net-48");
+        a.apply(watcher::Event::InitDone);
+        let mut bad = object("net-48", "192.168.48.86", "02:00:00:00:00:86");
+        bad.spec.mac_address = "not-a-mac".into();
+        assert!(!a.apply(watcher::Event::Apply(bad)));
+        assert!(a.by_ip.is_empty());
+    }
+
+    #[test]
+    fn the_selector_is_the_stores_pool_label() {
+        assert_eq!(
+            address_selector("net-48"),
+            "network.harvesterhci.io/ippool-name=net-48"
+        );
+        let long = "a".repeat(80);
+        let selector = address_selector(&long);
+        let value = selector.split_once('=').expect("key=value").1;
+        assert!(value.len() <= 63, "{selector}");
+        let labels = vm_dhcp_core::store::labels(
+            &long,
+            "default/x",
+            "02:00:00:00:00:01".parse().expect("mac"),
+        );
+        assert_eq!(labels.get(POOL_LABEL).map(String::as_str), Some(value));
+    }
 
     #[test]
     fn refs_need_namespace_and_name() {

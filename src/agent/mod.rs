@@ -1,8 +1,9 @@
 //! `vm-dhcp agent`: the DHCPv4 server of one pool.
 //!
 //! Pieces, each a task on one current-thread runtime:
-//! - a pool source sends whole IPPool snapshots (offline: a watched file; in the cluster, a
-//!   watch on the IPPool plus a periodic re-read) into a channel;
+//! - a pool source sends whole snapshots into a channel: offline, the IPPool manifest of a
+//!   watched file (its status lists the leases); in the cluster, the IPPool's spec and its
+//!   `IPPoolAddress` objects, both watched, plus a periodic re-read of the IPPool;
 //! - the table task turns each snapshot into a [`LeaseTable`] (resolving NTP host names) and
 //!   publishes it; a periodic resync rebuilds it and re-resolves names;
 //! - the DHCP task owns the socket: receive → decide (pure, in core) → send;
@@ -46,6 +47,8 @@ pub struct AgentState {
     pub socket_bound: AtomicBool,
     /// Only an active agent answers (see the module docs).
     pub active: AtomicBool,
+    /// When the agent started (the first table's log says how long it took).
+    pub started: std::time::Instant,
 }
 
 impl AgentState {
@@ -62,6 +65,7 @@ impl AgentState {
             registry,
             socket_bound: AtomicBool::new(false),
             active: AtomicBool::new(true),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -77,7 +81,8 @@ impl AgentState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Ready means: the socket is bound and a lease table is loaded.
+    /// Ready means: the socket is bound and a lease table is loaded (in the cluster, the
+    /// first table waits for both watches, the IPPool and its address objects, to sync).
     pub fn is_ready(&self) -> bool {
         self.socket_bound.load(Ordering::Relaxed) && self.table.borrow().is_some()
     }
@@ -245,8 +250,11 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
             );
             let pools: kube::Api<vm_dhcp_core::crd::IPPool> =
                 kube::Api::namespaced(client.clone(), &pool.namespace);
-            background.push(tokio::spawn(cluster::watch_pool(
+            let addresses: kube::Api<vm_dhcp_core::crd::IPPoolAddress> =
+                kube::Api::namespaced(client.clone(), &pool.namespace);
+            background.push(tokio::spawn(cluster::watch_cluster(
                 pools,
+                addresses,
                 pool,
                 pool_tx,
                 state.clone(),

@@ -1,11 +1,14 @@
-//! Where lease tables come from: whole IPPool snapshots in, tables out.
+//! Where lease tables come from: whole snapshots in, tables out.
 //!
-//! A source (offline: [`watch_file`]; in the cluster: a watch on the IPPool, next step)
-//! publishes the latest pool on a watch channel; [`build_tables`] turns every snapshot into
-//! a fresh table — never a patch — and rebuilds periodically, re-resolving NTP host names.
+//! A source publishes the latest [`Snapshot`] on a watch channel (which keeps only the
+//! latest, so a burst of changes costs one build): offline, [`watch_file`] sends the IPPool
+//! manifest, whose `status.ipv4.allocated` lists the leases; in the cluster,
+//! [`super::cluster::watch_cluster`] sends the IPPool (for its spec) with the allocations
+//! its `IPPoolAddress` objects hold. [`build_tables`] turns every snapshot into a fresh
+//! table — never a patch — and rebuilds periodically, re-resolving NTP host names.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,12 +17,44 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
+use vm_dhcp_core::MacAddr;
 use vm_dhcp_core::crd::IPPool;
-use vm_dhcp_core::dhcp::{LeaseTable, ntp_names};
+use vm_dhcp_core::dhcp::{LeaseTable, TableError, ntp_names};
 
 use super::{AgentState, stopped};
 
-pub type PoolSnapshot = Option<Arc<IPPool>>;
+/// One whole input of the table.
+#[derive(Debug, Clone)]
+pub enum Snapshot {
+    /// Offline: an IPPool manifest whose `status.ipv4.allocated` lists the leases.
+    Manifest(IPPool),
+    /// Cluster: the IPPool (only its spec and name count) and the allocations of its
+    /// `IPPoolAddress` objects, in address order; the pool's status is not read.
+    Objects {
+        pool: Arc<IPPool>,
+        allocations: Vec<(IpAddr, MacAddr)>,
+    },
+}
+
+impl Snapshot {
+    pub fn pool(&self) -> &IPPool {
+        match self {
+            Snapshot::Manifest(pool) => pool,
+            Snapshot::Objects { pool, .. } => pool,
+        }
+    }
+
+    pub fn table(&self, ntp: &BTreeMap<String, Vec<Ipv4Addr>>) -> Result<LeaseTable, TableError> {
+        match self {
+            Snapshot::Manifest(pool) => LeaseTable::from_pool(pool, ntp),
+            Snapshot::Objects { pool, allocations } => {
+                LeaseTable::from_allocations(pool, allocations.iter().copied(), ntp)
+            }
+        }
+    }
+}
+
+pub type PoolSnapshot = Option<Arc<Snapshot>>;
 
 /// How often the pool file is checked for a change.
 const FILE_POLL: Duration = Duration::from_secs(1);
@@ -102,7 +137,7 @@ pub async fn watch_file(
         match load_pool_file(&path) {
             Ok(pool) => {
                 tracing::debug!(file = %path.display(), "pool file read");
-                tx.send_replace(Some(Arc::new(pool)));
+                tx.send_replace(Some(Arc::new(Snapshot::Manifest(pool))));
             }
             Err(e) => {
                 state.metrics.reload("invalid_source");
@@ -146,9 +181,10 @@ fn resolve(names: &[String]) -> BTreeMap<String, Vec<Ipv4Addr>> {
         .collect()
 }
 
-/// Builds the table from the pool and publishes it if it differs from the one in force.
-fn rebuild(state: &AgentState, pool: &IPPool, ntp: &BTreeMap<String, Vec<Ipv4Addr>>) {
-    match LeaseTable::from_pool(pool, ntp) {
+/// Builds the table from the snapshot and publishes it if it differs from the one in force.
+fn rebuild(state: &AgentState, snapshot: &Snapshot, ntp: &BTreeMap<String, Vec<Ipv4Addr>>) {
+    let started = std::time::Instant::now();
+    match snapshot.table(ntp) {
         Ok(table) => {
             let unchanged = state
                 .current_table()
@@ -167,6 +203,8 @@ fn rebuild(state: &AgentState, pool: &IPPool, ntp: &BTreeMap<String, Vec<Ipv4Add
                 leases = table.len(),
                 server = %table.options().server_ip,
                 lease_time = table.options().lease_time,
+                build_ms = started.elapsed().as_secs_f64() * 1e3,
+                since_start_ms = state.started.elapsed().as_secs_f64() * 1e3,
                 "lease table loaded"
             );
             state.book().retain_table(&table);
@@ -232,11 +270,11 @@ pub async fn build_tables(
                 false
             }
         };
-        let Some(pool) = pools.borrow_and_update().clone() else {
+        let Some(snapshot) = pools.borrow_and_update().clone() else {
             continue;
         };
-        rebuild(&state, &pool, &ntp);
-        let names = ntp_names(&pool);
+        rebuild(&state, &snapshot, &ntp);
+        let names = ntp_names(snapshot.pool());
         let wanted: Vec<String> = if refresh_all {
             names
         } else {
