@@ -1,5 +1,5 @@
-//! The controller's decisions as pure functions: names, conditions, what the pool status
-//! becomes after releases and adoptions, which allocations have no owner, what a VM's
+//! The controller's decisions as pure functions: names, conditions, which allocations have
+//! no owner, what a VM's
 //! vmnetcfg should say, and which agent pods to create, delete or force-delete. The binary
 //! (`src/controller/`) reads the cluster, calls these, and writes with the resourceVersion
 //! guard.
@@ -9,8 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::admission::{ALLOCATIONS_ANNOTATION, NicAllocation, network_key};
-use crate::crd::{Condition, IPv4Status, MARK_EXCLUDED, MARK_RESERVED, NetworkConfig};
-use crate::ipam::{AddrState, Ipam, IpamError, PoolLayout};
+use crate::crd::{Condition, IPv4Status, NetworkConfig};
 use crate::kubevirt::VirtualMachine;
 use crate::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
 
@@ -195,88 +194,6 @@ pub struct Held {
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
     pub owner: Option<String>,
-}
-
-/// The MAC allocations of a pool status (marks and unreadable entries left out).
-pub fn held(status: Option<&IPv4Status>) -> Vec<Held> {
-    let Some(status) = status else {
-        return Vec::new();
-    };
-    status
-        .allocated
-        .iter()
-        .flatten()
-        .filter_map(|(ip, value)| {
-            let ip: Ipv4Addr = ip.trim().parse().ok()?;
-            let mac: MacAddr = value.parse().ok()?;
-            let owner = status
-                .owners
-                .as_ref()
-                .and_then(|o| o.get(&ip.to_string()))
-                .cloned();
-            Some(Held { ip, mac, owner })
-        })
-        .collect()
-}
-
-/// What a pool status becomes: `release` entries removed (only where the address still
-/// holds that MAC), `adopt` owners written (only where none is recorded), the spec's marks
-/// present, and the counts recomputed from the result, so they are never stale.
-pub fn next_ipv4(
-    layout: &PoolLayout,
-    before: Option<&IPv4Status>,
-    release: &[(Ipv4Addr, MacAddr)],
-    adopt: &[(Ipv4Addr, String)],
-) -> Result<IPv4Status, IpamError> {
-    let mut allocated = before.and_then(|b| b.allocated.clone()).unwrap_or_default();
-    let mut owners = before.and_then(|b| b.owners.clone()).unwrap_or_default();
-    for (ip, mac) in release {
-        let key = ip.to_string();
-        if allocated
-            .get(&key)
-            .and_then(|v| v.parse::<MacAddr>().ok())
-            .is_some_and(|held| held == *mac)
-        {
-            allocated.remove(&key);
-            owners.remove(&key);
-        }
-    }
-    for (ip, owner) in adopt {
-        let key = ip.to_string();
-        if allocated.contains_key(&key) {
-            owners.entry(key).or_insert_with(|| owner.clone());
-        }
-    }
-    // Owners of addresses no longer allocated are dropped (a half-finished older write).
-    owners.retain(|ip, _| allocated.contains_key(ip));
-    let statics: Vec<String> = before
-        .map(|b| b.held_statics(&allocated))
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let (ipam, _issues) = Ipam::rebuild(layout.clone(), &allocated)?;
-    for (ip, state) in ipam.taken() {
-        let mark = match state {
-            AddrState::Reserved => MARK_RESERVED,
-            AddrState::Excluded => MARK_EXCLUDED,
-            _ => continue,
-        };
-        allocated
-            .entry(ip.to_string())
-            .or_insert_with(|| mark.to_string());
-    }
-    for ip in &layout.exclude {
-        allocated
-            .entry(ip.to_string())
-            .or_insert_with(|| MARK_EXCLUDED.to_string());
-    }
-    Ok(IPv4Status {
-        allocated: (!allocated.is_empty()).then_some(allocated),
-        owners: (!owners.is_empty()).then_some(owners),
-        static_addresses: (!statics.is_empty()).then_some(statics),
-        used: i64::from(ipam.used()),
-        available: i64::from(ipam.available()),
-    })
 }
 
 /// A JSON merge patch turning `before` into `after` for `status.ipv4` (removed keys as null).

@@ -18,7 +18,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use vm_dhcp_core::admission::network_key;
-use vm_dhcp_core::controller as decide;
 use vm_dhcp_core::crd::IPPool;
 use vm_dhcp_core::{AddrState, Ipam, PoolLayout};
 
@@ -158,13 +157,14 @@ fn pool_ipam(ctx: &Ctx, path: &str) -> Result<(Arc<IPPool>, Ipam), (StatusCode, 
         .as_ref()
         .ok_or_else(|| fail("spec.ipv4Config is missing".into()))?;
     let layout = PoolLayout::from_config(cfg).map_err(|e| fail(e.to_string()))?;
-    let allocated = pool
-        .status
-        .as_ref()
-        .and_then(|s| s.ipv4.as_ref())
-        .and_then(|s| s.allocated.clone())
-        .unwrap_or_default();
-    let (ipam, _) = Ipam::rebuild(layout, &allocated).map_err(|e| fail(e.to_string()))?;
+    let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let ipam = ctx
+        .stores
+        .holdings
+        .lock()
+        .index(&key, &layout)
+        .map(|i| i.ipam().clone())
+        .map_err(|e| fail(e.to_string()))?;
     Ok((pool, ipam))
 }
 
@@ -195,10 +195,13 @@ async fn caches(State(ctx): State<Arc<Ctx>>, Path(network): Path<String>) -> Res
         )
             .into_response();
     };
-    let out: BTreeMap<String, String> =
-        decide::held(pool.status.as_ref().and_then(|s| s.ipv4.as_ref()))
-            .into_iter()
-            .map(|h| (h.mac.to_string(), h.ip.to_string()))
-            .collect();
+    let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let out: BTreeMap<String, String> = ctx
+        .stores
+        .holdings
+        .lock()
+        .of_pool(&key)
+        .map(|h| (h.mac.to_string(), h.ip.to_string()))
+        .collect();
     axum::Json(out).into_response()
 }
