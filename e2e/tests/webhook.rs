@@ -460,3 +460,60 @@ async fn a_webhook_outage_blocks_only_vms_that_need_an_address() {
         "refused by the unreachable webhook: {message}"
     );
 }
+
+/// A VM with NICs on two pools is all or nothing: when the second pool has no room, what
+/// the first pool gave is deleted again before the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_on_two_pools_is_all_or_nothing() {
+    let cp = ControlPlane::shared().await;
+    let (ns, replicas) = setup(cp, "wh-two", 1).await;
+    for (name, cidr, start, end) in [
+        ("net-a", "10.61.0.0/24", "10.61.0.10", "10.61.0.50"),
+        ("net-b", "10.62.0.0/24", "10.62.0.10", "10.62.0.10"),
+    ] {
+        create_pool(
+            &ns,
+            &replicas,
+            &pool(&ns.name, name, cidr, start, end, None),
+        )
+        .await;
+    }
+    let vms: Api<VirtualMachine> = ns.api();
+    // net-b's only address goes to another VM.
+    vms.create(
+        &PostParams::default(),
+        &vm(&ns.name, "first", &format!("{}/net-b", ns.name)),
+    )
+    .await
+    .expect("first VM");
+    let two: VirtualMachine = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": "two", "namespace": ns.name},
+        "spec": {"runStrategy": "Halted", "template": {"spec": {
+            "domain": {"devices": {"interfaces": [
+                {"name": "nic-a", "bridge": {}, "macAddress": "02:61:00:00:00:01"},
+                {"name": "nic-b", "bridge": {}, "macAddress": "02:62:00:00:00:01"}]}},
+            "networks": [
+                {"name": "nic-a", "multus": {"networkName": format!("{}/net-a", ns.name)}},
+                {"name": "nic-b", "multus": {"networkName": format!("{}/net-b", ns.name)}}]}}}
+    }))
+    .expect("vm");
+    let err = vms
+        .create(&PostParams::default(), &two)
+        .await
+        .expect_err("net-b is full");
+    assert!(err.to_string().contains("no free address left"), "{err}");
+    assert!(
+        addresses(&ns, "net-a").await.is_empty(),
+        "net-a's address rolled back"
+    );
+    assert!(
+        claims(&ns, "net-a").await.is_empty(),
+        "net-a's MAC claim rolled back"
+    );
+    assert_eq!(
+        addresses(&ns, "net-b").await.len(),
+        1,
+        "the first VM's only"
+    );
+}
