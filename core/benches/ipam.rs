@@ -1,4 +1,4 @@
-//! IPAM speed and size. Targets (DESIGN.md §2): allocating every address of a /16 one at a
+//! IPAM speed and size. Targets: allocating every address of a /16 one at a
 //! time and rebuilding a /16 from a 65,000-entry `allocated` map each under 20 ms, and under
 //! 64 KiB of memory per /16 pool. Criterion prints the times; the memory is printed here.
 

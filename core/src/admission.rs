@@ -14,7 +14,7 @@ use crate::kubevirt::VirtualMachine;
 use crate::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
 
 /// The most addresses one pool may span: the hosts of a /16. Each allocation is an object of
-/// its own (DESIGN §2), so the pool's size no longer meets etcd's object limit; the bound
+/// its own (the allocation store), so the pool's size no longer meets etcd's object limit; the bound
 /// keeps the IPAM bitmap (2 × 8 KiB) and a full list of the pool's objects small.
 pub const MAX_POOL_ADDRESSES: u32 = 65_534;
 

@@ -335,7 +335,7 @@ pub struct NetworkConfigStatus {
     pub state: Option<String>,
 }
 
-/// One allocated address of an IPPool: the allocation store's unit of truth (DESIGN §2).
+/// One allocated address of an IPPool: the allocation store's unit of truth.
 /// Creating it reserves the address (AlreadyExists: it is taken); deleting it releases it.
 /// Named `<pool>.<address>` (see `store::address_object_name`), in the pool's namespace.
 /// Written by the webhook (allocation) and the controller (migration, release); users read

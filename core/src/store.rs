@@ -1,4 +1,4 @@
-//! The allocation store (DESIGN §2): one `IPPoolAddress` object per allocated address and one
+//! The allocation store: one `IPPoolAddress` object per allocated address and one
 //! `IPPoolMACClaim` per (pool, MAC). Their names make the two uniqueness rules atomic in etcd:
 //! creating an address object reserves the address (AlreadyExists: someone holds it), creating
 //! a claim reserves the MAC in the pool's network. Everything else (the IPAM bitmap, the MAC

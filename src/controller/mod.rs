@@ -1,6 +1,6 @@
-//! `vm-dhcp controller`: keeps the world in order and holds no state of its own
-//! (DESIGN.md §2). Every replica watches the cluster into caches and serves metrics and
-//! readiness from them; only the leader (a coordination.k8s.io Lease) writes:
+//! `vm-dhcp controller`: keeps the world in order and holds no state of its own (the truth
+//! is the allocation store's objects). Every replica watches the cluster into caches and
+//! serves metrics and readiness from them; only the leader (a coordination.k8s.io Lease) writes:
 //! - IPPools: finalizer, NAD labels, marks and counts, conditions, agent pods;
 //! - VMs → vmnetcfgs (created, updated and deleted by us, never by the garbage collector);
 //! - releases: the only component that gives addresses back, when a VM, NIC or vmnetcfg
@@ -193,7 +193,7 @@ struct Stores {
     nodes: Store<Node>,
     leases: Store<Lease>,
     claims: Store<IPPoolMACClaim>,
-    /// The address objects: the truth of every pool (DESIGN §2).
+    /// The address objects: the truth of every pool.
     holdings: vm_dhcp_webhook::holdings::WatchedHoldings,
 }
 

@@ -1,6 +1,6 @@
-//! Allocation through the store (DESIGN §2, `vm_dhcp_core::store`): for each NIC, the claim of
-//! its MAC (`IPPoolMACClaim`) and the object of its address (`IPPoolAddress`), each created
-//! or updated with one small write. Etcd's per-key atomicity replaces any pool-wide guard:
+//! Allocation through the store (`vm_dhcp_core::store`; README, "The allocation store"): for
+//! each NIC, the claim of its MAC (`IPPoolMACClaim`) and the object of its address
+//! (`IPPoolAddress`), each created or updated with one small write. Etcd's per-key atomicity replaces any pool-wide guard:
 //! admissions in one pool do not wait for each other, and the only contention between
 //! replicas is two of them picking the same free address, when the loser picks again.
 //!
