@@ -1005,9 +1005,25 @@ fn each_service_account_can_do_what_its_component_does_and_no_more() {
             reader,
             "the aggregated API reads kube-system/extension-apiserver-authentication"
         );
-        // The webhook: pools, their status (commit), NADs.
+        // The webhook: pools (read only: the status is the controller's projection), the
+        // allocation records (create = reserve, patch = adopt, delete = roll back), NADs.
         assert!(can(&webhook, "watch", NET, "ippools", None, None));
-        assert!(can(&webhook, "update", NET, "ippools/status", None, None));
+        assert!(!can(&webhook, "update", NET, "ippools/status", None, None));
+        assert!(!can(&webhook, "patch", NET, "ippools/status", None, None));
+        for verb in ["create", "patch", "delete"] {
+            for res in RECORDS {
+                assert!(
+                    can(&webhook, verb, NET, res, None, None),
+                    "webhook {verb} {res}"
+                );
+            }
+        }
+        for res in RECORDS {
+            assert!(
+                can(&controller, "deletecollection", NET, res, None, None),
+                "the controller deletes a deleted pool's {res}"
+            );
+        }
         assert!(can(
             &webhook,
             "get",
