@@ -161,8 +161,7 @@ impl Allocator {
             } else {
                 let started = Instant::now();
                 let a = self.take(&ctx, nic, made).await;
-                self.metrics
-                    .observe_commit(started.elapsed(), usize::from(a.is_ok()));
+                self.metrics.observe_commit(started.elapsed());
                 if a.as_ref().is_ok_and(|a| a.new) {
                     self.metrics.committed(1);
                 }

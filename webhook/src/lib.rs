@@ -211,6 +211,7 @@ where
     F: FnOnce(AdmissionRequest<DynamicObject>) -> Fut,
     Fut: std::future::Future<Output = Result<AdmissionResponse, String>>,
 {
+    let started = std::time::Instant::now();
     let req = match read_review(&body) {
         Ok(req) => req,
         Err(rejection) => {
@@ -240,6 +241,7 @@ where
             base.deny(format!("cannot {op} {what} because {reason}"))
         }
     };
+    state.metrics.observe_admission(resource, started.elapsed());
     Json(resp.into_review()).into_response()
 }
 

@@ -1,5 +1,6 @@
-//! The webhook's metrics: admissions by resource, operation and result; allocation commit
-//! latency and batch size; commit retries on write conflicts.
+//! The webhook's metrics: admissions by resource, operation and result, and how long they
+//! take; per NIC allocation latency through the store; races lost and redone; addresses
+//! taken.
 
 use std::time::Duration;
 
@@ -16,15 +17,22 @@ pub struct AdmissionLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     admissions: Family<AdmissionLabels, Counter>,
+    admission_seconds: Family<ResourceLabels, Histogram>,
     commit_seconds: Histogram,
-    batch_size: Histogram,
     conflicts: Counter,
     allocations: Counter,
-    batches: Counter,
-    batch_micros: Counter,
+}
+
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
 
 impl Metrics {
@@ -32,12 +40,10 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics {
             admissions: Family::default(),
-            commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
-            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            admission_seconds: Family::new_with_constructor(latency_buckets),
+            commit_seconds: latency_buckets(),
             conflicts: Counter::default(),
             allocations: Counter::default(),
-            batches: Counter::default(),
-            batch_micros: Counter::default(),
         };
         let reg = registry.sub_registry_with_prefix("vmdhcp_webhook");
         reg.register(
@@ -46,23 +52,23 @@ impl Metrics {
             m.admissions.clone(),
         );
         reg.register(
+            "admission_duration_seconds",
+            "Time to answer one admission request, by resource",
+            m.admission_seconds.clone(),
+        );
+        reg.register(
             "allocation_commit_seconds",
-            "Time to decide and commit one batch of allocations",
+            "Time to allocate one NIC through the store (its MAC claim and address object)",
             m.commit_seconds.clone(),
         );
         reg.register(
-            "allocation_batch_size",
-            "Allocation jobs committed in one pool status update",
-            m.batch_size.clone(),
-        );
-        reg.register(
             "commit_conflicts",
-            "Pool status updates retried after a 409 Conflict",
+            "Store writes that lost a race (an address or claim taken or changed by another admission) and were redone",
             m.conflicts.clone(),
         );
         reg.register(
             "allocations_committed",
-            "NIC allocations made durable",
+            "Addresses taken (IPPoolAddress objects created)",
             m.allocations.clone(),
         );
         m
@@ -82,37 +88,29 @@ impl Metrics {
             .inc();
     }
 
-    pub fn observe_commit(&self, took: Duration, jobs: usize) {
+    pub fn observe_admission(&self, resource: &str, took: Duration) {
+        self.admission_seconds
+            .get_or_create(&ResourceLabels {
+                resource: resource.into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One NIC's allocation took `took`.
+    pub fn observe_commit(&self, took: Duration) {
         self.commit_seconds.observe(took.as_secs_f64());
-        self.batches.inc();
-        self.batch_micros.inc_by(took.as_micros() as u64);
-        self.batch_size.observe(jobs as f64);
     }
 
     pub fn conflict(&self) {
         self.conflicts.inc();
     }
 
-    /// (batches committed, mean time per batch): for benchmark reports.
-    pub fn batch_summary(&self) -> (u64, Duration) {
-        let n = self.batches.get();
-        let total = Duration::from_micros(self.batch_micros.get());
-        (
-            n,
-            if n == 0 {
-                Duration::ZERO
-            } else {
-                total / n as u32
-            },
-        )
-    }
-
     pub fn conflicts(&self) -> u64 {
         self.conflicts.get()
     }
 
-    pub fn committed(&self, jobs: usize) {
-        self.allocations.inc_by(jobs as u64);
+    pub fn committed(&self, n: usize) {
+        self.allocations.inc_by(n as u64);
     }
 
     pub fn allocations_committed(&self) -> u64 {
