@@ -1,7 +1,13 @@
 //! `vm-dhcp agent` in cluster mode, run by the node simulator as agent pods against the real
-//! control plane: it watches an IPPool (`--ippool-ref`), holds a Lease (`--lease-lock`) and
-//! the pool's server IP (`--manage-server-ip`) while active, and a real DHCP client (busybox
-//! udhcpc) in a "VM" namespace on the pool's network talks to it.
+//! control plane: it watches an IPPool (`--ippool-ref`) and the pool's `IPPoolAddress`
+//! objects, holds a Lease (`--lease-lock`) and the pool's server IP (`--manage-server-ip`)
+//! while active, and a real DHCP client (busybox udhcpc) in a "VM" namespace on the pool's
+//! network talks to it.
+//!
+//! The allocations are address objects, as the webhook makes them at admission. The pool's
+//! status (a projection only the controller writes; no controller runs here) is written to
+//! contradict them on purpose, so every test fails if the agent reads the status: it would
+//! hand the VM `STATUS_ONLY_IP`, and `LATE_MAC` a lease before its object exists.
 //!
 //! Needs root (network namespaces); without it each test says why it skips. The simulator
 //! removes every namespace and process when dropped, also when an assertion fails. Waits
@@ -17,9 +23,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::store::{Holding, address_object, address_object_name};
 use vm_dhcp_e2e::nodesim::{NETWORKS_ANNOTATION, NodeSim, NodeSpec, VmNetns};
 use vm_dhcp_e2e::proc::Process;
 use vm_dhcp_e2e::{ControlPlane, TestNamespace};
@@ -28,9 +35,18 @@ const POOL: &str = "net-48";
 const LEASE: &str = "vm-dhcp-net-48";
 const SERVER_IP: &str = "192.168.48.77";
 const VM_IP: &str = "192.168.48.86";
-/// Upper case in the pool, as upstream writes MACs; the agent compares case-insensitively.
 const VM_MAC: &str = "02:00:5e:30:00:86";
-const VM_MAC_IN_POOL: &str = "02:00:5E:30:00:86";
+/// Upper case in the (contradicting) status, as upstream writes MACs.
+const VM_MAC_IN_STATUS: &str = "02:00:5E:30:00:86";
+/// Where the status (wrongly) says `VM_MAC` is.
+const STATUS_ONLY_IP: &str = "192.168.48.88";
+/// A VM whose address object is made while the agent runs; the status lists it from the
+/// start.
+const LATE_MAC: &str = "02:00:5e:30:00:84";
+const LATE_IP: &str = "192.168.48.84";
+/// Where `LATE_MAC`'s allocation is made again after its release, and where it moves.
+const LATE_IP_AGAIN: &str = "192.168.48.85";
+const LATE_IP_MOVED: &str = "192.168.48.83";
 const IMAGE: &str = "docker.io/rancher/harvester-vm-dhcp:test";
 const LEASE_SECONDS: u64 = 5;
 /// For anything that is eventually true (pods running, clients bound).
@@ -84,11 +100,13 @@ async fn cluster(prefix: &str, nodes: &[&str]) -> Cluster {
         .create(&PostParams::default(), &pool)
         .await
         .expect("create pool");
-    // Allocation happens at admission (webhook) in a real cluster; here it is written
-    // directly, as the webhook would commit it.
+    // Allocation happens at admission (webhook) in a real cluster; here the address object
+    // is made directly, as the webhook would make it. The status contradicts it (see the
+    // module docs).
+    allocate(&ns, VM_IP, VM_MAC).await;
     let status = json!({"status": {"ipv4": {
-        "allocated": {SERVER_IP: "RESERVED", VM_IP: VM_MAC_IN_POOL},
-        "used": 1, "available": 9
+        "allocated": {SERVER_IP: "RESERVED", STATUS_ONLY_IP: VM_MAC_IN_STATUS, LATE_IP: LATE_MAC},
+        "used": 2, "available": 8
     }}});
     pools
         .patch_status(POOL, &PatchParams::default(), &Patch::Merge(status))
@@ -104,6 +122,34 @@ async fn cluster(prefix: &str, nodes: &[&str]) -> Cluster {
         .await
         .expect("node simulator");
     Cluster { ns, sim }
+}
+
+/// Makes the address object of `mac` holding `ip` in the pool (what admission makes).
+async fn allocate(ns: &TestNamespace, ip: &str, mac: &str) -> IPPoolAddress {
+    let holding = Holding {
+        ip: ip.parse().expect("ip"),
+        mac: mac.parse().expect("mac"),
+        owner: Some(format!("{}/vm-{}", ns.name, mac.replace(':', ""))),
+        static_: false,
+        interface: Some("nic-1".into()),
+    };
+    let network = format!("{}/{POOL}", ns.name);
+    ns.api::<IPPoolAddress>()
+        .create(
+            &PostParams::default(),
+            &address_object(&ns.name, POOL, &network, &holding),
+        )
+        .await
+        .expect("create the address object")
+}
+
+/// Deletes the address object of `ip` (what the controller's release does).
+async fn release(ns: &TestNamespace, ip: &str) {
+    let name = address_object_name(POOL, ip.parse().expect("ip"));
+    ns.api::<IPPoolAddress>()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the address object");
 }
 
 impl Cluster {
@@ -210,10 +256,36 @@ impl Cluster {
     }
 
     async fn vm(&self) -> VmNetns {
+        self.vm_with_mac(VM_MAC).await
+    }
+
+    async fn vm_with_mac(&self, mac: &str) -> VmNetns {
         self.sim
-            .attach_vm_with_mac(&format!("{}/{POOL}", self.ns.name), Some(VM_MAC))
+            .attach_vm_with_mac(&format!("{}/{POOL}", self.ns.name), Some(mac))
             .await
             .expect("VM namespace")
+    }
+
+    /// Waits until the agent's table gives `mac` the address `ip` (None: no lease).
+    async fn wait_table(&self, pod: &str, mac: &str, ip: Option<&str>) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let leases = self.agent_json(pod, "/leases").await.unwrap_or_default();
+            let lease = leases[mac].as_str().and_then(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|l| l["ClientIP"].as_str().map(str::to_string))
+            });
+            if lease.as_deref() == ip {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pod}'s table never gave {mac} {ip:?}; /leases: {leases}; its log:\n{}",
+                self.sim.log(pod, "agent")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -387,6 +459,14 @@ async fn restarted_agent_serves_a_renewing_client_without_a_pool_change() {
         .expect("pool")
         .metadata
         .resource_version;
+    let addresses: Api<IPPoolAddress> = c.ns.api();
+    let object = address_object_name(POOL, VM_IP.parse().expect("ip"));
+    let object_version = addresses
+        .get(&object)
+        .await
+        .expect("address object")
+        .metadata
+        .resource_version;
     // A crash: SIGKILL leaves the server IP on eth1 and the Lease naming this pod; the
     // simulator restarts the container (restartPolicy Always) in the same namespace.
     let pid = c.sim.pid("agent-0", "agent").expect("agent process");
@@ -418,6 +498,16 @@ async fn restarted_agent_serves_a_renewing_client_without_a_pool_change() {
             .resource_version,
         version,
         "the IPPool changed during the test: the restart was not the only event"
+    );
+    assert_eq!(
+        addresses
+            .get(&object)
+            .await
+            .expect("address object")
+            .metadata
+            .resource_version,
+        object_version,
+        "the address object changed during the test: the restart was not the only event"
     );
     let view = c
         .agent_json("agent-0", "/api/v1/leases")
@@ -472,6 +562,147 @@ async fn option_edit_in_the_ippool_reaches_a_renewing_client() {
     assert_eq!(renewed.var("ip"), VM_IP);
     assert_eq!(renewed.var("dns"), "192.168.48.99 192.168.48.98");
     assert_eq!(renewed.var("lease"), "600");
+}
+
+const UNKNOWN_MAC_DROPS: &str = r#"vmdhcp_agent_drops_total{reason="unknown_mac"}"#;
+
+impl Cluster {
+    /// Waits until `pod`'s metric `series` exceeds `floor`; its value.
+    async fn wait_metric_above(&self, pod: &str, series: &str, floor: f64) -> f64 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let text = self.agent_metrics(pod).await.unwrap_or_default();
+            let value = metric(&text, series);
+            if value > floor {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pod}'s {series} never went above {floor}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metric(&self, pod: &str, series: &str) -> f64 {
+        metric(
+            &self.agent_metrics(pod).await.expect("agent metrics"),
+            series,
+        )
+    }
+}
+
+/// The agent follows the pool's address objects while it runs. A VM without one gets no
+/// answer; its object, made after the agent started, is served at the client's next
+/// exchange. Once the object is deleted (released) the agent has no record of the client
+/// and, as RFC 2131 §4.3.2 says, stays silent: neither its renewal nor, starting over, its
+/// DISCOVERs are answered. Made again at another address, the client gets that one; and
+/// when the allocation moves under a bound client, its renewal is NAKed (a known client
+/// asking for an address that is not its own) and it binds the new address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_objects_made_and_deleted_while_the_agent_runs_are_served_and_withdrawn() {
+    require_root!();
+    let c = cluster("agent-objects", &["a"]).await;
+    c.agent("agent-0", "a").await;
+    c.wait_ready("agent-0").await;
+    c.wait_holder().await;
+    c.wait_table("agent-0", VM_MAC, Some(VM_IP)).await;
+    c.wait_table("agent-0", LATE_MAC, None).await;
+
+    // Not admitted yet: its DISCOVERs are heard, and left unanswered.
+    let vm = c.vm_with_mac(LATE_MAC).await;
+    let ignored = c.metric("agent-0", UNKNOWN_MAC_DROPS).await;
+    let mut client = Client::start(&vm, &scratch(&c.ns, "late"));
+    c.wait_metric_above("agent-0", UNKNOWN_MAC_DROPS, ignored + 1.0)
+        .await;
+    let events = client.events();
+    assert!(
+        !events.iter().any(|e| e.name == "bound"),
+        "a lease without an address object: {events:?}"
+    );
+
+    // Admitted: the address object appears, and the next DISCOVER gets it.
+    let made = Instant::now();
+    allocate(&c.ns, LATE_IP, LATE_MAC).await;
+    let bound = client
+        .wait_event(&["bound"], 0, "a lease once the address object exists")
+        .await;
+    let served_after = made.elapsed();
+    assert_eq!(bound.var("ip"), LATE_IP);
+    assert_eq!(bound.var("serverid"), SERVER_IP);
+    assert_eq!(bound.var("dns"), "192.168.48.53");
+
+    // Released: the table drops it at once.
+    let released = Instant::now();
+    release(&c.ns, LATE_IP).await;
+    c.wait_table("agent-0", LATE_MAC, None).await;
+    let dropped_after = released.elapsed();
+    // Its renewal (unicast to the server) is heard and not answered.
+    let seen = client.events().len();
+    let ignored = c.metric("agent-0", UNKNOWN_MAC_DROPS).await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(client.proc.id() as i32, libc::SIGUSR1) };
+    c.wait_metric_above("agent-0", UNKNOWN_MAC_DROPS, ignored)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after: Vec<Event> = client.events().into_iter().skip(seen).collect();
+    assert!(
+        !after
+            .iter()
+            .any(|e| ["renew", "bound", "nak"].contains(&e.name.as_str())),
+        "the renewal of a released address was answered: {after:?}"
+    );
+    // Starting over, its DISCOVERs are heard and get no offer.
+    drop(client);
+    let ignored = c.metric("agent-0", UNKNOWN_MAC_DROPS).await;
+    let mut client = Client::start(&vm, &scratch(&c.ns, "late-again"));
+    c.wait_metric_above("agent-0", UNKNOWN_MAC_DROPS, ignored + 2.0)
+        .await;
+    let events = client.events();
+    assert!(
+        !events.iter().any(|e| e.name == "bound"),
+        "a lease after the release: {events:?}"
+    );
+
+    // Admitted again, at another address: that one is served.
+    allocate(&c.ns, LATE_IP_AGAIN, LATE_MAC).await;
+    let bound = client
+        .wait_event(
+            &["bound"],
+            0,
+            "a lease once the address object is made again",
+        )
+        .await;
+    assert_eq!(bound.var("ip"), LATE_IP_AGAIN);
+
+    // The allocation moves under the bound client: its renewal of the old address is
+    // NAKed, and it binds the new one.
+    release(&c.ns, LATE_IP_AGAIN).await;
+    allocate(&c.ns, LATE_IP_MOVED, LATE_MAC).await;
+    c.wait_table("agent-0", LATE_MAC, Some(LATE_IP_MOVED)).await;
+    let seen = client.events().len();
+    let naks = c.metric("agent-0", "vmdhcp_agent_naks_total").await;
+    client
+        .renew_until(&["nak"], seen, Instant::now() + DEADLINE)
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the renewal of a moved allocation was not NAKed; client events {:?}; agent log:\n{}",
+                client.events(),
+                c.sim.log("agent-0", "agent")
+            )
+        });
+    assert!(c.metric("agent-0", "vmdhcp_agent_naks_total").await > naks);
+    let rebound = client
+        .wait_event(&["bound"], seen, "a lease at the moved address")
+        .await;
+    assert_eq!(rebound.var("ip"), LATE_IP_MOVED);
+
+    // The first VM was never disturbed, and the status was never what the agent served.
+    c.wait_table("agent-0", VM_MAC, Some(VM_IP)).await;
+    eprintln!(
+        "address objects: a new object served {served_after:?} after it was made; a deleted one left the table {dropped_after:?} after the delete"
+    );
 }
 
 fn netns_of(netns: &[(String, String)], pod: &str) -> String {
