@@ -177,32 +177,37 @@ impl Allocator {
     /// is left after its grace period.
     pub async fn roll_back(&self, made: Vec<Made>) {
         for m in made.into_iter().rev() {
-            let (ns, name, uid, result) = match &m {
-                Made::Claim { ns, name, uid } => {
-                    let api: Api<IPPoolMACClaim> = Api::namespaced(self.client.clone(), ns);
-                    (
-                        ns,
-                        name,
-                        uid,
-                        api.delete(name, &precondition(uid)).await.map(|_| ()),
-                    )
-                }
-                Made::Address { ns, name, uid } => {
-                    let api: Api<IPPoolAddress> = Api::namespaced(self.client.clone(), ns);
-                    (
-                        ns,
-                        name,
-                        uid,
-                        api.delete(name, &precondition(uid)).await.map(|_| ()),
-                    )
-                }
-            };
-            match result {
-                Ok(()) => {}
-                Err(e) if conflict_or_gone(&e) => {}
-                Err(e) => tracing::warn!(%ns, %name, %uid, error = %e,
-                    "could not roll back an object of a refused admission; the controller sweeps it"),
+            self.undo(&m).await;
+        }
+    }
+
+    /// Deletes one object this admission made, if it is still the one it made.
+    async fn undo(&self, m: &Made) {
+        let (ns, name, uid, result) = match m {
+            Made::Claim { ns, name, uid } => {
+                let api: Api<IPPoolMACClaim> = Api::namespaced(self.client.clone(), ns);
+                (
+                    ns,
+                    name,
+                    uid,
+                    api.delete(name, &precondition(uid)).await.map(|_| ()),
+                )
             }
+            Made::Address { ns, name, uid } => {
+                let api: Api<IPPoolAddress> = Api::namespaced(self.client.clone(), ns);
+                (
+                    ns,
+                    name,
+                    uid,
+                    api.delete(name, &precondition(uid)).await.map(|_| ()),
+                )
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if conflict_or_gone(&e) => {}
+            Err(e) => tracing::warn!(%ns, %name, %uid, error = %e,
+                "could not roll back an object of a refused admission; the controller sweeps it"),
         }
     }
 
@@ -398,23 +403,53 @@ impl Allocator {
                     }
                     Err(PickError::Refused(e)) => return Err(e.into()),
                 };
+                // The claim and the address object at once: in the usual case (nobody else
+                // wants this MAC or this address) the admission waits for one write, not two.
                 let h = holding(nic, mac, ip, req.want.is_some());
-                let obj = claim_object(ns, &ctx.key.1, &ctx.network, &h, Some(now()));
-                match claims.create(&PostParams::default(), &obj).await {
+                let claim_obj = claim_object(ns, &ctx.key.1, &ctx.network, &h, Some(now()));
+                let address_obj = address_object(ns, &ctx.key.1, &ctx.network, &h);
+                let pp = PostParams::default();
+                let (claim_res, address_res) = futures::join!(
+                    claims.create(&pp, &claim_obj),
+                    addresses.create(&pp, &address_obj)
+                );
+                let address_made = match address_res {
+                    Ok(created) => Some(Made::Address {
+                        ns: ns.to_string(),
+                        name: address_object_name(&ctx.key.1, IpAddr::V4(ip)),
+                        uid: created.metadata.uid.clone().unwrap_or_default(),
+                    }),
+                    Err(e) if already_exists(&e) => None,
+                    Err(e) => {
+                        if let Ok(created) = &claim_res {
+                            made.push(made_claim(ns, &claim_name, created));
+                        }
+                        return Err(api_err(e));
+                    }
+                };
+                match claim_res {
                     Ok(created) => {
-                        made.push(Made::Claim {
-                            ns: ns.to_string(),
-                            name: claim_name.clone(),
-                            uid: created.metadata.uid.clone().unwrap_or_default(),
-                        });
+                        made.push(made_claim(ns, &claim_name, &created));
+                        if let Some(address) = address_made {
+                            made.push(address);
+                            return Ok(Allocation { mac, ip, new: true });
+                        }
+                        // The address was taken meanwhile: the claim moves (below).
                         claim = Some(created);
                         ours = true;
                     }
                     Err(e) if already_exists(&e) => {
+                        // Another admission claimed this MAC first: give the address back.
+                        if let Some(address) = address_made {
+                            self.undo(&address).await;
+                        }
                         claim = claims.get_opt(&claim_name).await.map_err(api_err)?;
                         ours = false;
                     }
-                    Err(e) => return Err(api_err(e)),
+                    Err(e) => {
+                        made.extend(address_made);
+                        return Err(api_err(e));
+                    }
                 }
                 continue;
             };
@@ -609,6 +644,14 @@ impl Allocator {
         {
             tracing::warn!(%name, error = %e, "could not record the owner on the address object");
         }
+    }
+}
+
+fn made_claim(ns: &str, name: &str, created: &IPPoolMACClaim) -> Made {
+    Made::Claim {
+        ns: ns.to_string(),
+        name: name.to_string(),
+        uid: created.metadata.uid.clone().unwrap_or_default(),
     }
 }
 
