@@ -11,6 +11,16 @@
 //!   namespace carries connections to the real kube-apiserver on the host's loopback. It writes
 //!   the pod's status (readiness from the readiness probe), restarts containers as
 //!   `restartPolicy` says, and finishes normal deletions.
+//! - **In-cluster mode** ([`NodeSim::start_in_cluster`]): every pod of the namespace (an
+//!   installed release's Deployments and the agents its controller makes), run as a
+//!   cluster's kubelet runs it: its ServiceAccount token from a real TokenRequest, its Secret,
+//!   ConfigMap, projected and downward-API volumes at their mount paths (a mount namespace
+//!   per container, see [`crate::kubelet`]), `KUBERNETES_SERVICE_HOST`/`_PORT` naming the
+//!   in-namespace forwarder, so the programs use their in-cluster configuration and act with
+//!   exactly their ServiceAccount's rights. Pods sit on one bridge (pod to pod works, the pod
+//!   IPs are reachable from the root namespace, so kube-apiserver reaches webhooks and
+//!   aggregated APIs at their EndpointSlice addresses); startup, liveness and HTTPS probes
+//!   and preStop hooks are honoured.
 //! - **Lost nodes** ([`NodeSim::lose_node`]): Ready=Unknown, the unreachable taints, processes
 //!   killed, and the node's pods left alone (Terminating until someone force-deletes them).
 //! - **Partitions** ([`NodeSim::partition_pod`], [`NodeSim::heal_pod`]): one pod's forwarder
@@ -44,6 +54,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::cluster::ControlPlane;
+use crate::kubelet::{self, NotReady};
 use crate::proc::{Process, log_tail, record, run_dir};
 
 /// The label selector of the agent pods (the label upstream's controller puts on them).
@@ -59,6 +70,14 @@ const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
 /// Pod addresses: /30s of 10.254.0.0/16 (root side .1, pod side .2), on links we create only.
 const POD_NET_BASE: u32 = u32::from_be_bytes([10, 254, 0, 0]);
 const POD_NET_SLOTS: u32 = 1 << 14;
+/// In-cluster mode: one /24 of 10.253.0.0/16 per simulator (root side .1, pods .2–.254), on
+/// a bridge in the simulator's fabric namespace.
+const BRIDGED_NET_BASE: u32 = u32::from_be_bytes([10, 253, 0, 0]);
+const BRIDGED_NET_SLOTS: u32 = 256;
+/// preStop hooks run at most this long (the chart's sleep is 5 s).
+const MAX_PRE_STOP: Duration = Duration::from_secs(10);
+/// How often an in-cluster pod's Secret, ConfigMap and token volumes are written again.
+const VOLUME_SYNC: Duration = Duration::from_secs(5);
 /// Deletion grace periods are capped: tests should not wait 30 s for a process that ignores
 /// SIGTERM.
 const MAX_GRACE: Duration = Duration::from_secs(3);
@@ -101,9 +120,11 @@ impl NodeSpec {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Stop {
     Run,
-    /// A normal delete: SIGTERM, wait the grace period (capped), SIGKILL, finish deletion.
+    /// A normal delete: (in-cluster mode: preStop hooks within the `declared` grace period,)
+    /// SIGTERM, wait the grace period (capped), SIGKILL, finish deletion.
     Delete {
         grace: Duration,
+        declared: Duration,
     },
     /// The node was lost: its processes are already dead; do nothing more.
     Lost,
@@ -113,7 +134,10 @@ enum Stop {
 #[derive(Clone, Debug)]
 struct Sandbox {
     netns: String,
+    /// The other end of the pod's `eth0`: in the root namespace, or (in-cluster mode) a port
+    /// of the pod bridge in `host_ns`.
     host_if: String,
+    host_ns: Option<String>,
     pod_ip: Ipv4Addr,
     /// Pod-side interfaces on the per-network bridges, with their network ("ns/name").
     networks: Vec<(String, String)>,
@@ -159,6 +183,10 @@ struct Inner {
     client: Client,
     ns: String,
     selector: String,
+    /// In-cluster mode (see [`NodeSim::start_in_cluster`]).
+    in_cluster: bool,
+    /// In-cluster mode: the pods' bridge in the fabric namespace and its /24.
+    pod_net: Option<PodNet>,
     programs: HashMap<String, PathBuf>,
     dir: PathBuf,
     run: PathBuf,
@@ -168,6 +196,25 @@ struct Inner {
     /// Serializes bridge creation (two pods on one new network).
     bridge_lock: tokio::sync::Mutex<()>,
     state: Mutex<State>,
+}
+
+/// The pod network of the in-cluster mode: a bridge in the fabric namespace, a veth from the
+/// root namespace into it (`root_if`, holding `.1` of the /24), and every pod's `eth0`.
+struct PodNet {
+    bridge: String,
+    root_if: String,
+    /// The /24's first address.
+    base: Ipv4Addr,
+}
+
+/// What [`NodeSim::start_with`] runs.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// The pods of the namespace it runs (a label selector; empty: all).
+    pub selector: String,
+    /// Run pods as a cluster's kubelet does (see [`NodeSim::start_in_cluster`]) rather than
+    /// with a kubeconfig file in `KUBECONFIG`.
+    pub in_cluster: bool,
 }
 
 /// The simulator of one test; dropping it kills its processes, removes its namespaces and
@@ -252,6 +299,50 @@ impl Drop for VmNetns {
     }
 }
 
+/// The in-cluster mode's pod network: a bridge in `fabric`, and a veth from the root
+/// namespace into it holding the first address of a free /24 of 10.253.0.0/16.
+async fn create_pod_net(run: &Path, fabric: &str) -> Result<PodNet> {
+    let pid = std::process::id();
+    let n = next_id();
+    let root_if = format!("vd{pid:x}r{n:x}");
+    let bridge = "podbr".to_string();
+    record(run, "links", &root_if);
+    ip(&["-n", fabric, "link", "add", &bridge, "type", "bridge"]).await?;
+    ip(&["-n", fabric, "link", "set", &bridge, "up"]).await?;
+    ip(&[
+        "link", "add", &root_if, "type", "veth", "peer", "name", "uplink", "netns", fabric,
+    ])
+    .await?;
+    ip(&[
+        "-n", fabric, "link", "set", "uplink", "master", &bridge, "up",
+    ])
+    .await?;
+    // Simulators of this process pick their /24 one at a time.
+    static PICK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _pick = PICK.lock().await;
+    let start = pid.wrapping_mul(7).wrapping_add(n);
+    for i in 0..BRIDGED_NET_SLOTS {
+        let slot = start.wrapping_add(i) % BRIDGED_NET_SLOTS;
+        let base = Ipv4Addr::from(BRIDGED_NET_BASE + slot * 256);
+        let out = tokio::process::Command::new("ip")
+            .args(["-4", "-o", "addr", "show", "to", &format!("{base}/24")])
+            .output()
+            .await?;
+        if !(out.status.success() && out.stdout.is_empty()) {
+            continue;
+        }
+        let host = Ipv4Addr::from(u32::from(base) + 1);
+        ip(&["addr", "add", &format!("{host}/24"), "dev", &root_if]).await?;
+        ip(&["link", "set", &root_if, "up"]).await?;
+        return Ok(PodNet {
+            bridge,
+            root_if,
+            base,
+        });
+    }
+    bail!("no free /24 in 10.253.0.0/16")
+}
+
 fn now() -> Value {
     serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap_or(Value::Null)
 }
@@ -303,12 +394,65 @@ impl NodeSim {
         programs: HashMap<String, PathBuf>,
         selector: &str,
     ) -> Result<NodeSim> {
+        let options = SimOptions {
+            selector: selector.to_string(),
+            in_cluster: false,
+        };
+        Self::start_with(cp, ns, nodes, programs, options).await
+    }
+
+    /// Creates `nodes` and plays scheduler and kubelet for **every** pod of namespace `ns`
+    /// (where a release is installed: its Deployments' pods, made by kube-controller-manager,
+    /// and the agent pods its controller makes) as a cluster's kubelet runs them:
+    /// - the container's command and args (the image stands for the program `programs` maps
+    ///   it to, as in [`NodeSim::start`]) and env (values, `fieldRef`, `secretKeyRef`,
+    ///   `configMapKeyRef`, `envFrom`), plus `KUBERNETES_SERVICE_HOST`/`_PORT` naming the
+    ///   forwarder to kube-apiserver in the pod's network namespace, and no `KUBECONFIG`: the
+    ///   programs use their in-cluster configuration;
+    /// - the ServiceAccount token (a real TokenRequest bound to the pod, renewed), the
+    ///   cluster CA and the namespace at `/var/run/secrets/kubernetes.io/serviceaccount`, and
+    ///   the pod's Secret, ConfigMap, projected, downward-API and emptyDir volumes at their
+    ///   mount paths, each container in a mount namespace of its own ([`crate::kubelet`]);
+    ///   a volume whose Secret does not exist yet keeps the pod in ContainerCreating;
+    /// - every pod on one bridge with an address of a /24 of 10.253.0.0/16 that the root
+    ///   namespace (kube-apiserver) reaches, and other pods too;
+    /// - startup, liveness and readiness probes (HTTP, HTTPS without verification, TCP,
+    ///   exec), and preStop hooks (`sleep`, `httpGet`, `exec`; at most 10 s) before SIGTERM.
+    ///
+    /// So each component acts with exactly the rights of its ServiceAccount.
+    pub async fn start_in_cluster(
+        cp: &'static ControlPlane,
+        ns: &str,
+        nodes: Vec<NodeSpec>,
+        programs: HashMap<String, PathBuf>,
+    ) -> Result<NodeSim> {
+        let options = SimOptions {
+            selector: String::new(),
+            in_cluster: true,
+        };
+        Self::start_with(cp, ns, nodes, programs, options).await
+    }
+
+    /// Creates `nodes` and starts playing scheduler and kubelet for the pods of namespace
+    /// `ns` that `options` selects, run as `options` says.
+    pub async fn start_with(
+        cp: &'static ControlPlane,
+        ns: &str,
+        nodes: Vec<NodeSpec>,
+        programs: HashMap<String, PathBuf>,
+        options: SimOptions,
+    ) -> Result<NodeSim> {
         let run = run_dir()?;
         let dir = run.join("nodesim").join(ns);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let fabric = format!("vds-{}-f{}", std::process::id(), next_id());
         record(&run, "netns", &fabric);
         ip(&["netns", "add", &fabric]).await?;
+        let pod_net = if options.in_cluster {
+            Some(create_pod_net(&run, &fabric).await?)
+        } else {
+            None
+        };
         let client = cp.client().await;
         let mut state = State::default();
         let node_api: Api<Node> = Api::all(client.clone());
@@ -336,7 +480,9 @@ impl NodeSim {
             cp,
             client,
             ns: ns.to_string(),
-            selector: selector.to_string(),
+            selector: options.selector,
+            in_cluster: options.in_cluster,
+            pod_net,
             programs,
             dir,
             run,
@@ -433,7 +579,14 @@ impl NodeSim {
         }
         // The node's network is gone with it: take its links down (kept for clean-up).
         for sb in dead_links {
-            let _ = ip(&["link", "set", &sb.host_if, "down"]).await;
+            match &sb.host_ns {
+                Some(host_ns) => {
+                    let _ = ip(&["-n", host_ns, "link", "set", &sb.host_if, "down"]).await;
+                }
+                None => {
+                    let _ = ip(&["link", "set", &sb.host_if, "down"]).await;
+                }
+            }
             for (ifname, _) in &sb.networks {
                 let _ = ip(&["-n", &sb.netns, "link", "set", ifname, "down"]).await;
             }
@@ -588,7 +741,10 @@ fn destroy_entry(mut entry: PodEntry) {
     }
     if let Some(sb) = &entry.sandbox {
         ip_sync(&["netns", "delete", &sb.netns]);
-        ip_sync(&["link", "delete", &sb.host_if]);
+        // (A port of the pod bridge goes with the pod's namespace.)
+        if sb.host_ns.is_none() {
+            ip_sync(&["link", "delete", &sb.host_if]);
+        }
     }
 }
 
@@ -621,6 +777,9 @@ impl Drop for NodeSim {
             destroy_entry(entry);
         }
         ip_sync(&["netns", "delete", &self.inner.fabric]);
+        if let Some(net) = &self.inner.pod_net {
+            ip_sync(&["link", "delete", &net.root_if]);
+        }
         // Node objects are cluster-wide: remove ours so other tests never see them. Drop
         // cannot await, and a kube Client is bound to its runtime: use a thread of our own.
         let cp = self.inner.cp;
@@ -814,9 +973,10 @@ impl Inner {
                                 .as_ref()
                                 .and_then(|s| s.termination_grace_period_seconds))
                             .unwrap_or(30);
-                        let grace = Duration::from_secs(grace.max(0) as u64).min(MAX_GRACE);
+                        let declared = Duration::from_secs(grace.max(0) as u64);
+                        let grace = declared.min(MAX_GRACE);
                         if *entry.stop.borrow() == Stop::Run {
-                            let _ = entry.stop.send(Stop::Delete { grace });
+                            let _ = entry.stop.send(Stop::Delete { grace, declared });
                         }
                     }
                     Some(_) => {}
@@ -1039,6 +1199,7 @@ impl Inner {
         let mut sandbox = Sandbox {
             netns: netns.clone(),
             host_if: host_if.clone(),
+            host_ns: self.pod_net.as_ref().map(|_| self.fabric.clone()),
             pod_ip: Ipv4Addr::UNSPECIFIED,
             networks: Vec::new(),
         };
@@ -1048,20 +1209,59 @@ impl Inner {
             e.sandbox = Some(sandbox.clone());
         }
         ip(&["-n", &netns, "link", "set", "lo", "up"]).await?;
-        let (host_ip, pod_ip) = alloc_subnet(n).await?;
+        let (host_ip, pod_ip, prefix) = match &self.pod_net {
+            None => {
+                let (host_ip, pod_ip) = alloc_subnet(n).await?;
+                ip(&[
+                    "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+                    &netns,
+                ])
+                .await?;
+                ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]).await?;
+                ip(&["link", "set", &host_if, "up"]).await?;
+                (host_ip, pod_ip, 30)
+            }
+            Some(net) => {
+                let pod_ip = self.alloc_bridged(net, &uid)?;
+                ip(&[
+                    "-n",
+                    &self.fabric,
+                    "link",
+                    "add",
+                    &host_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &netns,
+                ])
+                .await?;
+                ip(&[
+                    "-n",
+                    &self.fabric,
+                    "link",
+                    "set",
+                    &host_if,
+                    "master",
+                    &net.bridge,
+                    "up",
+                ])
+                .await?;
+                (Ipv4Addr::from(u32::from(net.base) + 1), pod_ip, 24)
+            }
+        };
         sandbox.pod_ip = pod_ip;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-        ])
-        .await?;
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]).await?;
-        ip(&["link", "set", &host_if, "up"]).await?;
+        if let Some(e) = self.lock().pods.get_mut(&uid) {
+            e.sandbox = Some(sandbox.clone());
+        }
         ip(&[
             "-n",
             &netns,
             "addr",
             "add",
-            &format!("{pod_ip}/30"),
+            &format!("{pod_ip}/{prefix}"),
             "dev",
             "eth0",
         ])
@@ -1113,6 +1313,26 @@ impl Inner {
             e.sandbox = Some(sandbox.clone());
         }
         Ok(sandbox)
+    }
+
+    /// A free address of the pod bridge's /24 for pod `uid` (none of our sandboxes holds it).
+    fn alloc_bridged(&self, net: &PodNet, uid: &str) -> Result<Ipv4Addr> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let state = self.lock();
+        let used: HashSet<Ipv4Addr> = state
+            .pods
+            .iter()
+            .filter(|(u, _)| u.as_str() != uid)
+            .filter_map(|(_, e)| e.sandbox.as_ref().map(|s| s.pod_ip))
+            .collect();
+        for _ in 0..253 {
+            let host = 2 + NEXT.fetch_add(1, Ordering::Relaxed) % 253;
+            let candidate = Ipv4Addr::from(u32::from(net.base) + host);
+            if !used.contains(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        bail!("the pod network {}/24 is full", net.base)
     }
 
     /// A listener on 127.0.0.1:6443 inside the pod's namespace whose connections go to the
@@ -1257,32 +1477,11 @@ impl Inner {
                 env.push((pass.to_string(), v));
             }
         }
-        let spec = pod.spec.as_ref();
         for var in c.env.iter().flatten() {
             let value = if let Some(v) = &var.value {
                 Some(v.clone())
             } else if let Some(field) = var.value_from.as_ref().and_then(|f| f.field_ref.as_ref()) {
-                let path = field.field_path.as_str();
-                let from_map = |map: Option<&BTreeMap<String, String>>, prefix: &str| {
-                    let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
-                    map?.get(key).cloned()
-                };
-                match path {
-                    "metadata.name" => Some(pod.name_any()),
-                    "metadata.namespace" => Some(self.ns.clone()),
-                    "metadata.uid" => pod.metadata.uid.clone(),
-                    "spec.nodeName" => spec.and_then(|s| s.node_name.clone()),
-                    "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()),
-                    "status.podIP" | "status.podIPs" => Some(pod_ip.to_string()),
-                    "status.hostIP" | "status.hostIPs" => Some("127.0.0.1".into()),
-                    p if p.starts_with("metadata.labels['") => {
-                        from_map(pod.metadata.labels.as_ref(), "metadata.labels['")
-                    }
-                    p if p.starts_with("metadata.annotations['") => {
-                        from_map(pod.metadata.annotations.as_ref(), "metadata.annotations['")
-                    }
-                    _ => None,
-                }
+                kubelet::field_value(pod, &self.ns, &field.field_path, &pod_ip.to_string())
             } else {
                 None
             };
@@ -1296,6 +1495,219 @@ impl Inner {
             }
         }
         env
+    }
+
+    /// The environment of a container in in-cluster mode: what a container runtime gives
+    /// (PATH, HOME), what the kubelet adds (`KUBERNETES_SERVICE_*`, here the forwarder in
+    /// the pod's namespace), `envFrom` and `env` with their sources read now.
+    async fn in_cluster_env(
+        &self,
+        pod: &Pod,
+        c: &Container,
+        pod_ip: Ipv4Addr,
+        dir: &Path,
+    ) -> Result<Vec<(String, String)>, NotReady> {
+        let port = POD_APISERVER_PORT.to_string();
+        let mut env = vec![
+            (
+                "PATH".to_string(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            ),
+            ("HOME".to_string(), dir.display().to_string()),
+            ("HOSTNAME".to_string(), pod.name_any()),
+            ("KUBERNETES_SERVICE_HOST".to_string(), "127.0.0.1".into()),
+            ("KUBERNETES_SERVICE_PORT".to_string(), port.clone()),
+            ("KUBERNETES_SERVICE_PORT_HTTPS".to_string(), port.clone()),
+            (
+                "KUBERNETES_PORT".to_string(),
+                format!("tcp://127.0.0.1:{port}"),
+            ),
+        ];
+        for pass in ["RUST_LOG", "RUST_BACKTRACE"] {
+            if let Ok(v) = std::env::var(pass) {
+                env.push((pass.to_string(), v));
+            }
+        }
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let secret_data = |s: k8s_openapi::api::core::v1::Secret| -> BTreeMap<String, String> {
+            s.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .collect()
+        };
+        let config_data = |m: k8s_openapi::api::core::v1::ConfigMap| m.data.unwrap_or_default();
+        let missing = |kind: &str, name: &str| {
+            NotReady::Wait(format!(
+                "CreateContainerConfigError: {kind} \"{name}\" not found"
+            ))
+        };
+        for from in c.env_from.iter().flatten() {
+            let prefix = from.prefix.clone().unwrap_or_default();
+            let data = if let Some(s) = &from.secret_ref {
+                match secrets.get_opt(&s.name).await? {
+                    Some(secret) => secret_data(secret),
+                    None if s.optional.unwrap_or(false) => BTreeMap::new(),
+                    None => return Err(missing("secret", &s.name)),
+                }
+            } else if let Some(m) = &from.config_map_ref {
+                match maps.get_opt(&m.name).await? {
+                    Some(map) => config_data(map),
+                    None if m.optional.unwrap_or(false) => BTreeMap::new(),
+                    None => return Err(missing("configmap", &m.name)),
+                }
+            } else {
+                BTreeMap::new()
+            };
+            env.extend(data.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+        }
+        for var in c.env.iter().flatten() {
+            let from = var.value_from.as_ref();
+            let value = if let Some(v) = &var.value {
+                Some(v.clone())
+            } else if let Some(field) = from.and_then(|f| f.field_ref.as_ref()) {
+                kubelet::field_value(pod, &self.ns, &field.field_path, &pod_ip.to_string())
+            } else if let Some(key) = from.and_then(|f| f.secret_key_ref.as_ref()) {
+                let found = secrets
+                    .get_opt(&key.name)
+                    .await?
+                    .map(secret_data)
+                    .and_then(|d| d.get(&key.key).cloned());
+                match found {
+                    Some(v) => Some(v),
+                    None if key.optional.unwrap_or(false) => None,
+                    None => {
+                        return Err(missing("secret key", &format!("{}/{}", key.name, key.key)));
+                    }
+                }
+            } else if let Some(key) = from.and_then(|f| f.config_map_key_ref.as_ref()) {
+                let found = maps
+                    .get_opt(&key.name)
+                    .await?
+                    .map(config_data)
+                    .and_then(|d| d.get(&key.key).cloned());
+                match found {
+                    Some(v) => Some(v),
+                    None if key.optional.unwrap_or(false) => None,
+                    None => {
+                        return Err(missing(
+                            "configmap key",
+                            &format!("{}/{}", key.name, key.key),
+                        ));
+                    }
+                }
+            } else {
+                self.log(&format!(
+                    "pod {}: env {} has a source the simulator does not support",
+                    pod.name_any(),
+                    var.name
+                ));
+                None
+            };
+            if let Some(v) = value {
+                env.push((var.name.clone(), v));
+            }
+        }
+        Ok(env)
+    }
+
+    /// The process of container `c` (of the pod as `launch` shows it).
+    async fn container_command(
+        &self,
+        launch: &Launch,
+        c: &Container,
+        bin: &Path,
+        args: &[String],
+        sandbox: &Sandbox,
+        dir: &Path,
+    ) -> Result<std::process::Command, NotReady> {
+        match launch {
+            Launch::Kubeconfig { pod, kubeconfig } => {
+                let mut cmd = netns_command(&sandbox.netns, bin, args, dir);
+                cmd.envs(self.env(pod, c, sandbox.pod_ip, kubeconfig));
+                Ok(cmd)
+            }
+            Launch::InCluster(volumes) => {
+                let env = self
+                    .in_cluster_env(volumes.pod(), c, sandbox.pod_ip, dir)
+                    .await?;
+                let mounts = volumes.mounts(c)?;
+                let stage = dir.join(format!("stage-{}", c.name));
+                Ok(kubelet::command(
+                    &sandbox.netns,
+                    bin,
+                    args,
+                    &env,
+                    &mounts,
+                    &stage,
+                    c.working_dir.as_deref(),
+                )?)
+            }
+        }
+    }
+
+    /// In-cluster mode: the pod's volumes, once everything they need exists; the pod shows
+    /// ContainerCreating (with the kubelet's message) meanwhile. `None`: told to stop.
+    async fn wait_volumes(
+        &self,
+        pod: &Pod,
+        dir: &Path,
+        sandbox: &Sandbox,
+        base: &Value,
+        stop: &mut watch::Receiver<Stop>,
+    ) -> Result<Option<kubelet::PodVolumes>> {
+        let name = pod.name_any();
+        let mut said = String::new();
+        loop {
+            match kubelet::PodVolumes::new(
+                &self.client,
+                pod,
+                &self.cp.ca.cert_pem(),
+                &sandbox.pod_ip.to_string(),
+                &dir.join("volumes"),
+            )
+            .await
+            {
+                Ok(v) => return Ok(Some(v)),
+                Err(NotReady::Fail(e)) => {
+                    let message = format!("{e:#}");
+                    let mut status = base.clone();
+                    status["phase"] = "Pending".into();
+                    status["containerStatuses"] = json!(
+                        pod.spec
+                            .iter()
+                            .flat_map(|s| s.containers.iter())
+                            .map(|c| waiting_status(c, "CreateContainerConfigError", &message))
+                            .collect::<Vec<_>>()
+                    );
+                    self.patch_pod_status(&name, &status).await;
+                    return Err(e);
+                }
+                Err(NotReady::Wait(message)) => {
+                    if message != said {
+                        self.log(&format!("pod {name}: {message}"));
+                        let mut status = base.clone();
+                        status["phase"] = "Pending".into();
+                        status["containerStatuses"] = json!(
+                            pod.spec
+                                .iter()
+                                .flat_map(|s| s.containers.iter())
+                                .map(|c| waiting_status(c, "ContainerCreating", &message))
+                                .collect::<Vec<_>>()
+                        );
+                        self.patch_pod_status(&name, &status).await;
+                        said = message;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return Ok(None),
+            }
+        }
     }
 
     /// Starts a container's process unless the pod's node was lost meanwhile; the lock makes
@@ -1330,6 +1742,23 @@ impl Inner {
         Some(status)
     }
 
+    /// Kills a container's process (a failed liveness or startup probe); its exit is then
+    /// seen as any other.
+    fn kill_container(&self, uid: &str, name: &str) {
+        if let Some(pid) = self
+            .lock()
+            .pods
+            .get(uid)
+            .and_then(|e| e.procs.get(name))
+            .map(Process::id)
+        {
+            // SAFETY: plain syscall on the pid of a child we have not reaped yet.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+
     async fn run_pod(self: Arc<Self>, pod: Pod, mut stop: watch::Receiver<Stop>) {
         let name = pod.name_any();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -1342,7 +1771,10 @@ impl Inner {
             let current = *stop.borrow_and_update();
             match current {
                 Stop::Lost => return,
-                Stop::Delete { grace } => {
+                Stop::Delete { grace, declared } => {
+                    if self.in_cluster {
+                        self.pre_stop(&pod, &uid, declared.min(MAX_PRE_STOP)).await;
+                    }
                     self.terminate(&uid, grace).await;
                     let entry = self.lock().pods.remove(&uid);
                     if let Some(mut entry) = entry {
@@ -1360,6 +1792,61 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The preStop hooks of the pod's running containers, all at once, within `limit`.
+    async fn pre_stop(&self, pod: &Pod, uid: &str, limit: Duration) {
+        let (running, sandbox) = {
+            let state = self.lock();
+            match state.pods.get(uid) {
+                Some(e) => (
+                    e.procs.keys().cloned().collect::<HashSet<String>>(),
+                    e.sandbox.clone(),
+                ),
+                None => return,
+            }
+        };
+        let Some(sandbox) = sandbox else { return };
+        let hooks = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .filter(|c| running.contains(&c.name))
+            .filter_map(|c| {
+                let hook = c.lifecycle.as_ref()?.pre_stop.clone()?;
+                Some((c.clone(), hook))
+            })
+            .map(|(c, hook)| {
+                let sandbox = sandbox.clone();
+                async move {
+                    if let Some(sleep) = &hook.sleep {
+                        tokio::time::sleep(Duration::from_secs(sleep.seconds.max(0) as u64)).await;
+                    } else if let Some(http) = &hook.http_get {
+                        let probe = Probe {
+                            http_get: Some(http.clone()),
+                            ..Probe::default()
+                        };
+                        run_probe(&probe, &c, sandbox.pod_ip, &sandbox.netns).await;
+                    } else if let Some(exec) = &hook.exec {
+                        let _ = tokio::process::Command::new("ip")
+                            .args(["netns", "exec", &sandbox.netns])
+                            .args(exec.command.iter().flatten())
+                            .kill_on_drop(true)
+                            .status()
+                            .await;
+                    }
+                }
+            })
+            .collect::<Vec<_>>();
+        if hooks.is_empty() {
+            return;
+        }
+        self.log(&format!(
+            "pod {}: running {} preStop hook(s)",
+            pod.name_any(),
+            hooks.len()
+        ));
+        let _ = tokio::time::timeout(limit, futures::future::join_all(hooks)).await;
     }
 
     /// SIGTERM, up to `grace` for the processes to exit, then SIGKILL.
@@ -1419,8 +1906,11 @@ impl Inner {
     async fn run_pod_inner(&self, pod: &Pod, stop: &mut watch::Receiver<Stop>) -> Result<()> {
         let name = pod.name_any();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let spec = pod.spec.clone().context("pod without spec")?;
-        let node = spec.node_name.clone().unwrap_or_default();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
         let dir = self
             .dir
             .join(format!("{name}-{}", &uid[..uid.len().min(8)]));
@@ -1437,8 +1927,25 @@ impl Inner {
         if let Some(e) = self.lock().pods.get_mut(&uid) {
             e.forwarder = Some(forwarder);
         }
-        let kubeconfig = self.pod_kubeconfig(pod, &dir).await?;
         let start_time = now();
+        let mut base = json!({
+            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": sandbox.pod_ip.to_string(), "podIPs": [{"ip": sandbox.pod_ip.to_string()}],
+            "startTime": start_time,
+        });
+        let mut launch = if self.in_cluster {
+            match self.wait_volumes(pod, &dir, &sandbox, &base, stop).await? {
+                Some(volumes) => Launch::InCluster(Box::new(volumes)),
+                None => return Ok(()),
+            }
+        } else {
+            Launch::Kubeconfig {
+                pod: Box::new(pod.clone()),
+                kubeconfig: self.pod_kubeconfig(pod, &dir).await?,
+            }
+        };
+        // The containers as they run (in-cluster mode: with the token volume's mounts).
+        let spec = launch.pod().spec.clone().context("pod without spec")?;
         let restart_policy = spec
             .restart_policy
             .clone()
@@ -1448,11 +1955,6 @@ impl Inner {
             sandbox.netns, sandbox.pod_ip
         ));
 
-        let mut base = json!({
-            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": sandbox.pod_ip.to_string(), "podIPs": [{"ip": sandbox.pod_ip.to_string()}],
-            "startTime": start_time,
-        });
         let mut init_statuses = Vec::new();
         for c in spec.init_containers.iter().flatten() {
             let Some((bin, args)) = self.resolve(c) else {
@@ -1468,8 +1970,20 @@ impl Inner {
             };
             let mut restarts = 0;
             loop {
-                let mut cmd = netns_command(&sandbox.netns, &bin, &args, &dir);
-                cmd.envs(self.env(pod, c, sandbox.pod_ip, &kubeconfig));
+                let cmd = match self
+                    .container_command(&launch, c, &bin, &args, &sandbox, &dir)
+                    .await
+                {
+                    Ok(cmd) => cmd,
+                    Err(NotReady::Fail(e)) => return Err(e),
+                    Err(NotReady::Wait(message)) => {
+                        self.log(&format!("pod {name} init container {}: {message}", c.name));
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = stop.changed() => return Ok(()),
+                        }
+                    }
+                };
                 let log = dir.join(format!("{}.log", c.name));
                 if self.spawn_container(&uid, &c.name, cmd, &log)?.is_none() {
                     return Ok(());
@@ -1547,10 +2061,29 @@ impl Inner {
                 next_probe: Instant::now(),
                 successes: 0,
                 failures: 0,
+                started_at: Instant::now(),
+                startup_ok: false,
+                next_live: Instant::now(),
+                live_failures: 0,
             });
         }
         let mut written = Value::Null;
+        let mut sync_failing = false;
         loop {
+            // In-cluster mode: Secrets, ConfigMaps and tokens reach the volumes.
+            if let Launch::InCluster(volumes) = &mut launch
+                && volumes.due(VOLUME_SYNC)
+            {
+                match volumes.sync(&self.client).await {
+                    Ok(()) => sync_failing = false,
+                    Err(e) => {
+                        if !sync_failing {
+                            self.log(&format!("pod {name}: syncing volumes: {e:?}"));
+                        }
+                        sync_failing = true;
+                    }
+                }
+            }
             for c in containers.iter_mut() {
                 // Exit: record it and decide on a restart.
                 if c.started
@@ -1586,23 +2119,102 @@ impl Inner {
                 // (Re)start when due.
                 if c.next_start.is_some_and(|t| Instant::now() >= t) {
                     c.next_start = None;
-                    let mut cmd = netns_command(&sandbox.netns, &c.bin, &c.args, &dir);
-                    cmd.envs(self.env(pod, &c.spec, sandbox.pod_ip, &kubeconfig));
-                    let log = dir.join(format!("{}.log", c.spec.name));
-                    match self.spawn_container(&uid, &c.spec.name, cmd, &log)? {
-                        Some(pid) => {
+                    let cmd = match self
+                        .container_command(&launch, &c.spec, &c.bin, &c.args, &sandbox, &dir)
+                        .await
+                    {
+                        Ok(cmd) => Some(cmd),
+                        Err(NotReady::Wait(message)) => {
+                            c.state = json!({"waiting": {"reason": "CreateContainerConfigError",
+                                                         "message": message}});
+                            c.next_start = Some(Instant::now() + Duration::from_secs(1));
+                            None
+                        }
+                        Err(NotReady::Fail(e)) => {
+                            c.state = json!({"waiting": {"reason": "CreateContainerError",
+                                                         "message": format!("{e:#}")}});
+                            c.next_start = Some(Instant::now() + Duration::from_secs(2));
+                            self.log(&format!("pod {name} container {}: {e:#}", c.spec.name));
+                            None
+                        }
+                    };
+                    if let Some(cmd) = cmd {
+                        let log = dir.join(format!("{}.log", c.spec.name));
+                        match self.spawn_container(&uid, &c.spec.name, cmd, &log)? {
+                            Some(pid) => {
+                                self.log(&format!(
+                                    "pod {name} container {} started: pid {pid}",
+                                    c.spec.name
+                                ));
+                                c.started = true;
+                                c.state = json!({"running": {"startedAt": now()}});
+                                c.successes = 0;
+                                c.failures = 0;
+                                c.started_at = Instant::now();
+                                c.live_failures = 0;
+                                // Only the in-cluster kubelet runs startup and liveness probes.
+                                c.startup_ok = !self.in_cluster || c.spec.startup_probe.is_none();
+                                let first = if c.startup_ok {
+                                    c.spec.readiness_probe.as_ref()
+                                } else {
+                                    c.spec.startup_probe.as_ref()
+                                };
+                                c.next_probe = Instant::now() + initial_delay(first);
+                                c.next_live = Instant::now()
+                                    + c.spec
+                                        .liveness_probe
+                                        .as_ref()
+                                        .map(|p| full_period(p) + full_initial_delay(p))
+                                        .unwrap_or_default();
+                            }
+                            None => return Ok(()),
+                        }
+                    }
+                }
+                if c.started && !c.startup_ok {
+                    // Startup probe: nothing else runs until it passes; the container is
+                    // killed when it has not passed within failureThreshold × period.
+                    if let Some(probe) = &c.spec.startup_probe
+                        && Instant::now() >= c.next_probe
+                    {
+                        c.next_probe = Instant::now() + period(probe);
+                        if run_probe(probe, &c.spec, sandbox.pod_ip, &sandbox.netns).await {
+                            c.startup_ok = true;
+                            c.next_probe = Instant::now();
+                        } else {
+                            let budget = full_initial_delay(probe)
+                                + full_period(probe)
+                                    * probe.failure_threshold.unwrap_or(3).max(1) as u32;
+                            if c.started_at.elapsed() > budget {
+                                self.log(&format!(
+                                    "pod {name} container {} failed its startup probe: killed",
+                                    c.spec.name
+                                ));
+                                self.kill_container(&uid, &c.spec.name);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                // Liveness (in-cluster mode), at the probe's own period.
+                if c.started
+                    && self.in_cluster
+                    && let Some(probe) = &c.spec.liveness_probe
+                    && Instant::now() >= c.next_live
+                {
+                    c.next_live = Instant::now() + full_period(probe);
+                    if run_probe(probe, &c.spec, sandbox.pod_ip, &sandbox.netns).await {
+                        c.live_failures = 0;
+                    } else {
+                        c.live_failures += 1;
+                        if c.live_failures >= probe.failure_threshold.unwrap_or(3).max(1) as u32 {
                             self.log(&format!(
-                                "pod {name} container {} started: pid {pid}",
+                                "pod {name} container {} failed its liveness probe: killed",
                                 c.spec.name
                             ));
-                            c.started = true;
-                            c.state = json!({"running": {"startedAt": now()}});
-                            c.successes = 0;
-                            c.failures = 0;
-                            c.next_probe =
-                                Instant::now() + initial_delay(c.spec.readiness_probe.as_ref());
+                            c.live_failures = 0;
+                            self.kill_container(&uid, &c.spec.name);
                         }
-                        None => return Ok(()),
                     }
                 }
                 // Readiness.
@@ -1693,6 +2305,23 @@ impl Inner {
     }
 }
 
+/// How a pod's containers are run: with a kubeconfig file (the simulator's original mode),
+/// or as a cluster's kubelet does ([`NodeSim::start_in_cluster`]).
+enum Launch {
+    Kubeconfig { pod: Box<Pod>, kubeconfig: PathBuf },
+    InCluster(Box<kubelet::PodVolumes>),
+}
+
+impl Launch {
+    /// The pod as its containers see it.
+    fn pod(&self) -> &Pod {
+        match self {
+            Launch::Kubeconfig { pod, .. } => pod,
+            Launch::InCluster(v) => v.pod(),
+        }
+    }
+}
+
 struct ContainerRun {
     spec: Container,
     bin: PathBuf,
@@ -1707,13 +2336,20 @@ struct ContainerRun {
     next_probe: Instant,
     successes: u32,
     failures: u32,
+    /// When the current process started.
+    started_at: Instant,
+    /// The startup probe passed (or there is none).
+    startup_ok: bool,
+    next_live: Instant,
+    live_failures: u32,
 }
 
 impl ContainerRun {
     fn status(&self) -> Value {
         json!({"name": self.spec.name, "image": self.spec.image, "imageID": "",
                "containerID": format!("sim://{}", self.bin.display()),
-               "ready": self.ready, "started": self.started, "restartCount": self.restarts,
+               "ready": self.ready, "started": self.started && self.startup_ok,
+               "restartCount": self.restarts,
                "state": self.state, "lastState": self.last_state})
     }
 }
@@ -1739,6 +2375,15 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 
 fn period(probe: &Probe) -> Duration {
     Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64).min(MAX_PROBE_PERIOD)
+}
+
+/// A probe's own period (liveness probes and startup budgets are not shortened).
+fn full_period(probe: &Probe) -> Duration {
+    Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64)
+}
+
+fn full_initial_delay(probe: &Probe) -> Duration {
+    Duration::from_secs(probe.initial_delay_seconds.unwrap_or(0).max(0) as u64)
 }
 
 fn initial_delay(probe: Option<&Probe>) -> Duration {
@@ -1785,12 +2430,13 @@ async fn run_probe(probe: &Probe, c: &Container, ip: Ipv4Addr, netns: &str) -> b
         if let Some(http) = &probe.http_get {
             let port = probe_port(&http.port, c)?;
             let path = http.path.as_deref().unwrap_or("/");
-            let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
-            // HTTPS probes would need TLS; the kubelet skips verification, we only check that
-            // something accepts the connection.
             if http.scheme.as_deref() == Some("HTTPS") {
-                return Some(true);
+                // TLS without verifying the certificate, as the kubelet probes.
+                let host = http.host.clone().unwrap_or_else(|| ip.to_string());
+                let code = kubelet::https_status(ip, port, path, &host).await?;
+                return Some((200..400).contains(&code));
             }
+            let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
             let request = format!(
                 "GET {path} HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/nodesim\r\n\r\n"
             );
