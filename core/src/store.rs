@@ -156,47 +156,58 @@ fn parse_ip(text: &str) -> Option<IpAddr> {
 
 /// The holding an address object records.
 pub fn holding_of_address(obj: &IPPoolAddress) -> Result<Holding, BadObject> {
-    let bad = |what: String| BadObject {
-        kind: "IPPoolAddress",
-        name: obj.metadata.name.clone().unwrap_or_default(),
-        what,
-    };
-    let ip = parse_ip(&obj.spec.address)
-        .ok_or_else(|| bad(format!("address {:?} is not an IP", obj.spec.address)))?;
-    let mac = obj
-        .spec
-        .mac_address
-        .parse()
-        .map_err(|e| bad(format!("macAddress: {e}")))?;
-    Ok(Holding {
-        ip,
-        mac,
-        owner: obj.spec.owner.clone().filter(|o| !o.is_empty()),
-        static_: obj.spec.static_,
-        interface: obj.spec.interface.clone(),
+    let s = &obj.spec;
+    holding_of(
+        "IPPoolAddress",
+        &obj.metadata.name,
+        &s.address,
+        &s.mac_address,
+        &s.owner,
+    )
+    .map(|h| Holding {
+        static_: s.static_,
+        interface: s.interface.clone(),
+        ..h
     })
 }
 
 /// The holding a claim records (the address it names).
 pub fn holding_of_claim(obj: &IPPoolMACClaim) -> Result<Holding, BadObject> {
+    let s = &obj.spec;
+    holding_of(
+        "IPPoolMACClaim",
+        &obj.metadata.name,
+        &s.address,
+        &s.mac_address,
+        &s.owner,
+    )
+    .map(|h| Holding {
+        static_: s.static_,
+        interface: s.interface.clone(),
+        ..h
+    })
+}
+
+fn holding_of(
+    kind: &'static str,
+    name: &Option<String>,
+    address: &str,
+    mac: &str,
+    owner: &Option<String>,
+) -> Result<Holding, BadObject> {
     let bad = |what: String| BadObject {
-        kind: "IPPoolMACClaim",
-        name: obj.metadata.name.clone().unwrap_or_default(),
+        kind,
+        name: name.clone().unwrap_or_default(),
         what,
     };
-    let ip = parse_ip(&obj.spec.address)
-        .ok_or_else(|| bad(format!("address {:?} is not an IP", obj.spec.address)))?;
-    let mac = obj
-        .spec
-        .mac_address
-        .parse()
-        .map_err(|e| bad(format!("macAddress: {e}")))?;
+    let ip = parse_ip(address).ok_or_else(|| bad(format!("address {address:?} is not an IP")))?;
+    let mac = mac.parse().map_err(|e| bad(format!("macAddress: {e}")))?;
     Ok(Holding {
         ip,
         mac,
-        owner: obj.spec.owner.clone().filter(|o| !o.is_empty()),
-        static_: obj.spec.static_,
-        interface: obj.spec.interface.clone(),
+        owner: owner.clone().filter(|o| !o.is_empty()),
+        static_: false,
+        interface: None,
     })
 }
 

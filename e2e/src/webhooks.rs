@@ -294,15 +294,23 @@ pub async fn self_managed_binary(
     Ok(proc)
 }
 
-/// The address objects of a pool (the allocation store's truth): address → spec.
-pub async fn addresses(ns: &TestNamespace, pool: &str) -> BTreeMap<String, IPPoolAddressSpec> {
+/// The objects of kind `K` labelled for `pool`.
+async fn of_pool<K>(ns: &TestNamespace, pool: &str) -> Vec<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     let lp = kube::api::ListParams::default()
         .labels(&format!("{}={pool}", vm_dhcp_core::store::POOL_LABEL));
-    ns.api::<IPPoolAddress>()
-        .list(&lp)
+    ns.api::<K>().list(&lp).await.expect("list the store").items
+}
+
+/// The address objects of a pool (the allocation store's truth): address → spec.
+pub async fn addresses(ns: &TestNamespace, pool: &str) -> BTreeMap<String, IPPoolAddressSpec> {
+    of_pool::<IPPoolAddress>(ns, pool)
         .await
-        .expect("list ippooladdresses")
-        .items
         .into_iter()
         .map(|a| (a.spec.address.clone(), a.spec))
         .collect()
@@ -310,13 +318,8 @@ pub async fn addresses(ns: &TestNamespace, pool: &str) -> BTreeMap<String, IPPoo
 
 /// The MAC claims of a pool: MAC → spec.
 pub async fn claims(ns: &TestNamespace, pool: &str) -> BTreeMap<String, IPPoolMACClaimSpec> {
-    let lp = kube::api::ListParams::default()
-        .labels(&format!("{}={pool}", vm_dhcp_core::store::POOL_LABEL));
-    ns.api::<IPPoolMACClaim>()
-        .list(&lp)
+    of_pool::<IPPoolMACClaim>(ns, pool)
         .await
-        .expect("list ippoolmacclaims")
-        .items
         .into_iter()
         .map(|c| (c.spec.mac_address.clone(), c.spec))
         .collect()

@@ -464,44 +464,38 @@ pub async fn start(
     use kube::runtime::{WatchStreamExt as _, reflector, watcher};
     use vm_dhcp_core::crd::{IPPoolAddress, IPPoolMACClaim};
 
-    fn drain<S, T, E>(what: &'static str, stream: S)
+    /// A cache of every `K` in the cluster, kept by a watch that retries with backoff.
+    fn cache<K>(client: &kube::Client) -> Store<K>
     where
-        S: futures::Stream<Item = Result<T, E>> + Send + 'static,
-        E: std::fmt::Display,
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
     {
+        let (store, writer) = reflector::store();
+        let stream = reflector(
+            writer,
+            watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .applied_objects();
+        let kind = K::kind(&()).to_string();
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 if let Err(e) = event {
-                    tracing::warn!(error = %e, "{what} watch failed; retrying");
+                    tracing::warn!(error = %e, "{kind} watch failed; retrying");
                 }
             }
         });
+        store
     }
 
-    let (pools, writer) = reflector::store();
-    let stream = reflector(
-        writer,
-        watcher(
-            Api::<IPPool>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .applied_objects();
-    drain("IPPool", stream);
-
-    let (claims, writer) = reflector::store();
-    let stream = reflector(
-        writer,
-        watcher(
-            Api::<IPPoolMACClaim>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .applied_objects();
-    drain("IPPoolMACClaim", stream);
+    let pools: Store<IPPool> = cache(&client);
+    let claims: Store<IPPoolMACClaim> = cache(&client);
 
     let pending: Arc<std::sync::Mutex<std::collections::HashMap<_, _>>> = Arc::default();
     let seen = pending.clone();
