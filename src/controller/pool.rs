@@ -347,6 +347,27 @@ fn claims_of(ctx: &Ctx, key: &PoolKey) -> BTreeMap<MacAddr, (IpAddr, Option<Stri
         .collect()
 }
 
+/// Records what `clock` sees of one pool now; returns what has been so for `grace`, and
+/// schedules the pool again for the next one to come due.
+fn observe_due(
+    ctx: &Arc<Ctx>,
+    clock: &std::sync::Mutex<decide::OrphanClock>,
+    key: &PoolKey,
+    seen: &[(Ipv4Addr, MacAddr)],
+    grace: Duration,
+) -> Vec<(Ipv4Addr, MacAddr)> {
+    let (ns, name) = key;
+    let mut clock = clock.lock().unwrap_or_else(|e| e.into_inner());
+    let due = clock.observe(&format!("{ns}/{name}"), seen, ctx.now(), grace);
+    if let Some(next) = clock.next_due(ctx.now(), grace) {
+        ctx.requeue_after(
+            Key::Pool(ns.clone(), name.clone()),
+            next + Duration::from_millis(200),
+        );
+    }
+    due
+}
+
 /// Deletes the half-made allocations that have been so for the grace period.
 async fn sweep_half_made(ctx: &Arc<Ctx>, key: &PoolKey, grace: Duration) -> Result<()> {
     let (ns, name) = key;
@@ -378,17 +399,7 @@ async fn sweep_half_made(ctx: &Arc<Ctx>, key: &PoolKey, grace: Duration) -> Resu
         })
         .collect();
     let pool_key = format!("{ns}/{name}");
-    let due = {
-        let mut clock = ctx.half_made.lock().unwrap_or_else(|e| e.into_inner());
-        let due = clock.observe(&pool_key, &marks, ctx.now(), grace);
-        if let Some(next) = clock.next_due(ctx.now(), grace) {
-            ctx.requeue_after(
-                Key::Pool(ns.clone(), name.clone()),
-                next + Duration::from_millis(200),
-            );
-        }
-        due
-    };
+    let due = observe_due(ctx, &ctx.half_made, key, &marks, grace);
     for (ip, mac) in due {
         let deleted = if ip.is_unspecified() {
             let api: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
@@ -1009,17 +1020,7 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
         }
         (orphans, adoptions)
     };
-    let due = {
-        let mut clock = ctx.orphans.lock().unwrap_or_else(|e| e.into_inner());
-        let due = clock.observe(&key, &orphans, ctx.now(), grace);
-        if let Some(next) = clock.next_due(ctx.now(), grace) {
-            ctx.requeue_after(
-                Key::Pool(ns.into(), name.into()),
-                next + Duration::from_millis(200),
-            );
-        }
-        due
-    };
+    let due = observe_due(ctx, &ctx.orphans, &store_key, &orphans, grace);
     adopt(ctx, &store_key, &adoptions).await?;
     let mut swept = Vec::new();
     for (ip, mac) in &due {
