@@ -1,10 +1,12 @@
 //! `vm-dhcp apiserver`: the aggregated API `dhcp.harvesterhci.io/v1alpha1` over HTTPS.
 //!
-//! The wiring around the `vm-dhcp-apiserver` crate: kube-rs watchers feed its engine
-//! (IPPools and agent pods), a poller reads each pool's active agent's lease view, TLS
-//! verifies the aggregator's client certificate against the requestheader CA of
-//! `kube-system/extension-apiserver-authentication` (reloaded when it rotates), and every
-//! request is authorized with a SubjectAccessReview.
+//! The wiring around the `vm-dhcp-apiserver` crate: watches feed its engine (one consistent
+//! snapshot of the IPPools and their IPPoolAddress objects, then a watch of each from that
+//! revision; the agent pods), a prober tells the engine how far the IPPool watch has come
+//! when an address change waits for it (see `vm_dhcp_apiserver::store`), a poller reads each
+//! pool's active agent's lease view, TLS verifies the aggregator's client certificate
+//! against the requestheader CA of `kube-system/extension-apiserver-authentication`
+//! (reloaded when it rotates), and every request is authorized with a SubjectAccessReview.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,7 +21,7 @@ use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams, VersionMatch, WatchEvent, WatchParams};
 use kube::runtime::watcher;
 use kube::runtime::{WatchStreamExt, watcher::Event};
 use tokio::sync::mpsc;
@@ -29,10 +31,10 @@ use vm_dhcp_apiserver::auth::{
     subject_access_review,
 };
 use vm_dhcp_apiserver::metrics::Metrics;
-use vm_dhcp_apiserver::store::{Change, Engine, SourceKind, SourceObject};
+use vm_dhcp_apiserver::store::{Change, Engine, PoolIdentity, SourceKind, SourceObject};
 use vm_dhcp_apiserver::views::{AGENT_LABEL, AGENT_LABEL_VALUE, AgentLeases, Key};
 use vm_dhcp_apiserver::{ApiServer, router};
-use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
 
 use crate::tls::{DynamicConfig, PeerCertificates, ReloadingCert, certified_key};
 
@@ -172,19 +174,13 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
     ));
 
     let (tx, rx) = mpsc::channel::<Change>(1024);
-    tokio::spawn(feed_engine(engine.clone(), rx, metrics));
-    tokio::spawn(watch_kind(
-        Api::<IPPool>::all(client.clone()),
-        watcher::Config::default(),
-        SourceKind::Pools,
-        SourceObject::Pool,
-        tx.clone(),
-    ));
-    tokio::spawn(watch_kind(
+    let (waiting_tx, waiting_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(feed_engine(engine.clone(), rx, metrics, waiting_tx));
+    tokio::spawn(watch_sources(client.clone(), tx.clone()));
+    tokio::spawn(order_sources(client.clone(), waiting_rx, tx.clone()));
+    tokio::spawn(watch_agents(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().labels(&format!("{AGENT_LABEL}={AGENT_LABEL_VALUE}")),
-        SourceKind::Agents,
-        SourceObject::Agent,
         tx.clone(),
     ));
     tokio::spawn(poll_leases(
@@ -280,11 +276,132 @@ async fn watch_authentication_config(
     }
 }
 
-/// One kind of source object into the engine: a complete listing at start and after each
-/// watch restart (`Replace`), then single changes.
-async fn watch_kind<K>(
+/// The agent pods into the engine: a complete listing at start and after each watch restart,
+/// then single changes (their order does not matter: they only say whom to ask for leases).
+async fn watch_agents(api: Api<Pod>, config: watcher::Config, tx: mpsc::Sender<Change>) {
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut listing = Vec::new();
+    while let Some(event) = stream.next().await {
+        let change = match event {
+            Ok(Event::Init) => {
+                listing.clear();
+                continue;
+            }
+            Ok(Event::InitApply(o)) => {
+                listing.push(o);
+                continue;
+            }
+            Ok(Event::InitDone) => Change::Agents(std::mem::take(&mut listing)),
+            Ok(Event::Apply(o)) => Change::Apply(SourceObject::Agent(o)),
+            Ok(Event::Delete(o)) => Change::Delete(SourceObject::Agent(o)),
+            Err(e) => {
+                tracing::warn!("agent pod watch failed, retrying: {e}");
+                continue;
+            }
+        };
+        if tx.send(change).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Page size of the address objects' snapshot list.
+const SNAPSHOT_PAGE: u32 = 5000;
+
+/// The IPPools and their address objects as of one revision: the IPPools listed (a
+/// consistent read), then the address objects at exactly that revision, page by page.
+async fn snapshot(pools: &Api<IPPool>, addresses: &Api<IPPoolAddress>) -> Result<Change> {
+    let listed = pools
+        .list(&ListParams::default())
+        .await
+        .context("listing the IPPools")?;
+    let revision = listed
+        .metadata
+        .resource_version
+        .clone()
+        .context("the IPPool list has no resourceVersion")?;
+    let mut objects = Vec::new();
+    let mut params = ListParams::default().limit(SNAPSHOT_PAGE);
+    params.resource_version = Some(revision.clone());
+    params.version_match = Some(VersionMatch::Exact);
+    loop {
+        let page = addresses
+            .list(&params)
+            .await
+            .with_context(|| format!("listing the IPPoolAddress objects at revision {revision}"))?;
+        objects.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params.continue_token = Some(token),
+            None => break,
+        }
+    }
+    Ok(Change::Snapshot {
+        revision: revision.parse().with_context(|| {
+            format!("the IPPool list's resourceVersion {revision:?} is not a number")
+        })?,
+        pools: listed.items,
+        addresses: objects,
+    })
+}
+
+/// The ordered sources (IPPools and IPPoolAddress objects): a snapshot, then a watch of each
+/// from its revision; when either watch loses its place (410 Gone: kube-apiserver no longer
+/// has the changes after our last version), both start over from a new snapshot.
+async fn watch_sources(client: kube::Client, tx: mpsc::Sender<Change>) {
+    let pools: Api<IPPool> = Api::all(client.clone());
+    let addresses: Api<IPPoolAddress> = Api::all(client);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let snap = match snapshot(&pools, &addresses).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    "{e:#}; retrying in {backoff:?} (does the server's identity have list on ippools and ippooladdresses?)"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(500);
+        let Change::Snapshot { revision, .. } = &snap else {
+            continue;
+        };
+        let from = revision.to_string();
+        tracing::info!(revision = %from, "IPPools and IPPoolAddress objects listed");
+        if tx.send(snap).await.is_err() {
+            return;
+        }
+        let mut on_pools = tokio::spawn(watch_from(
+            pools.clone(),
+            from.clone(),
+            SourceKind::Pools,
+            SourceObject::Pool,
+            tx.clone(),
+        ));
+        let mut on_addresses = tokio::spawn(watch_from(
+            addresses.clone(),
+            from,
+            SourceKind::Addresses,
+            SourceObject::Address,
+            tx.clone(),
+        ));
+        tokio::select! {
+            _ = &mut on_pools => on_addresses.abort(),
+            _ = &mut on_addresses => on_pools.abort(),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tracing::info!("a source watch lost its place (410): listing again");
+    }
+}
+
+/// Watches one ordered kind from `version` until it lost its place (410), resuming from the
+/// last version seen (event or bookmark) when the connection ends.
+async fn watch_from<K>(
     api: Api<K>,
-    config: watcher::Config,
+    mut version: String,
     kind: SourceKind,
     wrap: fn(K) -> SourceObject,
     tx: mpsc::Sender<Change>,
@@ -296,29 +413,159 @@ async fn watch_kind<K>(
         + Send
         + 'static,
 {
-    let mut stream = watcher(api, config).default_backoff().boxed();
-    let mut listing = Vec::new();
-    while let Some(event) = stream.next().await {
-        let change = match event {
-            Ok(Event::Init) => {
-                listing.clear();
-                continue;
-            }
-            Ok(Event::InitApply(o)) => {
-                listing.push(wrap(o));
-                continue;
-            }
-            Ok(Event::InitDone) => Change::Replace(kind, std::mem::take(&mut listing)),
-            Ok(Event::Apply(o)) => Change::Apply(wrap(o)),
-            Ok(Event::Delete(o)) => Change::Delete(wrap(o)),
+    let params = WatchParams::default().timeout(290);
+    loop {
+        let stream = match api.watch(&params, &version).await {
+            Ok(s) => s,
+            Err(kube::Error::Api(status)) if status.code == 410 => return,
             Err(e) => {
-                tracing::warn!(?kind, "watch failed, retrying: {e}");
+                tracing::warn!(?kind, "watch failed, retrying from {version}: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        if tx.send(change).await.is_err() {
-            return;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let change = match event {
+                Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
+                    version = o.meta().resource_version.clone().unwrap_or(version);
+                    Change::Apply(wrap(o))
+                }
+                Ok(WatchEvent::Deleted(o)) => {
+                    version = o.meta().resource_version.clone().unwrap_or(version);
+                    Change::Delete(wrap(o))
+                }
+                Ok(WatchEvent::Bookmark(b)) => {
+                    version = b.metadata.resource_version;
+                    match version.parse() {
+                        Ok(rev) => Change::Progress(kind, rev),
+                        Err(_) => continue,
+                    }
+                }
+                Ok(WatchEvent::Error(status)) if status.code == 410 => return,
+                Ok(WatchEvent::Error(status)) => {
+                    tracing::warn!(
+                        ?kind,
+                        "watch error, resuming from {version}: {}",
+                        status.message
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(?kind, "watch broke, resuming from {version}: {e}");
+                    break;
+                }
+            };
+            if tx.send(change).await.is_err() {
+                return;
+            }
         }
+    }
+}
+
+/// Lists the IPPools' identities at the latest revision: when they match what the IPPool
+/// watch delivered, the engine knows that watch has nothing earlier left that could change a
+/// view (see `vm_dhcp_apiserver::store`).
+async fn probe_pools(pools: &Api<IPPool>) -> Result<Change> {
+    let listed = pools
+        .list_metadata(&ListParams::default())
+        .await
+        .context("listing the IPPools' metadata")?;
+    let revision = listed
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .context("the IPPool list has no numeric resourceVersion")?;
+    Ok(Change::PoolProbe {
+        revision,
+        pools: listed
+            .items
+            .iter()
+            .map(|p| {
+                (
+                    (
+                        p.metadata.namespace.clone().unwrap_or_default(),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    ),
+                    PoolIdentity::of(&p.metadata),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// An address change waits at most this long for the IPPool watch (probes answer in
+/// milliseconds; this only bounds a failing probe).
+const POOLS_WAIT: Duration = Duration::from_secs(2);
+/// A pool spec change waits at most this long for the address watch to show it has
+/// nothing earlier (there is no cheap list that proves it; a quiet watch says nothing).
+const ADDRESSES_WAIT: Duration = Duration::from_secs(1);
+/// At most one IPPool identity list per this interval.
+const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Keeps the engine's two ordered streams moving: when a change waits for the IPPool watch,
+/// lists the IPPools' identities; when a wait lasts too long, tells the engine to stop
+/// waiting (a change that then arrives out of order restarts the watches of this replica).
+async fn order_sources(
+    client: kube::Client,
+    mut waiting: tokio::sync::watch::Receiver<Option<(SourceKind, u64)>>,
+    tx: mpsc::Sender<Change>,
+) {
+    let pools: Api<IPPool> = Api::all(client);
+    let mut since: Option<((SourceKind, u64), tokio::time::Instant)> = None;
+    let mut last_probe: Option<tokio::time::Instant> = None;
+    loop {
+        let Some(wait) = *waiting.borrow_and_update() else {
+            since = None;
+            if waiting.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let now = tokio::time::Instant::now();
+        let started = match since {
+            // The same change still waits (a later one waiting means the last wait ended).
+            Some((w, at)) if w == wait => at,
+            _ => now,
+        };
+        since = Some((wait, started));
+        let (kind, revision) = wait;
+        let limit = match kind {
+            SourceKind::Pools => POOLS_WAIT,
+            _ => ADDRESSES_WAIT,
+        };
+        if now - started >= limit {
+            tracing::warn!(
+                ?kind,
+                revision,
+                "stopped waiting for this watch to pass the revision of a waiting change"
+            );
+            since = None;
+            if tx.send(Change::Progress(kind, revision)).await.is_err() {
+                return;
+            }
+        } else if kind == SourceKind::Pools {
+            if let Some(at) = last_probe {
+                tokio::time::sleep_until(at + PROBE_INTERVAL).await;
+            }
+            last_probe = Some(tokio::time::Instant::now());
+            match probe_pools(&pools).await {
+                Ok(change) => {
+                    if tx.send(change).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::debug!("{e:#}"),
+            }
+        }
+        // Wait for the engine to say what it waits for after this, or for the next step.
+        let next = if kind == SourceKind::Pools {
+            PROBE_INTERVAL
+        } else {
+            limit.saturating_sub(now - started).max(PROBE_INTERVAL)
+        };
+        let _ = tokio::time::timeout(next, waiting.changed()).await;
     }
 }
 
@@ -349,8 +596,14 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// Applies changes in batches: whatever arrived while the previous batch was computed.
-async fn feed_engine(engine: Arc<Engine>, mut rx: mpsc::Receiver<Change>, metrics: Metrics) {
+/// Applies changes in batches: whatever arrived while the previous batch was computed; then
+/// says what the engine waits for.
+async fn feed_engine(
+    engine: Arc<Engine>,
+    mut rx: mpsc::Receiver<Change>,
+    metrics: Metrics,
+    waiting: tokio::sync::watch::Sender<Option<(SourceKind, u64)>>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < 512 {
@@ -361,16 +614,23 @@ async fn feed_engine(engine: Arc<Engine>, mut rx: mpsc::Receiver<Change>, metric
         }
         let engine = engine.clone();
         let metrics = metrics.clone();
-        // Computing a 16,000-address pool takes milliseconds: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || {
+        // A snapshot of 60,000 address objects takes milliseconds: off the async workers.
+        let now_waiting = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             engine.apply(batch);
             metrics.applied(started.elapsed());
             for (resource, count) in engine.object_counts() {
                 metrics.objects(resource.def().plural, count);
             }
+            engine.waiting()
         })
-        .await;
+        .await
+        .unwrap_or(None);
+        waiting.send_if_modified(|w| {
+            let changed = *w != now_waiting;
+            *w = now_waiting;
+            changed
+        });
     }
 }
 

@@ -65,10 +65,11 @@ static IPAM: ResourceDef = ResourceDef {
     short_names: &["ipamalloc"],
     description: "IPAMAllocation is one address of an IPPool that is not free: allocated to a \
                   NIC (dynamically or statically), reserved (server IP, router) or excluded. \
-                  A read-only view of IPPool.status.ipv4 (network.harvesterhci.io).",
+                  A read-only view of the IPPoolAddress objects (one per allocated address) \
+                  and the IPPool spec (network.harvesterhci.io).",
     columns: &[
         NAME,
-        col("Address", "address", 0, "The IPv4 address"),
+        col("Address", "address", 0, "The IP address"),
         col("MAC", "mac", 0, "The MAC address holding it"),
         col(
             "State",
@@ -79,8 +80,17 @@ static IPAM: ResourceDef = ResourceDef {
         col("Owner", "owner", 0, "<namespace>/<VM> holding the address"),
         col("Pool", "pool", 1, "The IPPool (same namespace)"),
         col("Network", "network", 1, "The VM network <namespace>/<name>"),
+        col("Interface", "interface", 1, "The VM's NIC, when known"),
     ],
-    selectable: &["pool", "network", "address", "mac", "state", "owner"],
+    selectable: &[
+        "pool",
+        "network",
+        "address",
+        "mac",
+        "state",
+        "owner",
+        "interface",
+    ],
     fields: &[
         (
             "pool",
@@ -92,7 +102,7 @@ static IPAM: ResourceDef = ResourceDef {
             "string",
             "The VM network (NetworkAttachmentDefinition) as <namespace>/<name>.",
         ),
-        ("address", "string", "The IPv4 address."),
+        ("address", "string", "The IP address (IPv4 today)."),
         (
             "mac",
             "string",
@@ -101,12 +111,17 @@ static IPAM: ResourceDef = ResourceDef {
         (
             "state",
             "string",
-            "allocated (chosen by the IPAM), static (asked for by address: the VM's static-ip.harvesterhci.io/<nic> annotation or a vmnetcfg entry created with its ipAddress; IPPool.status.ipv4.staticAddresses), reserved (server IP or router) or excluded (pool.exclude).",
+            "allocated (chosen by the IPAM), static (asked for by address: the VM's static-ip.harvesterhci.io/<nic> annotation or a vmnetcfg entry created with its ipAddress; IPPoolAddress spec.static), reserved (the spec's server IP or router, inside the range) or excluded (the spec's pool.exclude).",
         ),
         (
             "owner",
             "string",
-            "The VirtualMachine (and its VirtualMachineNetworkConfig, of the same name) holding the address, as <namespace>/<name>, from IPPool.status.ipv4.owners; absent for an allocation the Go version made until it is adopted (by the controller, or by the webhook when its owner asks again).",
+            "The VirtualMachine (and its VirtualMachineNetworkConfig, of the same name) holding the address, as <namespace>/<name>, from the IPPoolAddress; absent for an allocation migrated from a Go version's status that named none, until it is adopted (by the controller, or by the webhook when its owner asks again).",
+        ),
+        (
+            "interface",
+            "string",
+            "The VM's NIC holding the address, when known (IPPoolAddress spec.interface).",
         ),
     ],
 };
@@ -117,18 +132,27 @@ static MACS: ResourceDef = ResourceDef {
     kind: "MACAddress",
     short_names: &["macaddr"],
     description: "MACAddress is the MAC cache of a VM network: one object per MAC that holds an \
-                  address in an IPPool, with that address. A read-only view of \
-                  IPPool.status.ipv4.allocated.",
+                  address in an IPPool, with that address. A read-only view of the \
+                  IPPoolAddress objects (network.harvesterhci.io).",
     columns: &[
         NAME,
         col("MAC", "mac", 0, "The MAC address"),
-        col("Address", "address", 0, "The IPv4 address it holds"),
+        col("Address", "address", 0, "The IP address it holds"),
         col("Network", "network", 0, "The VM network <namespace>/<name>"),
         col("Owner", "owner", 0, "<namespace>/<VM>"),
         col("State", "state", 1, "allocated or static"),
         col("Pool", "pool", 1, "The IPPool"),
+        col("Interface", "interface", 1, "The VM's NIC, when known"),
     ],
-    selectable: &["pool", "network", "address", "mac", "state", "owner"],
+    selectable: &[
+        "pool",
+        "network",
+        "address",
+        "mac",
+        "state",
+        "owner",
+        "interface",
+    ],
     fields: &[
         ("mac", "string", "The MAC address (lower case, colons)."),
         ("network", "string", "The VM network as <namespace>/<name>."),
@@ -137,7 +161,7 @@ static MACS: ResourceDef = ResourceDef {
             "string",
             "Name of the IPPool (in the same namespace).",
         ),
-        ("address", "string", "The IPv4 address the MAC holds."),
+        ("address", "string", "The IP address the MAC holds."),
         (
             "state",
             "string",
@@ -148,6 +172,7 @@ static MACS: ResourceDef = ResourceDef {
             "string",
             "The VirtualMachine (and its vmnetcfg) as <namespace>/<name>.",
         ),
+        ("interface", "string", "The VM's NIC, when known."),
     ],
 };
 

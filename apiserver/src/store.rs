@@ -1,58 +1,123 @@
 //! The engine: the source objects, the views computed from them, and each view's recent
 //! history of changes for watches.
 //!
-//! resourceVersions. Kubernetes clients (Rancher Steve) parse them as integers, watchers
-//! resume from the last one they saw, possibly on another replica, and they must keep
-//! increasing across restarts. So they are derived from the IPPools' resourceVersions, which
-//! are etcd revisions (one counter for the whole cluster):
-//! - `ipamallocations` and `macaddresses` are computed from the IPPools alone, which arrive on
-//!   one watch stream in revision order, so every replica sees the same changes in the same
-//!   order. One pool change at revision `r` can change many objects: the i-th of them (in an
-//!   order fixed by the pool's before and after, so the same on every replica) gets version
-//!   `r × 65,536 + i`, so every event has a version of its own and every replica gives it
-//!   the same one. A list's version is
-//!   `r × 65,536 + 65,535` for the last revision seen. A watch resumed from version V on any
-//!   replica gets exactly the changes after V (a replica that has not seen V yet sends only
-//!   what comes after it); a V older than what the replica remembers gets 410 Expired and
-//!   the client lists again, as with kube-apiserver's watch cache. A list's version is the
-//!   newest pool revision the replica holds: a deleted pool's revision is not among them,
-//!   so after such a deletion a replica started later may list at a lower version.
-//!   (After a relist of the pools, which coalesces the changes it missed, this replica's
-//!   versions continue from its last one; only then can they differ from another replica's.)
-//! - an object keeps its version while its content is unchanged (a pool's new revision does
-//!   not turn each of its 10,000 allocations into a MODIFIED event); a replica started later
-//!   shows the pool's version it first saw for objects unchanged since.
-//! - `dhcpleases` have no etcd revision (the agent holds them): their versions are this
-//!   replica's clock in microseconds, strictly increasing, as kube's own recommendation for
-//!   servers without storage. Resuming a lease watch on another replica works when the clocks
-//!   agree; otherwise the client gets 410 and lists again.
+//! # resourceVersions
+//!
+//! Kubernetes clients (Rancher Steve) parse resourceVersions as integers, a watcher resumes
+//! from the last one it saw, possibly on another replica, and they must keep growing across
+//! restarts. `ipamallocations` and `macaddresses` are computed from two watched kinds: the
+//! `IPPoolAddress` objects (one per allocated address, the truth: MAC, owner, static,
+//! interface) and the IPPools (their network, and the reserved and excluded addresses of their
+//! spec; their status is never read). Every write of either has an etcd revision of its own,
+//! one counter for the whole cluster. The rule, with `K` = [`VERSIONS_PER_REVISION`] = 2^17:
+//!
+//! - **A view change caused by the write at revision `r` has version `r × K + i`**, `i`
+//!   counting the view's changes of that revision in name order. An address object's
+//!   create, update or delete changes at most one object of each view: `i = 0`, the version
+//!   is `r × K`, the revision of the address object's event itself. A pool spec change (the
+//!   pool created or deleted, `exclude` or `router` set) can change many rows at once:
+//!   `i = 0, 1, …`, at most [`EVENT_VERSIONS`] of them. A pool status write changes nothing.
+//! - **Writes are applied in revision order across both kinds**, so that every replica
+//!   computes the same objects from the same states. The two kinds arrive on two watch
+//!   streams, each in revision order, but not in one order relative to each other, and not
+//!   in the same interleaving on two replicas. So a change at revision `r` waits until the
+//!   other stream is known to have delivered everything up to `r`: it delivered a later write
+//!   or a bookmark; or, for the pools, a consistent list of their identities (uid and
+//!   generation) at a revision `≥ r` matches what their watch delivered (the server asks as
+//!   soon as an address change waits: a few milliseconds); or the server gave up waiting
+//!   (see below). Then the same change gets the same version on every replica.
+//! - **The list version** of a replica (also in bookmarks) is `W × K + EVENT_VERSIONS` for
+//!   its watermark `W`: every write up to revision `W` applied, none after. It is above
+//!   every change version of revision `W` and below every version of `W + 1`, so a watch
+//!   resumed from it anywhere gets exactly the writes after `W`.
+//! - A watch resumed from `V` gets the changes after `V`; a replica that has not reached `V`
+//!   yet skips what it applies up to `V`. A `V` older than the history a replica keeps (or
+//!   than its start) gets 410 Expired and the client lists again, as with kube-apiserver's
+//!   watch cache.
+//! - An object keeps its version while its content is unchanged. A replica that starts later
+//!   shows, for an object unchanged since, the address object's revision × `K` (what a
+//!   replica that saw the write shows), and for a reserved or excluded row its pool's
+//!   revision at start × `K` (possibly another number than an older replica's, for the same
+//!   content). Start and relist read one consistent snapshot: the IPPools, then the address
+//!   objects at exactly the IPPools' list revision.
+//! - **What cannot be put in order is not hidden**: a write that arrives after the views have
+//!   passed its revision (its watch fell behind more than the server waited, or an IPPool was
+//!   created and deleted between two identity lists), or a relist after a watch lost its
+//!   place (kube-apiserver's 410; the missed writes come coalesced). The replica applies it
+//!   with a version from the top of its current slot (`W × K + EVENT_VERSIONS + n`, below
+//!   revision `W + 1`), forgets its history and ends its watches with 410 Expired: their
+//!   clients list again, on any replica.
+//!
+//! The first version derived everything from IPPool statuses as `pool revision × 65,536 +
+//! i`; the factor is now 2^17, so a /16 pool's 65,534 rows fit in one revision, and versions
+//! keep growing across the upgrade.
+//!
+//! `dhcpleases` have no etcd revision (the agent holds them): their versions are this
+//! replica's clock in microseconds, strictly increasing, as kube's own recommendation for
+//! servers without storage. Resuming a lease watch on another replica works when the clocks
+//! agree; otherwise the client gets 410 and lists again.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::watch;
-use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::mac::MacAddr;
 
 use crate::resources::Resource;
 use crate::views::{
-    AgentLeases, Key, PartialViews, Sources, ViewObject, agent_candidates, changed_views, key_of,
-    lease_views, pool_views, rv_of,
+    Address, AgentLeases, Key, PoolSpec, Sources, ViewObject, agent_candidates, allocation_name,
+    allocation_object, key_of, lease_views, mac_name, mac_object, rv_of,
 };
 
-/// Versions per pool revision (see the module documentation).
-pub const VERSIONS_PER_REVISION: u64 = 1 << 16;
+/// Versions per etcd revision (see the module documentation).
+pub const VERSIONS_PER_REVISION: u64 = 1 << 17;
+/// The top of each revision's versions is kept for list versions (and resets).
+pub const LIST_VERSIONS: u64 = 1 << 10;
+/// How many view changes one revision can version.
+pub const EVENT_VERSIONS: u64 = VERSIONS_PER_REVISION - LIST_VERSIONS;
+
+/// The list version of a replica whose watermark is `revision`.
+pub fn list_version(revision: u64) -> u64 {
+    revision
+        .saturating_mul(VERSIONS_PER_REVISION)
+        .saturating_add(EVENT_VERSIONS)
+}
+
+/// The version of the `i`-th view change of revision `revision`.
+pub fn change_version(revision: u64, i: u64) -> u64 {
+    revision
+        .saturating_mul(VERSIONS_PER_REVISION)
+        .saturating_add(i)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SourceKind {
     Pools,
+    Addresses,
     Agents,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 2] = [SourceKind::Pools, SourceKind::Agents];
+    pub const ALL: [SourceKind; 3] = [SourceKind::Pools, SourceKind::Addresses, SourceKind::Agents];
+
+    /// The ordered streams (pools, address objects) by index.
+    fn stream(self) -> Option<usize> {
+        match self {
+            SourceKind::Pools => Some(POOLS),
+            SourceKind::Addresses => Some(ADDRESSES),
+            SourceKind::Agents => None,
+        }
+    }
 }
+
+const POOLS: usize = 0;
+const ADDRESSES: usize = 1;
+const STREAM_KINDS: [SourceKind; 2] = [SourceKind::Pools, SourceKind::Addresses];
 
 /// Short-lived (from a watch event into the engine), so the size difference of the variants
 /// costs nothing worth a box.
@@ -60,24 +125,52 @@ impl SourceKind {
 #[derive(Debug, Clone)]
 pub enum SourceObject {
     Pool(IPPool),
+    Address(IPPoolAddress),
     Agent(Pod),
 }
 
-impl SourceObject {
-    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        match self {
-            SourceObject::Pool(o) => &o.metadata,
-            SourceObject::Agent(o) => &o.metadata,
+/// What tells one IPPool from another and its spec from an older one: a list of these at a
+/// revision that matches what the IPPool watch delivered proves that watch has nothing left
+/// to deliver up to that revision that could change a view.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolIdentity {
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
+}
+
+impl PoolIdentity {
+    pub fn of(meta: &ObjectMeta) -> Self {
+        PoolIdentity {
+            uid: meta.uid.clone(),
+            generation: meta.generation,
         }
     }
 }
 
 #[derive(Debug, Clone)]
 pub enum Change {
+    /// A watch event (created or updated); its resourceVersion is its etcd revision.
     Apply(SourceObject),
+    /// A watch event (deleted); the object's resourceVersion is the deletion's revision.
     Delete(SourceObject),
-    /// A complete listing of one kind (start-up and after a watch restart): marks it synced.
-    Replace(SourceKind, Vec<SourceObject>),
+    /// The IPPools and the address objects as of one revision (the address objects listed
+    /// with `resourceVersionMatch=Exact` at the IPPools' list revision): at start and after
+    /// either watch lost its place. Replaces both; the watches go on from `revision`.
+    Snapshot {
+        revision: u64,
+        pools: Vec<IPPool>,
+        addresses: Vec<IPPoolAddress>,
+    },
+    /// A complete listing of the agent pods (start-up and after a watch restart).
+    Agents(Vec<Pod>),
+    /// The watch of this kind has delivered everything up to this revision (a bookmark, or
+    /// the server's decision to stop waiting for it).
+    Progress(SourceKind, u64),
+    /// A consistent list of the IPPools' identities at `revision` (see [`PoolIdentity`]).
+    PoolProbe {
+        revision: u64,
+        pools: Vec<(Key, PoolIdentity)>,
+    },
     /// What the pool's active agent serves; `None` when no agent answers.
     Leases(Key, Option<AgentLeases>),
 }
@@ -114,13 +207,28 @@ pub struct Entry {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
     #[error(
-        "the views are not ready yet: the server is still reading the IPPools and agent pods; retry in a few seconds"
+        "the views are not ready yet: the server is still reading the IPPools, their IPPoolAddress objects and the agent pods; retry in a few seconds"
     )]
     NotReady,
     #[error(
         "too old resource version: {asked} (the oldest this server can resume from is {oldest}); list again"
     )]
     Expired { asked: u64, oldest: u64 },
+}
+
+/// One view change before it has a version: (pool, object key, the object as it should be
+/// now, or `None`: gone).
+type Row = (Key, Key, Option<ViewObject>);
+
+type Changes = Vec<(EventType, Arc<ViewObject>, Option<Arc<ViewObject>>)>;
+
+/// How the changes of one source write are versioned.
+#[derive(Debug, Clone, Copy)]
+enum Stamp {
+    /// The write at this revision, in order: `r × K + i`.
+    At(u64),
+    /// Out of order: the top of the current slot, history forgotten, watches ended.
+    Reset,
 }
 
 #[derive(Default)]
@@ -132,17 +240,143 @@ struct View {
     /// Watches may resume from this version or later.
     oldest_rv: u64,
     next_seq: u64,
+    /// Watches positioned before this lost their place in a reset.
+    min_seq: u64,
 }
 
 impl View {
     fn first_seq(&self) -> u64 {
-        self.history.front().map_or(self.next_seq, |e| e.seq)
+        self.history
+            .front()
+            .map_or(self.next_seq, |e| e.seq)
+            .max(self.min_seq)
     }
 
-    /// An object whose content did not change keeps its version: a pool's new
-    /// resourceVersion must not turn each of its 16,000 allocations into a MODIFIED event.
-    /// (So a replica started after a change may show an older version for an unchanged
-    /// object than one that saw the change: the content is the same.)
+    fn put(&mut self, pool: &Key, obj: Arc<ViewObject>) {
+        let key = obj.key();
+        self.by_pool
+            .entry(pool.clone())
+            .or_default()
+            .insert(key.clone());
+        self.objects.insert(key, obj);
+    }
+
+    fn take(&mut self, pool: &Key, key: &Key) -> Option<Arc<ViewObject>> {
+        if let Some(keys) = self.by_pool.get_mut(pool) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_pool.remove(pool);
+            }
+        }
+        self.objects.remove(key)
+    }
+
+    /// Brings `rows` up to date; each change gets its version from `stamp`. True if
+    /// anything changed.
+    fn commit(&mut self, rows: Vec<Row>, stamp: Stamp, watermark: u64, limit: usize) -> bool {
+        let mut diffs = Vec::new();
+        for (pool, key, desired) in rows {
+            let old = self.objects.get(&key).cloned();
+            let kind = match (&old, &desired) {
+                (None, None) => continue,
+                (Some(o), Some(n)) if o.same_content(n) => continue,
+                (Some(_), Some(_)) => EventType::Modified,
+                (None, Some(_)) => EventType::Added,
+                (Some(_), None) => EventType::Deleted,
+            };
+            diffs.push((pool, key, kind, desired, old));
+        }
+        if diffs.is_empty() {
+            return false;
+        }
+        let in_order = match stamp {
+            Stamp::At(rev) => (diffs.len() as u64 <= EVENT_VERSIONS
+                && change_version(rev, 0) > self.rv
+                && rev < u64::MAX / VERSIONS_PER_REVISION)
+                .then_some(rev),
+            Stamp::Reset => None,
+        };
+        let Some(rev) = in_order else {
+            let version = self.reset(watermark);
+            for (pool, key, _, desired, _) in diffs {
+                self.take(&pool, &key);
+                if let Some(mut obj) = desired {
+                    obj.resource_version = version;
+                    self.put(&pool, Arc::new(obj));
+                }
+            }
+            return true;
+        };
+        let mut changes: Changes = Vec::with_capacity(diffs.len());
+        for (i, (pool, key, kind, desired, old)) in diffs.into_iter().enumerate() {
+            let version = change_version(rev, i as u64);
+            match desired {
+                Some(mut obj) => {
+                    obj.resource_version = version;
+                    let obj = Arc::new(obj);
+                    self.put(&pool, obj.clone());
+                    changes.push((kind, obj, old));
+                }
+                None => {
+                    self.take(&pool, &key);
+                    if let Some(old) = old {
+                        let mut last = (*old).clone();
+                        last.resource_version = version;
+                        changes.push((EventType::Deleted, Arc::new(last), None));
+                    }
+                }
+            }
+        }
+        self.record(changes, limit);
+        true
+    }
+
+    /// A change that cannot be put in order: a version from the top of the current slot,
+    /// no history before it, and every watch positioned before it ends with 410.
+    fn reset(&mut self, watermark: u64) -> u64 {
+        let end = change_version(watermark, VERSIONS_PER_REVISION - 1);
+        let mut version = self.rv.saturating_add(1).max(list_version(watermark));
+        if version > end {
+            tracing::warn!(
+                watermark,
+                "more out-of-order changes at one revision than versions left for them"
+            );
+            version = end.max(self.rv);
+        }
+        tracing::info!(
+            version,
+            "a source change came out of revision order (or a relist found missed changes): watches on this replica restart"
+        );
+        self.rv = version;
+        self.history.clear();
+        self.next_seq += 1;
+        self.min_seq = self.next_seq;
+        self.oldest_rv = version;
+        version
+    }
+
+    /// Remembers changes for resuming watches; each carries its object's version.
+    fn record(&mut self, changes: Changes, limit: usize) {
+        for (kind, object, previous) in changes {
+            self.history.push_back(Entry {
+                seq: self.next_seq,
+                rv: object.resource_version,
+                kind,
+                object,
+                previous,
+            });
+            self.next_seq += 1;
+        }
+        // Every change has a version of its own: resuming from a trimmed one is Expired.
+        while self.history.len() > limit {
+            let Some(dropped) = self.history.pop_front() else {
+                break;
+            };
+            self.oldest_rv = self.oldest_rv.max(dropped.rv);
+        }
+    }
+
+    /// An object whose content did not change keeps its version (the lease view).
     fn keep_versions(&self, objects: Vec<ViewObject>) -> Vec<ViewObject> {
         objects
             .into_iter()
@@ -157,58 +391,15 @@ impl View {
             .collect()
     }
 
-    /// Updates some objects of one pool: `objects` new or changed, `gone` the names of those
-    /// removed; returns the changes, each with the next version from `next`.
-    fn update_pool(
-        &mut self,
-        pool: &Key,
-        objects: Vec<ViewObject>,
-        gone: Vec<String>,
-        next: &mut impl FnMut() -> u64,
-    ) -> Vec<(EventType, Arc<ViewObject>, Option<Arc<ViewObject>>)> {
-        let View {
-            objects: all,
-            by_pool,
-            ..
-        } = self;
-        let keys = by_pool.entry(pool.clone()).or_default();
-        let mut changes = Vec::new();
-        for mut obj in objects {
-            let key = obj.key();
-            let (kind, previous) = match all.get(&key) {
-                Some(old) if old.same_content(&obj) => continue,
-                Some(old) => (EventType::Modified, Some(old.clone())),
-                None => (EventType::Added, None),
-            };
-            obj.resource_version = next();
-            let obj = Arc::new(obj);
-            keys.insert(key.clone());
-            all.insert(key, obj.clone());
-            changes.push((kind, obj, previous));
-        }
-        for name in gone {
-            let key = (pool.0.clone(), name);
-            if let Some(old) = all.remove(&key) {
-                keys.remove(&key);
-                let mut last = (*old).clone();
-                last.resource_version = next();
-                changes.push((EventType::Deleted, Arc::new(last), None));
-            }
-        }
-        if keys.is_empty() {
-            by_pool.remove(pool);
-        }
-        changes
-    }
-
-    /// Replaces the objects of one pool; returns the changes, each with the next version
-    /// from `next` (changed and added objects in name order, then deletions).
+    /// Replaces the objects of one pool (the lease view); returns the changes, each with
+    /// the next version from `next` (changed and added objects in name order, then
+    /// deletions).
     fn replace_pool(
         &mut self,
         pool: &Key,
         objects: Vec<ViewObject>,
         next: &mut impl FnMut() -> u64,
-    ) -> Vec<(EventType, Arc<ViewObject>, Option<Arc<ViewObject>>)> {
+    ) -> Changes {
         let old_keys = self.by_pool.remove(pool).unwrap_or_default();
         let mut new_keys = BTreeSet::new();
         let mut changes = Vec::new();
@@ -237,123 +428,429 @@ impl View {
         }
         changes
     }
+}
 
-    /// Remembers changes for resuming watches; each carries its object's version.
-    fn record(
-        &mut self,
-        changes: Vec<(EventType, Arc<ViewObject>, Option<Arc<ViewObject>>)>,
-        limit: usize,
-    ) {
-        for (kind, object, previous) in changes {
-            self.history.push_back(Entry {
-                seq: self.next_seq,
-                rv: object.resource_version,
-                kind,
-                object,
-                previous,
-            });
-            self.next_seq += 1;
+/// The address objects of one pool.
+#[derive(Debug, Default)]
+struct PoolAddresses {
+    /// Normally one object per address and per MAC; a half-made leftover (DESIGN §2) or a
+    /// hand-made object can add a second until it is swept.
+    by_ip: BTreeMap<IpAddr, Vec<Arc<Address>>>,
+    by_mac: BTreeMap<MacAddr, Vec<Arc<Address>>>,
+}
+
+/// The object the views show when several hold one address or MAC (see [`Address::rank`]).
+fn best(holders: &[Arc<Address>]) -> Option<&Arc<Address>> {
+    holders.iter().max_by(|a, b| a.rank().cmp(&b.rank()))
+}
+
+impl PoolAddresses {
+    fn insert(&mut self, a: Arc<Address>) {
+        self.by_ip.entry(a.ip).or_default().push(a.clone());
+        self.by_mac.entry(a.mac).or_default().push(a);
+    }
+
+    fn remove(&mut self, a: &Address) {
+        if let Some(v) = self.by_ip.get_mut(&a.ip) {
+            v.retain(|o| o.name != a.name);
+            if v.is_empty() {
+                self.by_ip.remove(&a.ip);
+            }
         }
-        // Every change has a version of its own: resuming from a trimmed one is Expired.
-        while self.history.len() > limit {
-            let Some(dropped) = self.history.pop_front() else {
-                break;
-            };
-            self.oldest_rv = self.oldest_rv.max(dropped.rv);
+        if let Some(v) = self.by_mac.get_mut(&a.mac) {
+            v.retain(|o| o.name != a.name);
+            if v.is_empty() {
+                self.by_mac.remove(&a.mac);
+            }
+        }
+    }
+
+    fn holder(&self, ip: IpAddr) -> Option<&Arc<Address>> {
+        self.by_ip.get(&ip).and_then(|v| best(v))
+    }
+
+    fn of_mac(&self, mac: MacAddr) -> Option<&Arc<Address>> {
+        self.by_mac.get(&mac).and_then(|v| best(v))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_ip.is_empty()
+    }
+}
+
+/// The rows a source write may have changed.
+#[derive(Debug, Default)]
+struct Touched {
+    ips: BTreeSet<(Key, IpAddr)>,
+    macs: BTreeSet<(Key, MacAddr)>,
+}
+
+impl Touched {
+    fn is_empty(&self) -> bool {
+        self.ips.is_empty() && self.macs.is_empty()
+    }
+
+    /// Every row of a pool: its address objects' addresses and MACs, and its spec's marks.
+    fn all_rows(&mut self, pool: &Key, spec: Option<&PoolSpec>, addresses: Option<&PoolAddresses>) {
+        if let Some(spec) = spec {
+            self.ips
+                .extend(spec.marks.keys().map(|ip| (pool.clone(), *ip)));
+        }
+        if let Some(a) = addresses {
+            self.ips
+                .extend(a.by_ip.keys().map(|ip| (pool.clone(), *ip)));
+            self.macs
+                .extend(a.by_mac.keys().map(|mac| (pool.clone(), *mac)));
         }
     }
 }
 
+/// A write of an ordered stream, waiting for its turn (a few at a time, moved not copied:
+/// boxing either variant would only add an allocation).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Item {
+    Pool { obj: IPPool, deleted: bool },
+    Address { obj: IPPoolAddress, deleted: bool },
+}
+
+#[derive(Debug)]
+struct Queued {
+    rev: u64,
+    item: Item,
+}
+
+#[derive(Default)]
 struct Inner {
+    /// IPPools (as of the watermark), agent pods, lease documents.
     sources: Sources,
-    synced: BTreeSet<SourceKind>,
+    /// What the views need of each IPPool's spec (as of the watermark).
+    specs: BTreeMap<Key, PoolSpec>,
+    /// Each pool's address objects (as of the watermark).
+    addresses: BTreeMap<Key, PoolAddresses>,
+    /// Address object `(namespace, name)` → its pool and what it holds.
+    names: HashMap<Key, (Key, Arc<Address>)>,
+    /// The snapshot of IPPools and address objects arrived.
+    listed: bool,
+    agents_listed: bool,
     ready: bool,
-    /// The highest pool revision seen.
-    pool_rv: u64,
+    /// Received writes of each stream (pools, address objects), in revision order, not
+    /// applied yet.
+    queues: [VecDeque<Queued>; 2],
+    /// Each stream has delivered everything up to this revision.
+    progress: [u64; 2],
+    /// Every write up to this revision is applied, none after.
+    watermark: u64,
+    /// The IPPools as their watch delivered them (applied or waiting), for probes.
+    received_pools: BTreeMap<Key, PoolIdentity>,
+    /// Pools whose lease objects need recomputing.
+    lease_dirty: BTreeSet<Key>,
     views: [View; 3],
 }
 
-/// The list version after pool revision `rv`: above every change version of that revision.
-fn last_version_of(rv: u64) -> u64 {
-    rv.saturating_mul(VERSIONS_PER_REVISION)
-        .saturating_add(VERSIONS_PER_REVISION - 1)
-}
-
-/// How one pool's objects are brought up to date.
-enum PoolUpdate {
-    /// Every object (a new or deleted pool, or its identity changed): (allocations, MACs).
-    Full(Vec<ViewObject>, Vec<ViewObject>),
-    /// Only what the change touched.
-    Partial(PartialViews),
-}
-
 impl Inner {
-    /// Recomputes the allocation and MAC views of `pools` (key → the pool before the change)
-    /// after a pool change at revision `rv`, giving each change the next version of that
-    /// revision. True if anything changed.
-    fn pools_changed(
-        &mut self,
-        pools: &BTreeMap<Key, Option<Arc<IPPool>>>,
-        rv: u64,
-        limit: usize,
-    ) -> bool {
-        let mut updates: Vec<(Key, PoolUpdate)> = pools
-            .iter()
-            .map(|(key, old)| {
-                let new = self.sources.pools.get(key);
-                let partial = match (old, new) {
-                    (Some(old), Some(new)) => changed_views(old, new),
-                    _ => None,
-                };
-                let update = match partial {
-                    Some(p) => PoolUpdate::Partial(p),
-                    None => {
-                        let (allocs, macs) = new.map(|p| pool_views(p)).unwrap_or_default();
-                        PoolUpdate::Full(allocs, macs)
-                    }
-                };
-                (key.clone(), update)
-            })
-            .collect();
+    /// The stream whose first waiting write is next in revision order, and that revision
+    /// (pools first on a tie, which etcd never produces: one revision is one write).
+    fn head(&self) -> Option<(usize, u64)> {
+        match (self.queues[POOLS].front(), self.queues[ADDRESSES].front()) {
+            (Some(p), Some(a)) if p.rev <= a.rev => Some((POOLS, p.rev)),
+            (_, Some(a)) => Some((ADDRESSES, a.rev)),
+            (Some(p), None) => Some((POOLS, p.rev)),
+            (None, None) => None,
+        }
+    }
+
+    /// A write received from one stream.
+    fn receive(&mut self, stream: usize, item: Item, limit: usize) -> bool {
+        let meta = match &item {
+            Item::Pool { obj, .. } => &obj.metadata,
+            Item::Address { obj, .. } => &obj.metadata,
+        };
+        let rev = rv_of(meta);
+        if let Item::Pool { obj, deleted } = &item {
+            let key = key_of(&obj.metadata);
+            if *deleted {
+                self.received_pools.remove(&key);
+            } else {
+                self.received_pools
+                    .insert(key, PoolIdentity::of(&obj.metadata));
+            }
+        }
+        if self.listed && rev <= self.watermark {
+            // Late: the views are past its revision already.
+            let touched = self.apply_item(item);
+            return self.ready && self.commit(touched, Stamp::Reset, limit);
+        }
+        let queue = &mut self.queues[stream];
+        let at = queue.partition_point(|q| q.rev <= rev);
+        queue.insert(at, Queued { rev, item });
+        self.progress[stream] = self.progress[stream].max(rev);
+        false
+    }
+
+    /// Applies the waiting writes whose turn has come, in revision order, and moves the
+    /// watermark. True if a view changed (or its version moved).
+    fn drain(&mut self, limit: usize) -> bool {
+        if !self.listed {
+            return false;
+        }
         let mut any = false;
-        for (index, view) in self.views[..2].iter_mut().enumerate() {
-            let mut next_version = view
-                .rv
-                .saturating_add(1)
-                .max(rv.saturating_mul(VERSIONS_PER_REVISION));
-            let mut next = || {
-                let v = next_version;
-                next_version += 1;
-                v
+        while let Some((stream, rev)) = self.head() {
+            if rev > self.progress[1 - stream] {
+                break;
+            }
+            let Some(q) = self.queues[stream].pop_front() else {
+                break;
             };
-            let mut changes = Vec::new();
-            for (key, update) in &mut updates {
-                match update {
-                    PoolUpdate::Full(allocs, macs) => {
-                        let objects = std::mem::take(if index == 0 { allocs } else { macs });
-                        let objects = view.keep_versions(objects);
-                        changes.extend(view.replace_pool(key, objects, &mut next));
+            self.watermark = self.watermark.max(rev);
+            let touched = self.apply_item(q.item);
+            if self.ready {
+                any |= self.commit(touched, Stamp::At(rev), limit);
+            }
+        }
+        self.watermark = self
+            .watermark
+            .max(self.progress[POOLS].min(self.progress[ADDRESSES]));
+        if self.ready {
+            let floor = list_version(self.watermark);
+            for view in &mut self.views[..2] {
+                if view.rv < floor {
+                    view.rv = floor;
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+
+    /// Updates the sources with one write; returns the rows it may have changed.
+    fn apply_item(&mut self, item: Item) -> Touched {
+        let mut t = Touched::default();
+        match item {
+            Item::Pool {
+                obj,
+                deleted: false,
+            } => {
+                let key = key_of(&obj.metadata);
+                let new = PoolSpec::of(&obj);
+                match self.specs.get(&key) {
+                    Some(old) if old.same_views(&new) => {}
+                    Some(old) if old.network == new.network => {
+                        t.ips.extend(
+                            old.marks
+                                .keys()
+                                .chain(new.marks.keys())
+                                .map(|ip| (key.clone(), *ip)),
+                        );
+                        self.specs.insert(key.clone(), new);
                     }
-                    PoolUpdate::Partial(p) => {
-                        let (objects, gone) = if index == 0 {
-                            (&mut p.allocations, &mut p.allocations_gone)
-                        } else {
-                            (&mut p.macs, &mut p.macs_gone)
-                        };
-                        changes.extend(view.update_pool(
-                            key,
-                            std::mem::take(objects),
-                            std::mem::take(gone),
-                            &mut next,
-                        ));
+                    old => {
+                        t.all_rows(&key, old, self.addresses.get(&key));
+                        t.all_rows(&key, Some(&new), None);
+                        self.specs.insert(key.clone(), new);
+                    }
+                }
+                self.lease_dirty.insert(key.clone());
+                self.sources.pools.insert(key, Arc::new(obj));
+            }
+            Item::Pool { obj, deleted: true } => {
+                let key = key_of(&obj.metadata);
+                if let Some(old) = self.specs.remove(&key) {
+                    t.all_rows(&key, Some(&old), self.addresses.get(&key));
+                }
+                self.sources.pools.remove(&key);
+                self.sources.leases.remove(&key);
+                self.lease_dirty.insert(key);
+            }
+            Item::Address { obj, deleted } => {
+                let name = key_of(&obj.metadata);
+                if let Some((pool, old)) = self.names.remove(&name) {
+                    t.ips.insert((pool.clone(), old.ip));
+                    t.macs.insert((pool.clone(), old.mac));
+                    if let Some(a) = self.addresses.get_mut(&pool) {
+                        a.remove(&old);
+                        if a.is_empty() {
+                            self.addresses.remove(&pool);
+                        }
+                    }
+                }
+                if !deleted {
+                    match Address::of(&obj) {
+                        Ok((pool, a)) => self.insert_address(name, pool, a, &mut t),
+                        Err(e) => tracing::debug!("not shown: {e}"),
                     }
                 }
             }
-            view.rv = view.rv.max(last_version_of(rv)).max(next_version - 1);
-            any |= !changes.is_empty();
-            view.record(changes, limit);
         }
-        any
+        t
+    }
+
+    fn insert_address(&mut self, name: Key, pool: Key, a: Address, t: &mut Touched) {
+        t.ips.insert((pool.clone(), a.ip));
+        t.macs.insert((pool.clone(), a.mac));
+        let a = Arc::new(a);
+        self.addresses
+            .entry(pool.clone())
+            .or_default()
+            .insert(a.clone());
+        self.names.insert(name, (pool, a));
+    }
+
+    /// The `ipamallocations` object of an address as the sources say now (none while its
+    /// pool does not exist).
+    fn allocation(&self, pool: &Key, ip: IpAddr) -> Option<ViewObject> {
+        let spec = self.specs.get(pool)?;
+        let holder = self.addresses.get(pool).and_then(|a| a.holder(ip));
+        allocation_object(&pool.0, &pool.1, spec, ip, holder.map(|h| &**h))
+    }
+
+    fn mac(&self, pool: &Key, mac: MacAddr) -> Option<ViewObject> {
+        let spec = self.specs.get(pool)?;
+        let holder = self.addresses.get(pool)?.of_mac(mac)?;
+        Some(mac_object(&pool.0, &pool.1, spec, holder))
+    }
+
+    /// Brings the touched rows of both views up to date. True if anything changed.
+    fn commit(&mut self, t: Touched, stamp: Stamp, limit: usize) -> bool {
+        if t.is_empty() {
+            return false;
+        }
+        let mut ips: Vec<Row> = t
+            .ips
+            .into_iter()
+            .map(|(pool, ip)| {
+                let key = (pool.0.clone(), allocation_name(&pool.1, ip));
+                let obj = self.allocation(&pool, ip);
+                (pool, key, obj)
+            })
+            .collect();
+        ips.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut macs: Vec<Row> = t
+            .macs
+            .into_iter()
+            .map(|(pool, mac)| {
+                let key = (pool.0.clone(), mac_name(&pool.1, mac));
+                let obj = self.mac(&pool, mac);
+                (pool, key, obj)
+            })
+            .collect();
+        macs.sort_by(|a, b| a.1.cmp(&b.1));
+        let w = self.watermark;
+        let a = self.views[0].commit(ips, stamp, w, limit);
+        let b = self.views[1].commit(macs, stamp, w, limit);
+        a || b
+    }
+
+    /// Replaces the IPPools and address objects with a snapshot at `revision`.
+    fn snapshot(
+        &mut self,
+        revision: u64,
+        pools: Vec<IPPool>,
+        addresses: Vec<IPPoolAddress>,
+        limit: usize,
+    ) -> bool {
+        let mut t = Touched::default();
+        if self.ready {
+            for (key, spec) in &self.specs {
+                t.all_rows(key, Some(spec), self.addresses.get(key));
+            }
+        }
+        self.specs.clear();
+        self.addresses.clear();
+        self.names.clear();
+        self.sources.pools.clear();
+        self.received_pools.clear();
+        for pool in pools {
+            let key = key_of(&pool.metadata);
+            self.received_pools
+                .insert(key.clone(), PoolIdentity::of(&pool.metadata));
+            self.specs.insert(key.clone(), PoolSpec::of(&pool));
+            self.sources.pools.insert(key, Arc::new(pool));
+        }
+        for obj in addresses {
+            match Address::of(&obj) {
+                Ok((pool, a)) => {
+                    let mut ignored = Touched::default();
+                    self.insert_address(key_of(&obj.metadata), pool, a, &mut ignored);
+                }
+                Err(e) => tracing::debug!("not shown: {e}"),
+            }
+        }
+        let Inner {
+            sources,
+            received_pools,
+            queues,
+            ..
+        } = self;
+        sources.leases.retain(|k, _| sources.pools.contains_key(k));
+        // The watches go on from `revision`: what came before is in the snapshot.
+        for queue in queues.iter_mut() {
+            queue.retain(|q| q.rev > revision);
+        }
+        for q in &queues[POOLS] {
+            if let Item::Pool { obj, deleted } = &q.item {
+                let key = key_of(&obj.metadata);
+                if *deleted {
+                    received_pools.remove(&key);
+                } else {
+                    received_pools.insert(key, PoolIdentity::of(&obj.metadata));
+                }
+            }
+        }
+        for p in &mut self.progress {
+            *p = (*p).max(revision);
+        }
+        self.watermark = self.watermark.max(revision);
+        self.listed = true;
+        self.lease_dirty.extend(self.sources.pools.keys().cloned());
+        if !self.ready {
+            return false;
+        }
+        for (key, spec) in &self.specs {
+            t.all_rows(key, Some(spec), self.addresses.get(key));
+        }
+        self.commit(t, Stamp::Reset, limit)
+    }
+
+    /// The first complete picture: every object at its natural version (the revision of
+    /// its address object, or of its pool for a mark), no history before it.
+    fn build(&mut self) {
+        let Inner {
+            specs,
+            addresses,
+            views,
+            watermark,
+            ..
+        } = self;
+        let list = list_version(*watermark);
+        let natural = |rv: u64| change_version(rv, 0).min(list);
+        for (key, spec) in specs.iter() {
+            let held = addresses.get(key);
+            let mut ips: BTreeSet<IpAddr> = spec.marks.keys().copied().collect();
+            if let Some(a) = held {
+                ips.extend(a.by_ip.keys().copied());
+            }
+            for ip in ips {
+                let holder = held.and_then(|a| a.holder(ip));
+                if let Some(mut obj) =
+                    allocation_object(&key.0, &key.1, spec, ip, holder.map(|h| &**h))
+                {
+                    obj.resource_version = natural(holder.map_or(spec.rv, |h| h.rv));
+                    views[0].put(key, Arc::new(obj));
+                }
+            }
+            for holders in held.iter().flat_map(|a| a.by_mac.values()) {
+                if let Some(h) = best(holders) {
+                    let mut obj = mac_object(&key.0, &key.1, spec, h);
+                    obj.resource_version = natural(h.rv);
+                    views[1].put(key, Arc::new(obj));
+                }
+            }
+        }
+        for view in &mut views[..2] {
+            view.rv = list;
+            view.oldest_rv = list;
+        }
     }
 
     /// Recomputes the lease view of `pools` (versions from the clock). True if anything
@@ -428,13 +925,7 @@ impl Engine {
     /// `history_limit`: changes remembered per view for resuming watches.
     pub fn new(history_limit: usize) -> Self {
         Engine {
-            inner: Mutex::new(Inner {
-                sources: Sources::default(),
-                synced: BTreeSet::new(),
-                ready: false,
-                pool_rv: 0,
-                views: Default::default(),
-            }),
+            inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
             history_limit: history_limit.max(1),
         }
@@ -458,60 +949,104 @@ impl Engine {
     /// What has not been listed yet (for /readyz).
     pub fn unsynced(&self) -> Vec<SourceKind> {
         let inner = self.lock();
-        SourceKind::ALL
-            .into_iter()
-            .filter(|k| !inner.synced.contains(k))
-            .collect()
+        let mut out = Vec::new();
+        if !inner.listed {
+            out.extend([SourceKind::Pools, SourceKind::Addresses]);
+        }
+        if !inner.agents_listed {
+            out.push(SourceKind::Agents);
+        }
+        out
     }
 
-    /// Applies source changes and updates the views. Pool changes are turned into view
-    /// changes one at a time, in the order given (the watch stream's, so revision order).
+    /// What the views wait for: a write at this revision waits until the watch of this
+    /// kind is known to have delivered everything up to it (see the module documentation).
+    /// The server then lists the IPPools' identities ([`Change::PoolProbe`]) or, after a
+    /// while, gives up waiting ([`Change::Progress`]).
+    pub fn waiting(&self) -> Option<(SourceKind, u64)> {
+        let inner = self.lock();
+        if !inner.listed {
+            return None;
+        }
+        let (stream, rev) = inner.head()?;
+        let other = 1 - stream;
+        (rev > inner.progress[other]).then_some((STREAM_KINDS[other], rev))
+    }
+
+    /// The revision up to which every write is applied (the watermark).
+    pub fn applied_revision(&self) -> u64 {
+        self.lock().watermark
+    }
+
+    /// Applies source changes and updates the views. Writes of IPPools and address objects
+    /// are applied in revision order, each when its turn has come (see the module
+    /// documentation), however the changes are batched.
     pub fn apply(&self, changes: Vec<Change>) {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let limit = self.history_limit;
-        let mut lease_dirty: BTreeSet<Key> = BTreeSet::new();
         let mut any = false;
         for change in changes {
-            // The pools touched, each with its version before the change.
-            let mut pools: BTreeMap<Key, Option<Arc<IPPool>>> = BTreeMap::new();
-            let mut touch = |sources: &Sources, obj: &SourceObject| {
-                if let Some(key) = pool_key(obj) {
-                    let before = sources.pools.get(&key).cloned();
-                    pools.entry(key).or_insert(before);
+            match change {
+                Change::Apply(SourceObject::Pool(obj)) => {
+                    any |= inner.receive(
+                        POOLS,
+                        Item::Pool {
+                            obj,
+                            deleted: false,
+                        },
+                        limit,
+                    );
                 }
-            };
-            let rv = match change {
-                Change::Apply(obj) => {
-                    touch(&inner.sources, &obj);
-                    let rv = rv_of(obj.meta());
-                    insert(&mut inner.sources, obj);
-                    rv
+                Change::Delete(SourceObject::Pool(obj)) => {
+                    any |= inner.receive(POOLS, Item::Pool { obj, deleted: true }, limit);
                 }
-                Change::Delete(obj) => {
-                    touch(&inner.sources, &obj);
-                    let rv = rv_of(obj.meta());
-                    remove(&mut inner.sources, &obj);
-                    rv
+                Change::Apply(SourceObject::Address(obj)) => {
+                    any |= inner.receive(
+                        ADDRESSES,
+                        Item::Address {
+                            obj,
+                            deleted: false,
+                        },
+                        limit,
+                    );
                 }
-                Change::Replace(kind, objs) => {
-                    let new_keys: BTreeSet<Key> = objs.iter().map(|o| key_of(o.meta())).collect();
-                    for o in all_of(&inner.sources, kind) {
-                        if !new_keys.contains(&key_of(o.meta())) {
-                            touch(&inner.sources, &o);
-                            remove(&mut inner.sources, &o);
-                        }
+                Change::Delete(SourceObject::Address(obj)) => {
+                    any |= inner.receive(ADDRESSES, Item::Address { obj, deleted: true }, limit);
+                }
+                Change::Apply(SourceObject::Agent(pod)) => {
+                    inner
+                        .sources
+                        .agents
+                        .insert(key_of(&pod.metadata), Arc::new(pod));
+                }
+                Change::Delete(SourceObject::Agent(pod)) => {
+                    inner.sources.agents.remove(&key_of(&pod.metadata));
+                }
+                Change::Agents(pods) => {
+                    inner.sources.agents = pods
+                        .into_iter()
+                        .map(|p| (key_of(&p.metadata), Arc::new(p)))
+                        .collect();
+                    inner.agents_listed = true;
+                }
+                Change::Snapshot {
+                    revision,
+                    pools,
+                    addresses,
+                } => {
+                    any |= inner.snapshot(revision, pools, addresses, limit);
+                }
+                Change::Progress(kind, rev) => {
+                    if let Some(stream) = kind.stream() {
+                        inner.progress[stream] = inner.progress[stream].max(rev);
                     }
-                    let mut rv = 0;
-                    for o in objs {
-                        if !same_version(&inner.sources, &o) {
-                            touch(&inner.sources, &o);
-                        }
-                        rv = rv.max(rv_of(o.meta()));
-                        insert(&mut inner.sources, o);
+                }
+                Change::PoolProbe { revision, pools } => {
+                    let listed: BTreeMap<Key, PoolIdentity> = pools.into_iter().collect();
+                    if listed == inner.received_pools {
+                        inner.progress[POOLS] = inner.progress[POOLS].max(revision);
                     }
-                    inner.synced.insert(kind);
-                    rv
                 }
                 Change::Leases(pool, doc) => {
                     match doc {
@@ -527,54 +1062,31 @@ impl Engine {
                             }
                         }
                     }
-                    lease_dirty.insert(pool);
-                    continue;
+                    inner.lease_dirty.insert(pool);
                 }
-            };
-            if pools.is_empty() {
-                continue;
             }
-            inner.pool_rv = inner.pool_rv.max(rv);
-            lease_dirty.extend(pools.keys().cloned());
-            if inner.ready {
-                any |= inner.pools_changed(&pools, rv, limit);
-            }
+            any |= inner.drain(limit);
         }
         if !inner.ready {
-            if !SourceKind::ALL.iter().all(|k| inner.synced.contains(k)) {
+            if !(inner.listed && inner.agents_listed) {
                 return;
             }
-            // The first complete picture: every object at its pool's version, and no
+            // The first complete picture: every object at its natural version, and no
             // history before it.
             inner.ready = true;
-            let pools: Vec<Key> = inner.sources.pools.keys().cloned().collect();
-            for key in &pools {
-                let (allocs, macs) = inner
-                    .sources
-                    .pools
-                    .get(key)
-                    .map(|p| pool_views(p))
-                    .unwrap_or_default();
-                let version = inner.sources.pools.get(key).map_or(0, |p| {
-                    rv_of(&p.metadata).saturating_mul(VERSIONS_PER_REVISION)
-                });
-                for (view, objects) in inner.views.iter_mut().zip([allocs, macs]) {
-                    view.replace_pool(key, objects, &mut || version);
-                }
-            }
-            let rv = last_version_of(inner.pool_rv);
-            for view in &mut inner.views[..2] {
-                view.rv = rv;
-                view.oldest_rv = rv;
-            }
-            lease_dirty = inner.sources.leases.keys().cloned().collect();
-            lease_dirty.extend(pools);
-            inner.update_leases(&lease_dirty, limit, true);
+            inner.build();
+            let mut pools = std::mem::take(&mut inner.lease_dirty);
+            pools.extend(inner.sources.leases.keys().cloned());
+            pools.extend(inner.sources.pools.keys().cloned());
+            inner.update_leases(&pools, limit, true);
             drop(guard);
             self.changed.send_modify(|n| *n += 1);
             return;
         }
-        any |= inner.update_leases(&lease_dirty, limit, false);
+        let dirty = std::mem::take(&mut inner.lease_dirty);
+        if !dirty.is_empty() {
+            any |= inner.update_leases(&dirty, limit, false);
+        }
         drop(guard);
         if any {
             self.changed.send_modify(|n| *n += 1);
@@ -658,7 +1170,7 @@ impl Engine {
     }
 
     /// The changes from `cursor` on, and the next cursor; Expired when the watcher fell so
-    /// far behind that the history no longer holds them.
+    /// far behind that the history no longer holds them, or lost its place in a reset.
     pub fn events_after(
         &self,
         resource: Resource,
@@ -671,7 +1183,8 @@ impl Engine {
                     oldest: v.oldest_rv,
                 });
             }
-            let skip = usize::try_from(cursor - v.first_seq()).unwrap_or(usize::MAX);
+            let front = v.history.front().map_or(v.next_seq, |e| e.seq);
+            let skip = usize::try_from(cursor - front).unwrap_or(usize::MAX);
             let events: Vec<Entry> = v.history.iter().skip(skip).cloned().collect();
             Ok((events, v.next_seq, v.rv))
         })
@@ -680,14 +1193,10 @@ impl Engine {
     /// How many objects each view holds.
     pub fn object_counts(&self) -> Vec<(Resource, usize)> {
         let inner = self.lock();
-        [
-            Resource::IpamAllocations,
-            Resource::MacAddresses,
-            Resource::DhcpLeases,
-        ]
-        .into_iter()
-        .map(|r| (r, inner.views[r.index()].objects.len()))
-        .collect()
+        Resource::ALL
+            .into_iter()
+            .map(|r| (r, inner.views[r.index()].objects.len()))
+            .collect()
     }
 
     /// For the lease poller: every pool with the agent pods to ask, best first.
@@ -702,299 +1211,5 @@ impl Engine {
     }
 }
 
-/// The pool a source change touches (agents touch none: they only tell the lease poller
-/// whom to ask).
-fn pool_key(obj: &SourceObject) -> Option<Key> {
-    match obj {
-        SourceObject::Pool(p) => Some(key_of(&p.metadata)),
-        SourceObject::Agent(_) => None,
-    }
-}
-
-fn same_version(sources: &Sources, obj: &SourceObject) -> bool {
-    let key = key_of(obj.meta());
-    let rv = obj.meta().resource_version.as_ref();
-    match obj {
-        SourceObject::Pool(_) => sources
-            .pools
-            .get(&key)
-            .is_some_and(|o| o.metadata.resource_version.as_ref() == rv),
-        SourceObject::Agent(_) => sources
-            .agents
-            .get(&key)
-            .is_some_and(|o| o.metadata.resource_version.as_ref() == rv),
-    }
-}
-
-fn insert(sources: &mut Sources, obj: SourceObject) {
-    let key = key_of(obj.meta());
-    match obj {
-        SourceObject::Pool(o) => {
-            sources.pools.insert(key, Arc::new(o));
-        }
-        SourceObject::Agent(o) => {
-            sources.agents.insert(key, Arc::new(o));
-        }
-    }
-}
-
-fn remove(sources: &mut Sources, obj: &SourceObject) {
-    let key = key_of(obj.meta());
-    match obj {
-        SourceObject::Pool(_) => {
-            sources.pools.remove(&key);
-            sources.leases.remove(&key);
-        }
-        SourceObject::Agent(_) => {
-            sources.agents.remove(&key);
-        }
-    }
-}
-
-fn all_of(sources: &Sources, kind: SourceKind) -> Vec<SourceObject> {
-    match kind {
-        SourceKind::Pools => sources
-            .pools
-            .values()
-            .map(|o| SourceObject::Pool((**o).clone()))
-            .collect(),
-        SourceKind::Agents => sources
-            .agents
-            .values()
-            .map(|o| SourceObject::Agent((**o).clone()))
-            .collect(),
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    /// A pool whose addresses 10.0.0.<a> are held by MACs ending in <a>.
-    fn pool(rv: u64, addresses: &[u8]) -> SourceObject {
-        let texts: Vec<(String, String)> = addresses
-            .iter()
-            .map(|a| (format!("10.0.0.{a}"), format!("52:54:00:00:00:{a:02x}")))
-            .collect();
-        let rows: Vec<Row> = texts
-            .iter()
-            .map(|(ip, mac)| (ip.as_str(), mac.as_str(), None, false))
-            .collect();
-        pool_of(rv, &rows)
-    }
-
-    fn ready(engine: &Engine, first: SourceObject) {
-        engine.apply(vec![
-            Change::Replace(SourceKind::Pools, vec![first]),
-            Change::Replace(SourceKind::Agents, vec![]),
-        ]);
-    }
-
-    fn versions(entries: &[Entry]) -> Vec<(u64, String)> {
-        entries
-            .iter()
-            .map(|e| (e.rv, e.object.name.clone()))
-            .collect()
-    }
-
-    /// (address, MAC or mark, owner, static).
-    type Row<'a> = (&'a str, &'a str, Option<&'a str>, bool);
-
-    /// A pool from entries.
-    fn pool_of(rv: u64, entries: &[Row]) -> SourceObject {
-        let allocated: serde_json::Map<String, serde_json::Value> = entries
-            .iter()
-            .map(|(a, v, _, _)| (a.to_string(), v.to_string().into()))
-            .collect();
-        let owners: serde_json::Map<String, serde_json::Value> = entries
-            .iter()
-            .filter_map(|(a, _, o, _)| Some((a.to_string(), (*o)?.to_string().into())))
-            .collect();
-        let statics: Vec<&str> = entries
-            .iter()
-            .filter(|e| e.3)
-            .map(|(a, _, _, _)| *a)
-            .collect();
-        SourceObject::Pool(
-            serde_json::from_value(json!({
-                "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
-                "metadata": {"name": "net", "namespace": "default", "resourceVersion": rv.to_string()},
-                "spec": {"networkName": "default/net", "ipv4Config": {"cidr": "10.0.0.0/24",
-                    "serverIP": "10.0.0.2", "pool": {"start": "10.0.0.10", "end": "10.0.0.200"}}},
-                "status": {"ipv4": {"used": 1, "available": 1, "allocated": allocated,
-                    "owners": owners, "staticAddresses": statics}}
-            }))
-            .expect("pool"),
-        )
-    }
-
-    fn contents(engine: &Engine, resource: Resource) -> Vec<(String, serde_json::Value)> {
-        let (items, _) = engine.list(resource, None).expect("list");
-        items
-            .iter()
-            .map(|o| (o.name.clone(), json!([o.labels, o.fields])))
-            .collect()
-    }
-
-    #[test]
-    fn updating_only_what_a_write_touched_ends_where_a_full_computation_does() {
-        let m1 = "52:54:00:00:00:01";
-        let m2 = "52:54:00:00:00:02";
-        let m3 = "52:54:00:00:00:03";
-        let revisions: Vec<Vec<Row>> = vec![
-            vec![
-                ("10.0.0.10", m1, Some("ns/a"), false),
-                ("10.0.0.2", "RESERVED", None, false),
-            ],
-            // An owner adopted, a static address added, a mark.
-            vec![
-                ("10.0.0.10", m1, Some("ns/a2"), false),
-                ("10.0.0.11", m2, Some("ns/b"), true),
-                ("10.0.0.12", "EXCLUDED", None, false),
-                ("10.0.0.2", "RESERVED", None, false),
-            ],
-            // A MAC moves to another address; one address held by garbage; a MAC twice.
-            vec![
-                ("10.0.0.13", m1, Some("ns/a2"), false),
-                ("10.0.0.11", m2, None, false),
-                ("10.0.0.14", "not-a-mac", None, false),
-                ("10.0.0.15", m3, Some("ns/c"), false),
-                ("10.0.0.16", m3, Some("ns/c"), true),
-                ("10.0.0.2", "RESERVED", None, false),
-                // An unreadable key holding a MAC too, sorting after every address.
-                ("9.not.an.address", m1, None, false),
-            ],
-            // Released, and a MAC held twice becomes held once.
-            vec![("10.0.0.15", m3, Some("ns/c"), false)],
-            vec![],
-        ];
-        let step = Engine::new(1000);
-        ready(&step, pool_of(100, &revisions[0]));
-        for (i, entries) in revisions.iter().enumerate().skip(1) {
-            let rv = 100 + i as u64;
-            step.apply(vec![Change::Apply(pool_of(rv, entries))]);
-            let whole = Engine::new(1000);
-            ready(&whole, pool_of(rv, entries));
-            for resource in [Resource::IpamAllocations, Resource::MacAddresses] {
-                assert_eq!(
-                    contents(&step, resource),
-                    contents(&whole, resource),
-                    "revision {rv}, {resource:?}"
-                );
-            }
-        }
-        // Each step's events replayed on the first picture give the last one: every change
-        // was announced.
-        let events = step
-            .watch_from(Resource::MacAddresses, Some(last_version_of(100)))
-            .expect("watch");
-        assert!(events.replay.iter().any(|e| e.kind == EventType::Deleted));
-        let versions: BTreeSet<u64> = events.replay.iter().map(|e| e.rv).collect();
-        assert_eq!(versions.len(), events.replay.len(), "one version per event");
-    }
-
-    fn leases(states: &[(u8, &str)]) -> Change {
-        let doc: AgentLeases = serde_json::from_value(json!({
-            "agent": "a-0", "active": true,
-            "items": states.iter().map(|(a, state)| json!({
-                "address": format!("10.0.0.{a}"), "mac": format!("52:54:00:00:00:{a:02x}"),
-                "state": state})).collect::<Vec<_>>()
-        }))
-        .expect("lease document");
-        Change::Leases(("default".into(), "net".into()), Some(doc))
-    }
-
-    #[test]
-    fn lease_versions_are_distinct_and_covered_by_the_list_version() {
-        let engine = Engine::new(1000);
-        engine.apply(vec![
-            Change::Replace(SourceKind::Pools, vec![pool(100, &[10, 11, 12])]),
-            leases(&[(10, "bound"), (11, "bound"), (12, "offered")]),
-            Change::Replace(SourceKind::Agents, vec![]),
-        ]);
-        let (items, list_rv) = engine.list(Resource::DhcpLeases, None).expect("list");
-        let versions: BTreeSet<u64> = items.iter().map(|o| o.resource_version).collect();
-        assert_eq!(versions.len(), 3, "one version each");
-        assert!(
-            versions.iter().all(|v| *v <= list_rv),
-            "{versions:?} > {list_rv}"
-        );
-        engine.apply(vec![leases(&[(10, "bound"), (11, "bound"), (12, "bound")])]);
-        let changed = engine
-            .watch_from(Resource::DhcpLeases, Some(list_rv))
-            .expect("watch");
-        assert_eq!(changed.replay.len(), 1, "only the lease that changed");
-        assert!(changed.replay[0].rv > list_rv);
-        assert_eq!(changed.rv, changed.replay[0].rv);
-    }
-
-    #[test]
-    fn every_change_of_one_pool_revision_has_a_version_of_its_own() {
-        let engine = Engine::new(1000);
-        ready(&engine, pool(100, &[10]));
-        engine.apply(vec![Change::Apply(pool(105, &[10, 11, 12]))]);
-        let all = engine
-            .watch_from(Resource::IpamAllocations, Some(last_version_of(100)))
-            .expect("watch");
-        let r = 105 * VERSIONS_PER_REVISION;
-        assert_eq!(
-            versions(&all.replay),
-            vec![
-                (r, "net.10-0-0-11".to_string()),
-                (r + 1, "net.10-0-0-12".to_string())
-            ]
-        );
-        assert_eq!(all.rv, last_version_of(105));
-        // A watcher that saw only the first of the two resumes with exactly the second.
-        let rest = engine
-            .watch_from(Resource::IpamAllocations, Some(r))
-            .expect("watch");
-        assert_eq!(
-            versions(&rest.replay),
-            vec![(r + 1, "net.10-0-0-12".into())]
-        );
-    }
-
-    #[test]
-    fn replicas_fed_the_same_revisions_give_the_same_versions() {
-        // Replica A gets the pool's revisions one by one, replica B in one batch and with
-        // agent changes in between: the events and their versions must be the same, so a
-        // watcher can resume on either.
-        let a = Engine::new(1000);
-        let b = Engine::new(1000);
-        ready(&a, pool(100, &[10]));
-        ready(&b, pool(100, &[10]));
-        a.apply(vec![Change::Apply(pool(110, &[10, 11]))]);
-        a.apply(vec![Change::Apply(pool(120, &[11, 12, 13]))]);
-        a.apply(vec![Change::Apply(pool(130, &[11, 12, 13, 14]))]);
-        b.apply(vec![
-            Change::Apply(pool(110, &[10, 11])),
-            Change::Replace(SourceKind::Agents, vec![]),
-            Change::Apply(pool(120, &[11, 12, 13])),
-            Change::Apply(pool(130, &[11, 12, 13, 14])),
-        ]);
-        let from = last_version_of(100);
-        let on_a = a
-            .watch_from(Resource::IpamAllocations, Some(from))
-            .expect("a");
-        let on_b = b
-            .watch_from(Resource::IpamAllocations, Some(from))
-            .expect("b");
-        assert_eq!(versions(&on_a.replay), versions(&on_b.replay));
-        assert_eq!(
-            on_a.replay.len(),
-            5,
-            "11 added; 12 and 13 added, 10 deleted; 14 added"
-        );
-        // Resume on B from the middle of revision 120 as seen on A.
-        let middle = on_a.replay[2].rv;
-        let rest = b
-            .watch_from(Resource::IpamAllocations, Some(middle))
-            .expect("b");
-        assert_eq!(versions(&rest.replay), versions(&on_a.replay[3..]));
-        let macs_a = a.watch_from(Resource::MacAddresses, Some(from)).expect("a");
-        let macs_b = b.watch_from(Resource::MacAddresses, Some(from)).expect("b");
-        assert_eq!(versions(&macs_a.replay), versions(&macs_b.replay));
-    }
-}
+mod tests;

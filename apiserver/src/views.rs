@@ -1,16 +1,19 @@
-//! The views, computed purely from the source objects: IPPools (the one source of truth:
-//! addresses, MACs, owners and which addresses are static) and the active agent's lease
+//! The views, computed purely from the source objects: the `IPPoolAddress` objects (the one
+//! source of truth of the allocations: address, MAC, owner, static, interface), the IPPool
+//! spec (network, and the reserved and excluded addresses) and the active agent's lease
 //! document.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use vm_dhcp_core::crd::{IPPool, MARK_EXCLUDED, MARK_RESERVED};
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::ipam::PoolLayout;
 use vm_dhcp_core::mac::MacAddr;
+use vm_dhcp_core::store::{BadObject, holding_of_address};
 
 use crate::resources::Resource;
 
@@ -39,7 +42,7 @@ pub struct ViewObject {
     pub resource: Resource,
     pub namespace: String,
     pub name: String,
-    /// Numeric, derived from the sources' resourceVersions (see `Engine`).
+    /// Numeric, derived from the etcd revisions of the sources' changes (see `store`).
     pub resource_version: u64,
     pub labels: BTreeMap<String, String>,
     pub fields: Map<String, Value>,
@@ -199,214 +202,196 @@ fn common_labels(pool: &str, network: &str) -> BTreeMap<String, String> {
 /// `allocated`, `static`, `reserved` or `excluded`.
 pub const STATES: [&str; 4] = ["allocated", "static", "reserved", "excluded"];
 
-/// What the allocation and MAC views of one pool are computed from: the pool alone (its
-/// `allocated`, `owners` and `staticAddresses`), so every replica sees their changes in the
-/// one order of the IPPool watch stream (see `Engine`).
-struct PoolFacts<'a> {
-    namespace: String,
-    pool_name: String,
-    pool_rv: u64,
-    network: String,
-    allocated: &'a BTreeMap<String, String>,
-    owners: &'a BTreeMap<String, String>,
-    statics: BTreeSet<&'a str>,
+/// One `IPPoolAddress` object as the views read it (DESIGN §2: the one source of truth of an
+/// allocation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// The object's name (`<pool>.<address>`).
+    pub name: String,
+    /// The object's resourceVersion (the etcd revision of its last write).
+    pub rv: u64,
+    pub ip: IpAddr,
+    pub mac: MacAddr,
+    pub owner: Option<String>,
+    pub static_: bool,
+    pub interface: Option<String>,
 }
 
-static NO_ENTRIES: BTreeMap<String, String> = BTreeMap::new();
-
-impl<'a> PoolFacts<'a> {
-    fn of(pool: &'a IPPool) -> Self {
-        let (namespace, pool_name) = key_of(&pool.metadata);
-        let ipv4 = pool.status.as_ref().and_then(|s| s.ipv4.as_ref());
-        PoolFacts {
-            namespace,
-            pool_name,
-            pool_rv: rv_of(&pool.metadata),
-            network: pool_network(pool),
-            allocated: ipv4
-                .and_then(|s| s.allocated.as_ref())
-                .unwrap_or(&NO_ENTRIES),
-            owners: ipv4.and_then(|s| s.owners.as_ref()).unwrap_or(&NO_ENTRIES),
-            statics: ipv4
-                .and_then(|s| s.static_addresses.as_ref())
-                .into_iter()
-                .flatten()
-                .map(String::as_str)
-                .collect(),
-        }
-    }
-
-    /// Everything an address's objects show, to tell cheaply whether they changed.
-    fn facts(&self, address: &str) -> (Option<&str>, Option<&str>, bool) {
-        (
-            self.allocated.get(address).map(String::as_str),
-            self.owners.get(address).map(String::as_str),
-            self.statics.contains(address),
-        )
-    }
-
-    fn allocation_name(&self, address: &str) -> String {
-        format!("{}.{}", self.pool_name, dashed(address))
-    }
-
-    fn mac_name(&self, mac: &MacAddr) -> String {
-        format!("{}.{}", self.pool_name, dashed(&mac.to_string()))
-    }
-
-    /// The `ipamallocations` object of one address, and the `macaddresses` object of its
-    /// MAC; `None` for an entry the webhook never writes (a hand-edited status).
-    fn entry(&self, address: &str, value: &str) -> Option<(ViewObject, Option<ViewObject>)> {
-        let ip = address.parse::<Ipv4Addr>().ok()?;
-        let mut labels = common_labels(&self.pool_name, &self.network);
-        let mut fields = Map::new();
-        fields.insert("pool".into(), self.pool_name.clone().into());
-        fields.insert("network".into(), self.network.clone().into());
-        fields.insert("address".into(), ip.to_string().into());
-        let mut mac_object = None;
-        let state = match value {
-            MARK_EXCLUDED => "excluded",
-            MARK_RESERVED => "reserved",
-            mac_text => {
-                let mac = mac_text.parse::<MacAddr>().ok()?;
-                let owner = self
-                    .owners
-                    .get(address)
-                    .map_or(Value::Null, |o| Value::from(o.as_str()));
-                let state = if self.statics.contains(address) {
-                    "static"
-                } else {
-                    "allocated"
-                };
-                fields.insert("mac".into(), mac.to_string().into());
-                fields.insert("owner".into(), owner.clone());
-                label(&mut labels, LABEL_MAC, &dashed(&mac.to_string()));
-                let mut mac_labels = common_labels(&self.pool_name, &self.network);
-                label(&mut mac_labels, LABEL_MAC, &dashed(&mac.to_string()));
-                let mut mac_fields = Map::new();
-                mac_fields.insert("mac".into(), mac.to_string().into());
-                mac_fields.insert("network".into(), self.network.clone().into());
-                mac_fields.insert("pool".into(), self.pool_name.clone().into());
-                mac_fields.insert("address".into(), ip.to_string().into());
-                mac_fields.insert("state".into(), state.into());
-                mac_fields.insert("owner".into(), owner);
-                mac_object = Some(ViewObject {
-                    resource: Resource::MacAddresses,
-                    namespace: self.namespace.clone(),
-                    name: self.mac_name(&mac),
-                    resource_version: self.pool_rv,
-                    labels: mac_labels,
-                    fields: mac_fields,
-                });
-                state
-            }
-        };
-        fields.insert("state".into(), state.into());
-        label(&mut labels, LABEL_STATE, state);
-        // The field order of the served object: keep it stable and readable.
-        let mut ordered = Map::new();
-        for k in ["pool", "network", "address", "mac", "state", "owner"] {
-            if let Some(v) = fields.remove(k) {
-                ordered.insert(k.into(), v);
-            }
-        }
-        let allocation = ViewObject {
-            resource: Resource::IpamAllocations,
-            namespace: self.namespace.clone(),
-            name: self.allocation_name(address),
-            resource_version: self.pool_rv,
-            labels,
-            fields: ordered,
-        };
-        Some((allocation, mac_object))
-    }
-}
-
-/// The `ipamallocations` and `macaddresses` objects of one pool. The resourceVersion is the
-/// pool's; the engine replaces it with the version of the change.
-pub fn pool_views(pool: &IPPool) -> (Vec<ViewObject>, Vec<ViewObject>) {
-    let facts = PoolFacts::of(pool);
-    let mut allocations = Vec::with_capacity(facts.allocated.len());
-    let mut macs = Vec::new();
-    for (address, value) in facts.allocated {
-        if let Some((allocation, mac)) = facts.entry(address, value) {
-            allocations.push(allocation);
-            macs.extend(mac);
-        }
-    }
-    (allocations, macs)
-}
-
-/// The objects a pool change touches: new or changed ones, and the names of those gone.
-#[derive(Debug, Default, PartialEq)]
-pub struct PartialViews {
-    pub allocations: Vec<ViewObject>,
-    pub allocations_gone: Vec<String>,
-    pub macs: Vec<ViewObject>,
-    pub macs_gone: Vec<String>,
-}
-
-/// What changed between two versions of one pool, computed from the addresses whose entries
-/// differ (a write that adds one allocation to 16,000 builds two objects, not 32,000).
-/// `None` when the pool's identity or network changed: recompute it whole.
-pub fn changed_views(old: &IPPool, new: &IPPool) -> Option<PartialViews> {
-    let before = PoolFacts::of(old);
-    let after = PoolFacts::of(new);
-    if (&before.namespace, &before.pool_name, &before.network)
-        != (&after.namespace, &after.pool_name, &after.network)
-    {
-        return None;
-    }
-    let changed: BTreeSet<&str> = before
-        .allocated
-        .keys()
-        .chain(after.allocated.keys())
-        .map(String::as_str)
-        .filter(|a| before.facts(a) != after.facts(a))
-        .collect();
-    let mut out = PartialViews::default();
-    if changed.is_empty() {
-        return Some(out);
-    }
-    // MACs whose object may change: those the changed addresses held before or hold now.
-    let mut macs: BTreeMap<MacAddr, Option<&str>> = BTreeMap::new();
-    for address in &changed {
-        for facts in [&before, &after] {
-            if let Some(mac) = facts.allocated.get(*address).and_then(|v| v.parse().ok()) {
-                macs.insert(mac, None);
-            }
-        }
-        match after.allocated.get(*address) {
-            Some(value) => match after.entry(address, value) {
-                Some((allocation, _)) => out.allocations.push(allocation),
-                None => out.allocations_gone.push(after.allocation_name(address)),
+impl Address {
+    /// The pool `(namespace, name)` an address object belongs to, and what it holds.
+    pub fn of(obj: &IPPoolAddress) -> Result<(Key, Address), BadObject> {
+        let h = holding_of_address(obj)?;
+        let (namespace, name) = key_of(&obj.metadata);
+        Ok((
+            (namespace, obj.spec.ippool.clone()),
+            Address {
+                name,
+                rv: rv_of(&obj.metadata),
+                ip: h.ip,
+                mac: h.mac,
+                owner: h.owner,
+                static_: h.static_,
+                interface: h.interface.filter(|i| !i.is_empty()),
             },
-            None => out.allocations_gone.push(after.allocation_name(address)),
+        ))
+    }
+
+    /// When two address objects claim one address (or one MAC), the views show the one
+    /// written last: the highest resourceVersion (then the name), the same on every replica.
+    pub fn rank(&self) -> (u64, &str) {
+        (self.rv, &self.name)
+    }
+}
+
+/// What the spec of a pool takes out of its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// The server IP or router, when inside `[start, end]`.
+    Reserved,
+    /// An entry of `pool.exclude` (every one, in the range or not, as the Go version's status
+    /// lists them).
+    Excluded,
+}
+
+impl Mark {
+    pub fn state(self) -> &'static str {
+        match self {
+            Mark::Reserved => "reserved",
+            Mark::Excluded => "excluded",
         }
     }
-    // Where each of them is now (the last address in order wins, as in `pool_views`).
-    for (address, value) in after.allocated {
-        if address.parse::<Ipv4Addr>().is_ok()
-            && let Ok(mac) = value.parse::<MacAddr>()
-            && let Some(at) = macs.get_mut(&mac)
-        {
-            *at = Some(address.as_str());
+}
+
+/// What the views need of an IPPool: its network and the addresses its spec marks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// `<namespace>/<name>`.
+    pub network: String,
+    pub marks: BTreeMap<IpAddr, Mark>,
+    /// The pool's resourceVersion when this was read (the version a replica that starts
+    /// later shows on the marked rows).
+    pub rv: u64,
+}
+
+impl PoolSpec {
+    pub fn of(pool: &IPPool) -> Self {
+        PoolSpec {
+            network: pool_network(pool),
+            marks: spec_marks(pool),
+            rv: rv_of(&pool.metadata),
         }
     }
-    for (mac, at) in macs {
-        let object = at.and_then(|address| {
-            let value = after.allocated.get(address)?;
-            after.entry(address, value)?.1
-        });
-        match object {
-            Some(object) => out.macs.push(object),
-            None => out.macs_gone.push(after.mac_name(&mac)),
+
+    /// Equal apart from the resourceVersion: the views of the pool are the same.
+    pub fn same_views(&self, other: &PoolSpec) -> bool {
+        self.network == other.network && self.marks == other.marks
+    }
+}
+
+/// The reserved and excluded addresses of a pool's spec, as the Go version's status listed
+/// them: `RESERVED` for the server IP and router inside `[start, end]`, `EXCLUDED` for every
+/// `pool.exclude` entry (reserved wins). A spec whose addresses do not parse marks nothing.
+pub fn spec_marks(pool: &IPPool) -> BTreeMap<IpAddr, Mark> {
+    let mut marks = BTreeMap::new();
+    let Some(config) = pool.spec.ipv4_config.as_ref() else {
+        return marks;
+    };
+    let Ok(layout) = PoolLayout::from_config(config) else {
+        return marks;
+    };
+    for ip in &layout.exclude {
+        marks.insert(IpAddr::V4(*ip), Mark::Excluded);
+    }
+    for ip in [layout.server_ip, layout.router].into_iter().flatten() {
+        if layout.start <= ip && ip <= layout.end {
+            marks.insert(IpAddr::V4(ip), Mark::Reserved);
         }
     }
-    out.allocations.sort_by(|a, b| a.name.cmp(&b.name));
-    out.allocations_gone.sort();
-    out.macs.sort_by(|a, b| a.name.cmp(&b.name));
-    out.macs_gone.sort();
-    Some(out)
+    marks
+}
+
+/// `<pool>.<address with dashes>`: the name of an address's `ipamallocations` object.
+pub fn allocation_name(pool: &str, ip: IpAddr) -> String {
+    format!("{pool}.{}", dashed(&ip.to_string()))
+}
+
+/// `<pool>.<MAC with dashes>`: the name of a MAC's `macaddresses` object.
+pub fn mac_name(pool: &str, mac: MacAddr) -> String {
+    format!("{pool}.{}", dashed(&mac.to_string()))
+}
+
+fn opt(v: &Option<String>) -> Value {
+    v.as_deref().map_or(Value::Null, Value::from)
+}
+
+/// The `ipamallocations` object of address `ip` of pool `<namespace>/<pool>`: from the
+/// address object holding it, else from the spec's mark; `None` when the address is free.
+/// The resourceVersion is left at 0 for the engine to set.
+pub fn allocation_object(
+    namespace: &str,
+    pool: &str,
+    spec: &PoolSpec,
+    ip: IpAddr,
+    holder: Option<&Address>,
+) -> Option<ViewObject> {
+    let mut labels = common_labels(pool, &spec.network);
+    let mut fields = Map::new();
+    fields.insert("pool".into(), pool.into());
+    fields.insert("network".into(), spec.network.clone().into());
+    fields.insert("address".into(), ip.to_string().into());
+    let state = match (holder, spec.marks.get(&ip)) {
+        (Some(a), _) => {
+            let state = if a.static_ { "static" } else { "allocated" };
+            fields.insert("mac".into(), a.mac.to_string().into());
+            fields.insert("state".into(), state.into());
+            fields.insert("owner".into(), opt(&a.owner));
+            fields.insert("interface".into(), opt(&a.interface));
+            label(&mut labels, LABEL_MAC, &dashed(&a.mac.to_string()));
+            state
+        }
+        (None, Some(mark)) => {
+            fields.insert("state".into(), mark.state().into());
+            mark.state()
+        }
+        (None, None) => return None,
+    };
+    label(&mut labels, LABEL_STATE, state);
+    Some(ViewObject {
+        resource: Resource::IpamAllocations,
+        namespace: namespace.to_string(),
+        name: allocation_name(pool, ip),
+        resource_version: 0,
+        labels,
+        fields,
+    })
+}
+
+/// The `macaddresses` object of the MAC `holder` holds in pool `<namespace>/<pool>`.
+pub fn mac_object(namespace: &str, pool: &str, spec: &PoolSpec, holder: &Address) -> ViewObject {
+    let mac = holder.mac.to_string();
+    let mut labels = common_labels(pool, &spec.network);
+    label(&mut labels, LABEL_MAC, &dashed(&mac));
+    let state = if holder.static_ {
+        "static"
+    } else {
+        "allocated"
+    };
+    let mut fields = Map::new();
+    fields.insert("mac".into(), mac.into());
+    fields.insert("network".into(), spec.network.clone().into());
+    fields.insert("pool".into(), pool.into());
+    fields.insert("address".into(), holder.ip.to_string().into());
+    fields.insert("state".into(), state.into());
+    fields.insert("owner".into(), opt(&holder.owner));
+    fields.insert("interface".into(), opt(&holder.interface));
+    ViewObject {
+        resource: Resource::MacAddresses,
+        namespace: namespace.to_string(),
+        name: mac_name(pool, holder.mac),
+        resource_version: 0,
+        labels,
+        fields,
+    }
 }
 
 /// The `dhcpleases` objects of one pool. The resourceVersion is left at 0: the engine sets
@@ -418,7 +403,7 @@ pub fn lease_views(pool: &IPPool, leases: &AgentLeases) -> Vec<ViewObject> {
         .items
         .iter()
         .filter_map(|l| {
-            let ip = l.address.parse::<Ipv4Addr>().ok()?;
+            let ip = l.address.trim().parse::<IpAddr>().ok()?;
             let mac = l.mac.parse::<MacAddr>().ok()?;
             let mut labels = common_labels(&pool_name, &network);
             label(&mut labels, LABEL_MAC, &dashed(&mac.to_string()));
@@ -492,59 +477,124 @@ pub fn agent_candidates(sources: &Sources, pool_key: &Key) -> Vec<(Key, String)>
 mod tests {
     use super::*;
 
-    fn pool() -> IPPool {
+    fn pool(exclude: &[&str], router: Option<&str>) -> IPPool {
         serde_json::from_value(json!({
             "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
             "metadata": {"name": "net-48", "namespace": "default", "resourceVersion": "100"},
             "spec": {"networkName": "default/net-48", "ipv4Config": {"cidr": "192.168.48.0/24",
-                "serverIP": "192.168.48.2", "pool": {"start": "192.168.48.10", "end": "192.168.48.20"}}},
-            "status": {"ipv4": {"used": 3, "available": 8,
-                "allocated": {"192.168.48.10": "52:54:00:00:00:01", "192.168.48.11": "52:54:00:00:00:02",
-                              "192.168.48.12": "EXCLUDED", "192.168.48.13": "RESERVED"},
-                "owners": {"192.168.48.10": "default/vm1"},
-                "staticAddresses": ["192.168.48.11"]}}
+                "serverIP": "192.168.48.2", "router": router,
+                "pool": {"start": "192.168.48.10", "end": "192.168.48.20", "exclude": exclude}}},
+            // Never read: the views come from the address objects.
+            "status": {"ipv4": {"used": 1, "available": 1,
+                "allocated": {"192.168.48.19": "52:54:00:00:00:19"}}}
         }))
         .expect("pool")
     }
 
-    #[test]
-    fn one_object_per_taken_address_with_state_and_owner() {
-        let (allocs, macs) = pool_views(&pool());
-        let by_name: BTreeMap<&str, &ViewObject> =
-            allocs.iter().map(|o| (o.name.as_str(), o)).collect();
-        assert_eq!(allocs.len(), 4);
-        assert_eq!(macs.len(), 2);
-        let a = by_name["net-48.192-168-48-10"];
-        assert_eq!(a.fields["state"], "allocated");
-        assert_eq!(a.fields["owner"], "default/vm1");
-        assert_eq!(a.resource_version, 100);
-        let s = by_name["net-48.192-168-48-11"];
-        assert_eq!(s.fields["state"], "static", "listed in staticAddresses");
-        assert_eq!(
-            s.fields["owner"],
-            Value::Null,
-            "an allocation nobody adopted yet"
-        );
-        assert_eq!(by_name["net-48.192-168-48-12"].fields["state"], "excluded");
-        assert_eq!(by_name["net-48.192-168-48-13"].fields["state"], "reserved");
-        assert_eq!(s.labels[LABEL_MAC], "52-54-00-00-00-02");
-        assert_eq!(s.labels[LABEL_NETWORK], "net-48");
-        assert_eq!(s.labels[LABEL_STATE], "static");
-        assert_eq!(macs[1].name, "net-48.52-54-00-00-00-02");
-        assert_eq!(macs[1].fields["address"], "192.168.48.11");
-        assert_eq!(macs[1].fields["state"], "static");
-        assert_eq!(macs[0].fields["owner"], "default/vm1");
+    fn address(ip: &str, mac: &str, owner: Option<&str>, static_: bool) -> Address {
+        Address {
+            name: format!("net-48.{ip}"),
+            rv: 7,
+            ip: ip.parse().expect("ip"),
+            mac: mac.parse().expect("mac"),
+            owner: owner.map(str::to_string),
+            static_,
+            interface: Some("nic-1".into()),
+        }
     }
 
     #[test]
-    fn a_static_address_no_longer_allocated_is_not_shown() {
-        let mut p = pool();
-        if let Some(ipv4) = p.status.as_mut().and_then(|s| s.ipv4.as_mut()) {
-            ipv4.static_addresses = Some(vec!["192.168.48.15".into(), "192.168.48.12".into()]);
-        }
-        let (allocs, _) = pool_views(&p);
-        assert_eq!(allocs.len(), 4);
-        assert!(allocs.iter().all(|o| o.fields["state"] != "static"));
+    fn marks_follow_the_go_status_rules() {
+        let p = pool(&["192.168.48.12", "192.168.48.30"], Some("192.168.48.13"));
+        let marks = spec_marks(&p);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            marks,
+            BTreeMap::from([
+                (ip("192.168.48.12"), Mark::Excluded),
+                (ip("192.168.48.13"), Mark::Reserved),
+                // Outside the range: listed, as the Go version lists every exclude entry.
+                (ip("192.168.48.30"), Mark::Excluded),
+            ]),
+            "the server IP is outside [start, end]: not reserved"
+        );
+    }
+
+    #[test]
+    fn an_object_per_taken_address_with_state_and_owner() {
+        let p = pool(&["192.168.48.12"], Some("192.168.48.13"));
+        let spec = PoolSpec::of(&p);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let a = address(
+            "192.168.48.10",
+            "52:54:00:00:00:01",
+            Some("default/vm1"),
+            false,
+        );
+        let s = address("192.168.48.11", "52:54:00:00:00:02", None, true);
+        let obj =
+            |i: &str, h: Option<&Address>| allocation_object("default", "net-48", &spec, ip(i), h);
+        let alloc = obj("192.168.48.10", Some(&a)).expect("allocated");
+        assert_eq!(alloc.name, "net-48.192-168-48-10");
+        assert_eq!(alloc.fields["state"], "allocated");
+        assert_eq!(alloc.fields["owner"], "default/vm1");
+        assert_eq!(alloc.fields["interface"], "nic-1");
+        assert_eq!(alloc.fields["network"], "default/net-48");
+        let stat = obj("192.168.48.11", Some(&s)).expect("static");
+        assert_eq!(stat.fields["state"], "static");
+        assert_eq!(stat.fields["owner"], Value::Null, "nobody adopted it yet");
+        assert_eq!(stat.labels[LABEL_MAC], "52-54-00-00-00-02");
+        assert_eq!(stat.labels[LABEL_NETWORK], "net-48");
+        assert_eq!(stat.labels[LABEL_STATE], "static");
+        assert_eq!(
+            obj("192.168.48.12", None).expect("excluded").fields["state"],
+            "excluded"
+        );
+        assert_eq!(
+            obj("192.168.48.13", None).expect("reserved").fields["state"],
+            "reserved"
+        );
+        assert!(
+            !obj("192.168.48.13", None)
+                .expect("reserved")
+                .labels
+                .contains_key(LABEL_MAC),
+            "reserved and excluded rows have no MAC"
+        );
+        // An address object on an excluded address wins: it is held until released.
+        let held = address("192.168.48.12", "52:54:00:00:00:03", None, false);
+        assert_eq!(
+            obj("192.168.48.12", Some(&held)).expect("held").fields["state"],
+            "allocated"
+        );
+        assert!(obj("192.168.48.14", None).is_none(), "free");
+        // The status's allocation of .19 is not a view: the status is not read.
+        assert!(obj("192.168.48.19", None).is_none());
+        let mac = mac_object("default", "net-48", &spec, &s);
+        assert_eq!(mac.name, "net-48.52-54-00-00-00-02");
+        assert_eq!(mac.fields["address"], "192.168.48.11");
+        assert_eq!(mac.fields["state"], "static");
+    }
+
+    #[test]
+    fn address_objects_are_read_with_their_pool_and_version() {
+        let h = vm_dhcp_core::store::Holding {
+            ip: "192.168.48.10".parse().expect("ip"),
+            mac: "52:54:00:00:00:01".parse().expect("mac"),
+            owner: Some("default/vm1".into()),
+            static_: true,
+            interface: None,
+        };
+        let mut obj =
+            vm_dhcp_core::store::address_object("default", "net-48", "default/net-48", &h);
+        obj.metadata.resource_version = Some("42".into());
+        let (pool, a) = Address::of(&obj).expect("readable");
+        assert_eq!(pool, ("default".to_string(), "net-48".to_string()));
+        assert_eq!(a.rv, 42);
+        assert_eq!(a.name, "net-48.192.168.48.10");
+        assert!(a.static_);
+        obj.spec.mac_address = "bogus".into();
+        assert!(Address::of(&obj).is_err());
     }
 
     #[test]
@@ -556,7 +606,7 @@ mod tests {
                       {"address": "bogus", "mac": "52:54:00:00:00:01"}]
         }))
         .expect("agent doc");
-        let leases = lease_views(&pool(), &doc);
+        let leases = lease_views(&pool(&[], None), &doc);
         assert_eq!(leases.len(), 1);
         assert_eq!(leases[0].fields["agent"], "a-0");
         assert_eq!(leases[0].fields["state"], "bound");

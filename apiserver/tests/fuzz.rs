@@ -24,8 +24,9 @@ use vm_dhcp_apiserver::auth::{
 use vm_dhcp_apiserver::selector::{
     FieldRequirement, FieldSelector, LabelSelector, Op, Requirement,
 };
-use vm_dhcp_apiserver::{ApiServer, Change, Engine, Resource, SourceKind, SourceObject, router};
-use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_apiserver::{ApiServer, Change, Engine, Resource, router};
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::store::{Holding, address_object};
 
 const GV: &str = "/apis/dhcp.harvesterhci.io/v1alpha1";
 
@@ -70,37 +71,79 @@ impl Authorizer for Allow {
     }
 }
 
-fn pools() -> Vec<SourceObject> {
-    let pool =
-        |value: Value| SourceObject::Pool(serde_json::from_value::<IPPool>(value).expect("pool"));
+/// The pools of tests/router.rs: the status is empty, the views come from the spec (.12
+/// excluded, the router .13 reserved) and the address objects.
+fn pools() -> Vec<IPPool> {
+    let pool = |value: Value| serde_json::from_value::<IPPool>(value).expect("pool");
     vec![
         pool(json!({
             "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
             "metadata": {"name": "net-48", "namespace": "default", "resourceVersion": "100"},
             "spec": {"networkName": "default/net-48", "ipv4Config": {"cidr": "192.168.48.0/24",
-                "serverIP": "192.168.48.2", "pool": {"start": "192.168.48.10", "end": "192.168.48.20"}}},
-            "status": {"ipv4": {"used": 2, "available": 9,
-                "allocated": {"192.168.48.10": "52:54:00:00:00:01", "192.168.48.11": "52:54:00:00:00:02",
-                    "192.168.48.12": "EXCLUDED", "192.168.48.13": "RESERVED"},
-                "owners": {"192.168.48.10": "default/vm1", "192.168.48.11": "default/vm2"},
-                "staticAddresses": ["192.168.48.11"]}}
+                "serverIP": "192.168.48.2", "router": "192.168.48.13",
+                "pool": {"start": "192.168.48.10", "end": "192.168.48.20",
+                         "exclude": ["192.168.48.12"]}}}
         })),
         pool(json!({
             "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
             "metadata": {"name": "net-9", "namespace": "other", "resourceVersion": "90"},
             "spec": {"networkName": "other/net-9", "ipv4Config": {"cidr": "10.9.0.0/24",
-                "serverIP": "10.9.0.2", "pool": {"start": "10.9.0.10", "end": "10.9.0.20"}}},
-            "status": {"ipv4": {"used": 1, "available": 10, "allocated": {"10.9.0.10": "52:54:00:00:09:01"}}}
+                "serverIP": "10.9.0.2", "pool": {"start": "10.9.0.10", "end": "10.9.0.20"}}}
         })),
+    ]
+}
+
+fn addresses() -> Vec<IPPoolAddress> {
+    let object = |ns: &str, pool: &str, ip: &str, mac: &str, owner: Option<&str>, static_| {
+        let h = Holding {
+            ip: ip.parse().expect("ip"),
+            mac: mac.parse().expect("mac"),
+            owner: owner.map(str::to_string),
+            static_,
+            interface: None,
+        };
+        let mut obj = address_object(ns, pool, &format!("{ns}/{pool}"), &h);
+        obj.metadata.resource_version = Some("95".into());
+        obj
+    };
+    vec![
+        object(
+            "default",
+            "net-48",
+            "192.168.48.10",
+            "52:54:00:00:00:01",
+            Some("default/vm1"),
+            false,
+        ),
+        object(
+            "default",
+            "net-48",
+            "192.168.48.11",
+            "52:54:00:00:00:02",
+            Some("default/vm2"),
+            true,
+        ),
+        object(
+            "other",
+            "net-9",
+            "10.9.0.10",
+            "52:54:00:00:09:01",
+            None,
+            false,
+        ),
     ]
 }
 
 /// A synced engine, or one still waiting for the agents' list (every view answers 503).
 fn server(synced: bool) -> Arc<ApiServer> {
     let engine = Arc::new(Engine::default());
-    let mut changes = vec![Change::Replace(SourceKind::Pools, pools())];
+    let mut changes = vec![Change::Snapshot {
+        revision: 100,
+        pools: pools(),
+        addresses: addresses(),
+    }];
     if synced {
-        changes.push(Change::Replace(SourceKind::Agents, vec![]));
+        changes.push(Change::Agents(vec![]));
     }
     engine.apply(changes);
     let mut server = ApiServer::new(engine, Arc::new(Allow));

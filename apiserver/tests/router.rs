@@ -16,7 +16,8 @@ use vm_dhcp_apiserver::auth::{
     Attributes, Authorizer, AuthzFuture, CachedAuthorizer, Decision, UserInfo, VerifiedClientCert,
 };
 use vm_dhcp_apiserver::{ApiServer, Change, Engine, SourceKind, SourceObject, router};
-use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::store::{Holding, address_object};
 
 const GV: &str = "/apis/dhcp.harvesterhci.io/v1alpha1";
 const TABLE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
@@ -45,27 +46,25 @@ impl Authorizer for Table {
     }
 }
 
-fn pool(rv: u64, allocated: Value) -> IPPool {
-    pool_with(rv, allocated, &["192.168.48.11"])
+const K: u64 = vm_dhcp_apiserver::store::VERSIONS_PER_REVISION;
+
+/// The list version after revision `r` (every write up to `r` applied).
+fn listed(r: u64) -> String {
+    vm_dhcp_apiserver::store::list_version(r).to_string()
 }
 
-/// The pool with these addresses marked static.
-fn pool_with(rv: u64, allocated: Value, statics: &[&str]) -> IPPool {
+/// Pool default/net-48: .12 excluded, the router .13 reserved (the server IP .2 is outside
+/// the range). Its status is empty: the views come from the address objects.
+fn pool(rv: u64) -> IPPool {
     serde_json::from_value(json!({
         "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
         "metadata": {"name": "net-48", "namespace": "default", "resourceVersion": rv.to_string()},
         "spec": {"networkName": "default/net-48", "ipv4Config": {"cidr": "192.168.48.0/24",
-            "serverIP": "192.168.48.2", "pool": {"start": "192.168.48.10", "end": "192.168.48.20"}}},
-        "status": {"ipv4": {"used": 2, "available": 9, "allocated": allocated,
-            "owners": {"192.168.48.10": "default/vm1", "192.168.48.11": "default/vm2"},
-            "staticAddresses": statics}}
+            "serverIP": "192.168.48.2", "router": "192.168.48.13",
+            "pool": {"start": "192.168.48.10", "end": "192.168.48.20",
+                     "exclude": ["192.168.48.12"]}}}
     }))
     .expect("pool")
-}
-
-fn base_allocated() -> Value {
-    json!({"192.168.48.10": "52:54:00:00:00:01", "192.168.48.11": "52:54:00:00:00:02",
-           "192.168.48.12": "EXCLUDED", "192.168.48.13": "RESERVED"})
 }
 
 fn other_pool() -> IPPool {
@@ -73,10 +72,73 @@ fn other_pool() -> IPPool {
         "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
         "metadata": {"name": "net-9", "namespace": "other", "resourceVersion": "90"},
         "spec": {"networkName": "other/net-9", "ipv4Config": {"cidr": "10.9.0.0/24",
-            "serverIP": "10.9.0.2", "pool": {"start": "10.9.0.10", "end": "10.9.0.20"}}},
-        "status": {"ipv4": {"used": 1, "available": 10, "allocated": {"10.9.0.10": "52:54:00:00:09:01"}}}
+            "serverIP": "10.9.0.2", "pool": {"start": "10.9.0.10", "end": "10.9.0.20"}}}
     }))
     .expect("pool")
+}
+
+/// The address object of `ip` in `<ns>/<pool>` held by `mac`, written at revision `rv`.
+fn address_in(
+    ns: &str,
+    pool: &str,
+    rv: u64,
+    ip: &str,
+    mac: &str,
+    owner: Option<&str>,
+    static_: bool,
+) -> IPPoolAddress {
+    let h = Holding {
+        ip: ip.parse().expect("ip"),
+        mac: mac.parse().expect("mac"),
+        owner: owner.map(str::to_string),
+        static_,
+        interface: None,
+    };
+    let mut obj = address_object(ns, pool, &format!("{ns}/{pool}"), &h);
+    obj.metadata.resource_version = Some(rv.to_string());
+    obj
+}
+
+fn address(rv: u64, ip: &str, mac: &str, owner: Option<&str>, static_: bool) -> IPPoolAddress {
+    address_in("default", "net-48", rv, ip, mac, owner, static_)
+}
+
+/// vm1 on .10 (dynamic), vm2 on .11 (static), and one allocation in other/net-9.
+fn base_addresses() -> Vec<IPPoolAddress> {
+    vec![
+        address(
+            95,
+            "192.168.48.10",
+            "52:54:00:00:00:01",
+            Some("default/vm1"),
+            false,
+        ),
+        address(
+            96,
+            "192.168.48.11",
+            "52:54:00:00:00:02",
+            Some("default/vm2"),
+            true,
+        ),
+        address_in(
+            "other",
+            "net-9",
+            91,
+            "10.9.0.10",
+            "52:54:00:00:09:01",
+            None,
+            false,
+        ),
+    ]
+}
+
+/// A write of an address object at its revision, and both watches past it.
+fn write(engine: &Engine, change: Change, rev: u64) {
+    engine.apply(vec![
+        change,
+        Change::Progress(SourceKind::Pools, rev),
+        Change::Progress(SourceKind::Addresses, rev),
+    ]);
 }
 
 struct Fixture {
@@ -88,14 +150,12 @@ struct Fixture {
 fn synced_engine() -> Arc<Engine> {
     let engine = Arc::new(Engine::default());
     engine.apply(vec![
-        Change::Replace(
-            SourceKind::Pools,
-            vec![
-                SourceObject::Pool(pool(100, base_allocated())),
-                SourceObject::Pool(other_pool()),
-            ],
-        ),
-        Change::Replace(SourceKind::Agents, vec![]),
+        Change::Snapshot {
+            revision: 100,
+            pools: vec![pool(100), other_pool()],
+            addresses: base_addresses(),
+        },
+        Change::Agents(vec![]),
     ]);
     engine
 }
@@ -359,8 +419,9 @@ async fn list_has_numeric_versions_and_full_items() {
     assert_eq!(list["kind"], "IPAMAllocationList");
     assert_eq!(list["apiVersion"], "dhcp.harvesterhci.io/v1alpha1");
     assert_eq!(
-        list["metadata"]["resourceVersion"], "6619135",
-        "after pool revision 100: 100 × 65,536 + 65,535"
+        list["metadata"]["resourceVersion"],
+        listed(100).as_str(),
+        "the snapshot's revision 100: 100 × 2^17 + (2^17 - 2^10)"
     );
     let items = list["items"].as_array().expect("items");
     assert_eq!(items.len(), 5, "4 in default/net-48, 1 in other/net-9");
@@ -377,8 +438,14 @@ async fn list_has_numeric_versions_and_full_items() {
     assert_eq!(static_one["state"], "static");
     assert_eq!(static_one["owner"], "default/vm2");
     assert_eq!(
-        static_one["metadata"]["resourceVersion"], "6553600",
-        "the pool's revision 100 × 65,536"
+        static_one["metadata"]["resourceVersion"],
+        (96 * K).to_string().as_str(),
+        "its address object's revision 96 × 2^17"
+    );
+    assert_eq!(static_one["interface"], Value::Null);
+    assert!(
+        static_one.get("interface").is_none(),
+        "absent, not null, when unknown"
     );
     let (_, ns_list) = get(&f, &format!("{GV}/namespaces/other/ipamallocations"), None).await;
     assert_eq!(ns_list["items"].as_array().map(Vec::len), Some(1));
@@ -419,7 +486,8 @@ async fn table_output_with_each_include_object() {
             "allocated",
             "default/vm1",
             "net-48",
-            "default/net-48"
+            "default/net-48",
+            "<none>"
         ])
     );
     assert_eq!(
@@ -549,7 +617,8 @@ async fn limit_and_continue_page_through_everything_once() {
         let (code, list) = get(&f, &path, None).await;
         assert_eq!(code, StatusCode::OK, "{list}");
         assert_eq!(
-            list["metadata"]["resourceVersion"], "6619135",
+            list["metadata"]["resourceVersion"],
+            listed(100).as_str(),
             "one version for all pages"
         );
         pages += 1;
@@ -581,7 +650,10 @@ async fn resource_version_semantics_of_list() {
     assert_eq!(code, StatusCode::OK);
     let (code, _) = get(
         &f,
-        &format!("{base}?resourceVersion=6619135&resourceVersionMatch=Exact"),
+        &format!(
+            "{base}?resourceVersion={}&resourceVersionMatch=Exact",
+            listed(100)
+        ),
         None,
     )
     .await;
@@ -769,10 +841,11 @@ async fn authorization_denies_with_the_kubernetes_message_and_caches() {
 #[tokio::test]
 async fn not_ready_until_every_source_is_listed() {
     let engine = Arc::new(Engine::default());
-    engine.apply(vec![Change::Replace(
-        SourceKind::Pools,
-        vec![SourceObject::Pool(pool(100, base_allocated()))],
-    )]);
+    engine.apply(vec![Change::Snapshot {
+        revision: 100,
+        pools: vec![pool(100)],
+        addresses: base_addresses(),
+    }]);
     let f = fixture_with(engine.clone());
     let req = Request::get("/readyz")
         .body(Body::empty())
@@ -782,7 +855,7 @@ async fn not_ready_until_every_source_is_listed() {
     let (code, doc) = get(&f, &format!("{GV}/ipamallocations"), None).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_status(&doc, 503, "ServiceUnavailable");
-    engine.apply(vec![Change::Replace(SourceKind::Agents, vec![])]);
+    engine.apply(vec![Change::Agents(vec![])]);
     let req = Request::get("/readyz")
         .body(Body::empty())
         .expect("request");
@@ -801,32 +874,32 @@ async fn watch_streams_lines_and_resumes_from_a_version() {
     let initial = w.next_events(4).await;
     assert!(initial.iter().all(|e| e["type"] == "ADDED"));
     assert_eq!(initial[0]["object"]["kind"], "IPAMAllocation");
-    // A new allocation in the pool at a later version.
-    let mut allocated = base_allocated();
-    allocated["192.168.48.14"] = "52:54:00:00:00:03".into();
-    f.engine.apply(vec![Change::Apply(SourceObject::Pool(pool(
-        130,
-        allocated.clone(),
-    )))]);
+    // A new allocation: its address object created at revision 130.
+    let new = || address(130, "192.168.48.14", "52:54:00:00:00:03", None, false);
+    write(&f.engine, Change::Apply(SourceObject::Address(new())), 130);
     let ev = w.next_events(1).await;
     assert_eq!(ev[0]["type"], "ADDED");
     assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-14");
+    let added = (130 * K).to_string();
     assert_eq!(
-        ev[0]["object"]["metadata"]["resourceVersion"], "8519680",
-        "revision 130 × 65,536"
+        ev[0]["object"]["metadata"]["resourceVersion"],
+        added.as_str(),
+        "revision 130 × 2^17"
     );
-    // Released again at 140.
-    f.engine.apply(vec![Change::Apply(SourceObject::Pool(pool(
-        140,
-        base_allocated(),
-    )))]);
+    // Released (deleted) at 140.
+    let mut gone = new();
+    gone.metadata.resource_version = Some("140".into());
+    write(&f.engine, Change::Delete(SourceObject::Address(gone)), 140);
     let ev = w.next_events(1).await;
     assert_eq!(ev[0]["type"], "DELETED");
-    assert_eq!(ev[0]["object"]["metadata"]["resourceVersion"], "9175040");
+    assert_eq!(
+        ev[0]["object"]["metadata"]["resourceVersion"],
+        (140 * K).to_string().as_str()
+    );
     // Another watcher resumes from the ADDED event: only what came after.
     let mut resumed = watch(
         &f,
-        &format!("{GV}/ipamallocations?watch=1&resourceVersion=8519680"),
+        &format!("{GV}/ipamallocations?watch=1&resourceVersion={added}"),
         None,
     )
     .await;
@@ -858,17 +931,26 @@ async fn watch_with_a_selector_turns_leaving_objects_into_deleted() {
     .await;
     let initial = w.next_events(2).await;
     assert_eq!(initial.len(), 2);
-    // vm1's address becomes static: it leaves the selection.
-    f.engine
-        .apply(vec![Change::Apply(SourceObject::Pool(pool_with(
-            150,
-            base_allocated(),
-            &["192.168.48.10", "192.168.48.11"],
-        )))]);
+    // vm1's address object becomes static: it leaves the selection.
+    let now_static = address(
+        150,
+        "192.168.48.10",
+        "52:54:00:00:00:01",
+        Some("default/vm1"),
+        true,
+    );
+    write(
+        &f.engine,
+        Change::Apply(SourceObject::Address(now_static)),
+        150,
+    );
     let ev = w.next_events(1).await;
     assert_eq!(ev[0]["type"], "DELETED");
     assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-10");
-    assert_eq!(ev[0]["object"]["metadata"]["resourceVersion"], "9830400");
+    assert_eq!(
+        ev[0]["object"]["metadata"]["resourceVersion"],
+        (150 * K).to_string().as_str()
+    );
 }
 
 #[tokio::test]
@@ -997,29 +1079,30 @@ async fn a_watch_on_one_object_takes_any_name_literally() {
 
 #[tokio::test]
 async fn a_watch_resumed_ahead_of_this_replica_sends_only_later_changes() {
-    // Another replica already streamed revision 110's first two changes (versions agree
+    // Another replica already streamed the first two changes of revision 110 (versions agree
     // across replicas); this one has not seen revision 110 yet.
     let f = fixture();
-    let seen = 110 * 65_536 + 1;
+    let seen = 110 * K + 1;
     let mut w = watch(
         &f,
-        &format!("{GV}/namespaces/default/ipamallocations?watch=true&resourceVersion={seen}"),
+        &format!("{GV}/namespaces/other/ipamallocations?watch=true&resourceVersion={seen}"),
         None,
     )
     .await;
-    let mut allocated = base_allocated();
-    for (ip, mac) in [
-        ("192.168.48.14", "52:54:00:00:00:04"),
-        ("192.168.48.15", "52:54:00:00:00:05"),
-        ("192.168.48.16", "52:54:00:00:00:06"),
-    ] {
-        allocated[ip] = mac.into();
+    // Revision 110: other/net-9's spec excludes three free addresses, three rows at once.
+    let mut excluding = other_pool();
+    excluding.metadata.resource_version = Some("110".into());
+    if let Some(c) = excluding.spec.ipv4_config.as_mut() {
+        c.pool.exclude = Some(vec![
+            "10.9.0.14".into(),
+            "10.9.0.15".into(),
+            "10.9.0.16".into(),
+        ]);
     }
-    f.engine.apply(vec![Change::Apply(SourceObject::Pool(pool(
-        110, allocated,
-    )))]);
+    write(&f.engine, Change::Apply(SourceObject::Pool(excluding)), 110);
     let ev = w.next_events(1).await;
-    assert_eq!(ev[0]["object"]["metadata"]["name"], "net-48.192-168-48-16");
+    assert_eq!(ev[0]["object"]["metadata"]["name"], "net-9.10-9-0-16");
+    assert_eq!(ev[0]["object"]["state"], "excluded");
     assert_eq!(
         ev[0]["object"]["metadata"]["resourceVersion"],
         (seen + 1).to_string()
