@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::AuthInfo;
 use serde_json::{Value, json};
 use setup::AggregatedApi;
 use tokio::io::AsyncBufReadExt as _;
-use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::store::{Holding, address_object, address_object_name};
 use vm_dhcp_e2e::{ControlPlane, TestNamespace};
 
 const GV: &str = "/apis/dhcp.harvesterhci.io/v1alpha1";
@@ -100,42 +101,75 @@ async fn server() -> &'static AggregatedApi {
     .expect("start-up task")
 }
 
-fn pool(ns: &str, name: &str, octet: u8, allocated: Value) -> IPPool {
+/// Pool `<ns>/<name>` on 172.<octet>.0.0/24, range .10–.50, server IP .2 (outside the range),
+/// with `config` merged into its `ipv4Config` (e.g. exclusions, a server IP inside the range).
+fn pool(ns: &str, name: &str, octet: u8, config: Value) -> IPPool {
+    let mut ipv4 = json!({
+        "cidr": format!("172.{octet}.0.0/24"), "serverIP": format!("172.{octet}.0.2"),
+        "pool": {"start": format!("172.{octet}.0.10"), "end": format!("172.{octet}.0.50")}});
+    if let (Some(base), Some(extra)) = (ipv4.as_object_mut(), config.as_object()) {
+        for (k, v) in extra {
+            match (base.get_mut(k), v) {
+                (Some(Value::Object(b)), Value::Object(e)) => b.extend(e.clone()),
+                _ => {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
     serde_json::from_value(json!({
         "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
         "metadata": {"name": name, "namespace": ns},
-        "spec": {"networkName": format!("{ns}/{name}"), "ipv4Config": {
-            "cidr": format!("172.{octet}.0.0/24"), "serverIP": format!("172.{octet}.0.2"),
-            "pool": {"start": format!("172.{octet}.0.10"), "end": format!("172.{octet}.0.50")}}},
-        "status": {"ipv4": {"allocated": allocated, "used": 0, "available": 41}}
+        "spec": {"networkName": format!("{ns}/{name}"), "ipv4Config": ipv4}
     }))
     .expect("pool")
 }
 
-/// Creates a pool and writes its status (the status subresource ignores it on create).
-async fn create_pool(ns: &TestNamespace, name: &str, octet: u8, allocated: Value) {
-    let pools: Api<IPPool> = ns.api();
-    pools
-        .create(
-            &PostParams::default(),
-            &pool(&ns.name, name, octet, allocated.clone()),
-        )
+/// Creates a pool. Its status stays empty: the views come from the IPPoolAddress objects
+/// (and the spec), never from the status.
+async fn create_pool(ns: &TestNamespace, name: &str, octet: u8, config: Value) {
+    ns.api::<IPPool>()
+        .create(&PostParams::default(), &pool(&ns.name, name, octet, config))
         .await
         .expect("create pool");
-    set_allocated(ns, name, allocated).await;
 }
 
-async fn set_allocated(ns: &TestNamespace, name: &str, allocated: Value) {
-    let pools: Api<IPPool> = ns.api();
-    let used = allocated.as_object().map_or(0, |m| m.len() as i64);
-    pools
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"ipv4": {"allocated": allocated, "used": used, "available": 41 - used}}})),
+/// What the webhook writes for an allocation: the pool's IPPoolAddress object for `ip`.
+async fn allocate(ns: &TestNamespace, pool: &str, ip: &str, mac: &str, owner: Option<&str>) {
+    allocate_as(ns, pool, ip, mac, owner, false).await;
+}
+
+async fn allocate_as(
+    ns: &TestNamespace,
+    pool: &str,
+    ip: &str,
+    mac: &str,
+    owner: Option<&str>,
+    static_: bool,
+) {
+    let h = Holding {
+        ip: ip.parse().expect("ip"),
+        mac: mac.parse().expect("mac"),
+        owner: owner.map(str::to_string),
+        static_,
+        interface: Some("nic-1".into()),
+    };
+    let obj = address_object(&ns.name, pool, &format!("{}/{pool}", ns.name), &h);
+    ns.api::<IPPoolAddress>()
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("create the IPPoolAddress");
+}
+
+/// What the controller does on release: deletes the address object.
+async fn release(ns: &TestNamespace, pool: &str, ip: &str) {
+    ns.api::<IPPoolAddress>()
+        .delete(
+            &address_object_name(pool, ip.parse().expect("ip")),
+            &DeleteParams::default(),
         )
         .await
-        .expect("write status");
+        .expect("delete the IPPoolAddress");
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -169,31 +203,51 @@ async fn kubectl_get_prints_columns_and_full_objects() {
     let api = server().await;
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("aggget").await;
+    // The server IP inside the range (reserved), one address excluded.
     create_pool(
         &ns,
         "net-a",
         21,
-        json!({"172.21.0.10": "02:00:00:00:21:10", "172.21.0.12": "02:00:00:00:21:12",
-               "172.21.0.2": "RESERVED", "172.21.0.11": "EXCLUDED"}),
+        json!({"serverIP": "172.21.0.50", "pool": {"exclude": ["172.21.0.11"]}}),
     )
     .await;
-    // What the webhook writes with an allocation: its owner, and whether it was asked for by
-    // address.
+    // What the webhook writes with an allocation: the address object, with its owner and
+    // whether it was asked for by address.
+    allocate(
+        &ns,
+        "net-a",
+        "172.21.0.10",
+        "02:00:00:00:21:10",
+        Some(&format!("{}/vm-a", ns.name)),
+    )
+    .await;
+    allocate_as(
+        &ns,
+        "net-a",
+        "172.21.0.12",
+        "02:00:00:00:21:12",
+        Some(&format!("{}/vm-static", ns.name)),
+        true,
+    )
+    .await;
+    // A status that says otherwise (as a stale projection could): not read.
     ns.api::<IPPool>()
         .patch_status(
             "net-a",
             &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"ipv4": {
-                "owners": {"172.21.0.10": format!("{}/vm-a", ns.name),
-                           "172.21.0.12": format!("{}/vm-static", ns.name)},
-                "staticAddresses": ["172.21.0.12"]}}})),
+            &Patch::Merge(json!({"status": {"ipv4": {"used": 1, "available": 38,
+                "allocated": {"172.21.0.13": "02:00:00:00:21:13"}}}})),
         )
         .await
-        .expect("owners");
+        .expect("status");
     let table = kubectl_until(cp, &["get", "ipamallocations", "-n", &ns.name], |t| {
-        t.contains("static")
+        t.contains("static") && t.contains("allocated")
     })
     .await;
+    assert!(
+        !table.contains("172.21.0.13"),
+        "the views never come from the status:\n{table}"
+    );
     let row = |ip: &str| {
         table
             .lines()
@@ -219,7 +273,8 @@ async fn kubectl_get_prints_columns_and_full_objects() {
         assert!(header.contains(col), "column {col} missing:\n{table}");
     }
     assert!(table.contains("net-a.172-21-0-10") && table.contains("02:00:00:00:21:10"));
-    assert!(table.contains("reserved") && table.contains("excluded"));
+    assert_eq!(row("172.21.0.50")[3], "reserved", "{table}");
+    assert_eq!(row("172.21.0.11")[3], "excluded", "{table}");
 
     let all = kubectl_until(cp, &["get", "ipamallocations", "-A", "-o", "wide"], |t| {
         t.contains("172.21.0.10")
@@ -232,7 +287,7 @@ async fn kubectl_get_prints_columns_and_full_objects() {
         "-A adds the namespace:\n{all}"
     );
     assert!(
-        header.contains("NETWORK") && header.contains("POOL"),
+        header.contains("NETWORK") && header.contains("POOL") && header.contains("INTERFACE"),
         "{all}"
     );
 
@@ -259,6 +314,7 @@ async fn kubectl_get_prints_columns_and_full_objects() {
     assert_eq!(obj["address"].as_str(), Some("172.21.0.10"));
     assert_eq!(obj["mac"].as_str(), Some("02:00:00:00:21:10"));
     assert_eq!(obj["state"].as_str(), Some("allocated"));
+    assert_eq!(obj["interface"].as_str(), Some("nic-1"));
     assert_eq!(
         obj["network"].as_str(),
         Some(format!("{}/net-a", ns.name).as_str())
@@ -318,13 +374,8 @@ async fn kubectl_watch_shows_a_new_allocation_promptly() {
     let _api = server().await;
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("aggwatch").await;
-    create_pool(
-        &ns,
-        "net-w",
-        22,
-        json!({"172.22.0.10": "02:00:00:00:22:10"}),
-    )
-    .await;
+    create_pool(&ns, "net-w", 22, json!({})).await;
+    allocate(&ns, "net-w", "172.22.0.10", "02:00:00:00:22:10", None).await;
     kubectl_until(cp, &["get", "ipamallocations", "-n", &ns.name], |t| {
         t.contains("172.22.0.10")
     })
@@ -348,12 +399,7 @@ async fn kubectl_watch_shows_a_new_allocation_promptly() {
         seen.push(line);
     }
     let t0 = Instant::now();
-    set_allocated(
-        &ns,
-        "net-w",
-        json!({"172.22.0.10": "02:00:00:00:22:10", "172.22.0.11": "02:00:00:00:22:11"}),
-    )
-    .await;
+    allocate(&ns, "net-w", "172.22.0.11", "02:00:00:00:22:11", None).await;
     loop {
         let line = tokio::time::timeout_at(deadline, lines.next_line())
             .await
@@ -372,7 +418,7 @@ async fn kubectl_watch_shows_a_new_allocation_promptly() {
     }
     let latency = t0.elapsed();
     eprintln!(
-        "$ kubectl get ipamallocations --watch\n{}\n(new allocation shown {:.0} ms after the IPPool status write)",
+        "$ kubectl get ipamallocations --watch\n{}\n(new allocation shown {:.0} ms after the IPPoolAddress create was sent)",
         seen.join("\n"),
         latency.as_secs_f64() * 1000.0
     );
@@ -407,13 +453,8 @@ async fn steve_table_requests_on_list_and_watch() {
     let _api = server().await;
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("aggsteve").await;
-    create_pool(
-        &ns,
-        "net-s",
-        23,
-        json!({"172.23.0.10": "02:00:00:00:23:10"}),
-    )
-    .await;
+    create_pool(&ns, "net-s", 23, json!({})).await;
+    allocate(&ns, "net-s", "172.23.0.10", "02:00:00:00:23:10", None).await;
     kubectl_until(cp, &["get", "ipamallocations", "-n", &ns.name], |t| {
         t.contains("172.23.0.10")
     })
@@ -446,12 +487,7 @@ async fn steve_table_requests_on_list_and_watch() {
     .expect("request");
     let stream = client.request_stream(req).await.expect("watch");
     let mut lines = stream.lines();
-    set_allocated(
-        &ns,
-        "net-s",
-        json!({"172.23.0.10": "02:00:00:00:23:10", "172.23.0.11": "02:00:00:00:23:11"}),
-    )
-    .await;
+    allocate(&ns, "net-s", "172.23.0.11", "02:00:00:00:23:11", None).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let event: Value = loop {
         let line = tokio::time::timeout_at(deadline, lines.next())
@@ -486,13 +522,8 @@ async fn lease_view_reads_the_active_agent() {
     let _api = server().await;
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("agglease").await;
-    create_pool(
-        &ns,
-        "lease-pool",
-        30,
-        json!({"172.30.0.10": "02:00:00:00:30:10"}),
-    )
-    .await;
+    create_pool(&ns, "lease-pool", 30, json!({})).await;
+    allocate(&ns, "lease-pool", "172.30.0.10", "02:00:00:00:30:10", None).await;
     // An agent pod as the controller makes it, "running" with the stand-in's address.
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "lease-pool-agent", "labels": {
@@ -713,9 +744,10 @@ async fn a_watch_resumes_on_another_replica_without_gaps() {
     let ns = cp.namespace("aggresume").await;
     let m = |i: u8| format!("02:00:00:00:31:{i:02x}");
     let ip = |i: u8| format!("172.31.0.{i}");
-    create_pool(&ns, "resume", 31, json!({ip(10): m(10)})).await;
+    create_pool(&ns, "resume", 31, json!({})).await;
+    allocate(&ns, "resume", &ip(10), &m(10), None).await;
     let path = format!("{GV}/namespaces/{}/ipamallocations", ns.name);
-    // Both replicas have the pool; list on A.
+    // Both replicas have the allocation; list on A.
     let mut list_rv = String::new();
     for client in [&b, &a] {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -732,44 +764,72 @@ async fn a_watch_resumes_on_another_replica_without_gaps() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // Three status writes, each changing several allocations at once (merge patches: null
-    // removes an address).
-    let steps = [
-        json!({ip(10): m(10), ip(11): m(11), ip(12): m(12)}),
-        json!({ip(10): null, ip(13): m(13), ip(14): m(14)}),
-        json!({ip(11): null, ip(12): null, ip(13): null, ip(15): m(15)}),
-    ];
-    for step in &steps {
-        set_allocated(&ns, "resume", step.clone()).await;
+    // Allocations and releases (one address object each), and between them a spec change
+    // of the pool that excludes two free addresses at once: one revision, two rows.
+    allocate(&ns, "resume", &ip(11), &m(11), None).await;
+    allocate(&ns, "resume", &ip(12), &m(12), None).await;
+    release(&ns, "resume", &ip(10)).await;
+    allocate(&ns, "resume", &ip(13), &m(13), None).await;
+    ns.api::<IPPool>()
+        .patch(
+            "resume",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ipv4Config": {"pool": {
+                "exclude": [ip(20), ip(21)]}}}})),
+        )
+        .await
+        .expect("exclude two addresses");
+    allocate(&ns, "resume", &ip(14), &m(14), None).await;
+    for i in [11, 12, 13] {
+        release(&ns, "resume", &ip(i)).await;
     }
-    // +11 +12; +13 +14 -10; +15 -11 -12 -13: nine events, each with its own version.
+    allocate(&ns, "resume", &ip(15), &m(15), None).await;
+    // +11 +12 -10 +13 (+20 +21 excluded) +14 -11 -12 -13 +15: eleven events, each with its
+    // own version.
+    let total = 11;
     let on_a = events(
         &a,
         &format!("{path}?watch=true&resourceVersion={list_rv}"),
-        9,
+        total,
     )
     .await;
     let seen = summary(&on_a);
     let versions: std::collections::BTreeSet<&String> = seen.iter().map(|(_, _, rv)| rv).collect();
-    assert_eq!(versions.len(), 9, "one version per event: {seen:#?}");
+    assert_eq!(versions.len(), total, "one version per event: {seen:#?}");
+    let numbers: Vec<u64> = seen
+        .iter()
+        .map(|(_, _, rv)| rv.parse().expect("numeric"))
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "versions increase: {seen:#?}"
+    );
+    let excluded: Vec<&(String, String, String)> = seen
+        .iter()
+        .filter(|(_, name, _)| name.ends_with("-20") || name.ends_with("-21"))
+        .collect();
+    assert_eq!(excluded.len(), 2, "{seen:#?}");
     // The same watch on B gives the same events with the same versions...
     let on_b = events(
         &b,
         &format!("{path}?watch=true&resourceVersion={list_rv}"),
-        9,
+        total,
     )
     .await;
     assert_eq!(summary(&on_b), seen);
-    // ...and a client that saw A's first four events resumes on B with exactly the rest,
-    // though the fourth is in the middle of one pool write.
-    let fourth = &seen[3].2;
+    // ...and a client that saw A's events up to the first excluded row resumes on B with
+    // exactly the rest, though that row is in the middle of one pool write.
+    let middle = seen
+        .iter()
+        .position(|(_, name, _)| name.ends_with("-20"))
+        .expect("the first excluded row");
     let rest = events(
         &b,
-        &format!("{path}?watch=true&resourceVersion={fourth}"),
-        5,
+        &format!("{path}?watch=true&resourceVersion={}", seen[middle].2),
+        total - middle - 1,
     )
     .await;
-    assert_eq!(summary(&rest), seen[4..].to_vec());
+    assert_eq!(summary(&rest), seen[middle + 1..].to_vec());
     eprintln!("events on A and B: {seen:#?}");
     if let Ok(mut p) = second.process.lock() {
         p.kill();
@@ -787,7 +847,8 @@ async fn metrics_count_requests_watches_and_objects() {
     let api = server().await;
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("aggmetrics").await;
-    create_pool(&ns, "met", 32, json!({"172.32.0.10": "02:00:00:00:32:10"})).await;
+    create_pool(&ns, "met", 32, json!({})).await;
+    allocate(&ns, "met", "172.32.0.10", "02:00:00:00:32:10", None).await;
     kubectl_until(cp, &["get", "ipamallocations", "-n", &ns.name], |t| {
         t.contains("172.32.0.10")
     })
