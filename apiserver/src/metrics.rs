@@ -70,7 +70,7 @@ impl Metrics {
         r.register("view_objects", "Objects each view holds", m.objects.clone());
         r.register(
             "source_apply_seconds",
-            "Time to turn a batch of IPPool, agent and lease changes into view changes",
+            "Time to turn a batch of IPPool, IPPoolAddress, agent and lease changes into view changes",
             m.apply_seconds.clone(),
         );
         m
