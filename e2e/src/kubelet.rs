@@ -396,12 +396,22 @@ impl PodVolumes {
             .unwrap_or_else(|| "default".into());
         let seconds = seconds.unwrap_or(TOKEN_SECONDS).max(600);
         let audiences: Vec<&str> = audience.into_iter().collect();
-        let request: TokenRequest = serde_json::from_value(json!({
-            "spec": {"audiences": audiences, "expirationSeconds": seconds,
-                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                                        "name": self.pod.name_any(), "uid": self.pod.metadata.uid}}
-        }))
-        .context("TokenRequest")?;
+        let mut spec = json!({"audiences": audiences, "expirationSeconds": seconds});
+        // Bound to the pod, as the kubelet's are; a pod that names no ServiceAccount (the
+        // admission plugin that would write "default" into it is off here) cannot be bound
+        // to, so its token is only bound in time.
+        if self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .is_some_and(|s| !s.is_empty())
+        {
+            spec["boundObjectRef"] = json!({"apiVersion": "v1", "kind": "Pod",
+                "name": self.pod.name_any(), "uid": self.pod.metadata.uid});
+        }
+        let request: TokenRequest =
+            serde_json::from_value(json!({ "spec": spec })).context("TokenRequest")?;
         let answer = Api::<ServiceAccount>::namespaced(client.clone(), &self.ns)
             .create_subresource::<TokenRequest, TokenRequest>(
                 "token",

@@ -12,6 +12,7 @@ pub mod kubelet;
 pub mod nodesim;
 pub mod pki;
 pub mod proc;
+pub mod release;
 pub mod tls;
 
 pub use cluster::{ControlPlane, TestNamespace, free_port};
