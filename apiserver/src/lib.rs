@@ -2,16 +2,21 @@
 //! the way kube-apiserver's aggregator, kubectl and Rancher Steve expect.
 //! Never `network.harvesterhci.io`: an APIService there would hide the CRDs of that group.
 //!
-//! - [`views`]: the objects, computed purely from IPPools and the agents' lease documents;
-//! - [`store`]: the engine holding sources, views and their change history (resourceVersions);
+//! - [`views`]: the objects, computed purely from the IPPoolAddress objects, the IPPool spec
+//!   and the agents' lease documents;
+//! - [`store`]: the engine holding sources, views and their change history; it applies the
+//!   writes of both kinds in etcd revision order, so every replica gives a change the same
+//!   resourceVersion (see its documentation for the rule);
 //! - [`http`]: the axum Router (discovery, OpenAPI, get/list/watch, Table, Status errors,
 //!   authentication and authorization);
 //! - [`auth`]: front-proxy authentication and SubjectAccessReview authorization;
 //! - [`selector`]: label and field selector parsing;
 //! - [`metrics`]: requests, watches, view sizes and engine timing for `/metrics`.
 //!
-//! The binary (`vm-dhcp apiserver`) feeds the engine from kube-rs watchers and the agents,
-//! verifies the aggregator's client certificate in TLS and posts the SubjectAccessReviews.
+//! The binary (`vm-dhcp apiserver`) feeds the engine (a snapshot of the IPPools and their
+//! IPPoolAddress objects at one revision, then their watches; the agent pods and the agents'
+//! lease documents), verifies the aggregator's client certificate in TLS and posts the
+//! SubjectAccessReviews.
 
 pub mod auth;
 pub mod discovery;
@@ -25,7 +30,7 @@ pub mod views;
 pub use discovery::{api_group, api_resource_list};
 pub use http::{ApiServer, router};
 pub use resources::Resource;
-pub use store::{Change, Engine, SourceKind, SourceObject};
+pub use store::{Change, Engine, PoolIdentity, SourceKind, SourceObject};
 
 pub const GROUP: &str = "dhcp.harvesterhci.io";
 pub const VERSION: &str = "v1alpha1";
