@@ -536,11 +536,16 @@ async fn order_sources(
             _ => ADDRESSES_WAIT,
         };
         if now - started >= limit {
-            tracing::warn!(
-                ?kind,
-                revision,
-                "stopped waiting for this watch to pass the revision of a waiting change"
-            );
+            if kind == SourceKind::Pools {
+                tracing::warn!(
+                    revision,
+                    "the IPPools' identities could not be listed in time: stopped waiting for their watch to pass a waiting address change"
+                );
+            } else {
+                // Normal in a quiet cluster: nothing proves the address watch is past a pool
+                // spec change but time.
+                tracing::debug!(revision, "stopped waiting for the address watch");
+            }
             since = None;
             if tx.send(Change::Progress(kind, revision)).await.is_err() {
                 return;

@@ -633,6 +633,14 @@ impl Inner {
             } => {
                 let key = key_of(&obj.metadata);
                 let new = PoolSpec::of(&obj);
+                // The lease objects show the pool's name and network only.
+                if self
+                    .specs
+                    .get(&key)
+                    .is_none_or(|old| old.network != new.network)
+                {
+                    self.lease_dirty.insert(key.clone());
+                }
                 match self.specs.get(&key) {
                     Some(old) if old.same_views(&new) => {}
                     Some(old) if old.network == new.network => {
@@ -650,7 +658,6 @@ impl Inner {
                         self.specs.insert(key.clone(), new);
                     }
                 }
-                self.lease_dirty.insert(key.clone());
                 self.sources.pools.insert(key, Arc::new(obj));
             }
             Item::Pool { obj, deleted: true } => {
