@@ -1395,6 +1395,13 @@ async fn a_go_pool_of_5000_allocations_is_migrated_and_keeps_every_one() {
         .await
         .expect("static vmnetcfg");
     w.pool("10.82.0.0/18", "10.82.0.10", "10.82.63.250").await;
+    // As the Go version made it: without the mark our mutator gives every new pool.
+    let unmark =
+        json!({"metadata": {"annotations": {vm_dhcp_core::store::STORE_ANNOTATION: null}}});
+    w.pools()
+        .patch("net-1", &PatchParams::default(), &Patch::Merge(&unmark))
+        .await
+        .expect("unmarked");
     let mut go: BTreeMap<String, String> = (0..5000u32)
         .map(|i| {
             let ip =

@@ -73,7 +73,41 @@ pub struct Allocator {
     claims: Store<IPPoolMACClaim>,
     holdings: Arc<Mutex<Holdings>>,
     pending: Arc<Mutex<HashMap<(PoolKey, Ipv4Addr), Instant>>>,
+    /// NICs of each pool being allocated by this replica right now.
+    in_flight: Mutex<HashMap<PoolKey, usize>>,
     metrics: Metrics,
+}
+
+/// Counts one NIC in flight for its pool while it lives.
+struct InFlight<'a> {
+    counts: &'a Mutex<HashMap<PoolKey, usize>>,
+    key: PoolKey,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(counts: &'a Mutex<HashMap<PoolKey, usize>>, key: &PoolKey) -> Self {
+        *counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        InFlight {
+            counts,
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// What one admission needs to know about a pool.
@@ -123,6 +157,7 @@ impl Allocator {
             claims,
             holdings,
             pending,
+            in_flight: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -160,6 +195,7 @@ impl Allocator {
                 self.decide_only(&ctx, nic)?
             } else {
                 let started = Instant::now();
+                let _in_flight = InFlight::enter(&self.in_flight, &ctx.key);
                 let a = self.take(&ctx, nic, made).await;
                 self.metrics.observe_commit(started.elapsed());
                 if a.as_ref().is_ok_and(|a| a.new) {
@@ -285,11 +321,23 @@ impl Allocator {
         if pending.len() > 4096 {
             pending.retain(|_, since| *since > fresh);
         }
-        let n = if lost == 0 {
+        // Alone, an admission takes the lowest free address. With other NICs of this replica
+        // in flight (and so, under load, likely of other replicas too, which this one cannot
+        // see), it draws among the lowest free ones, in a window that grows with the
+        // admissions in flight and doubles with each race it lost.
+        let in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ctx.key)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(1);
+        let n = if lost == 0 && in_flight == 0 {
             0
         } else {
             use std::hash::BuildHasher as _;
-            let window = 8usize << lost.min(6);
+            let window = (4 * (in_flight + 1)) << lost.min(6);
             let draw = std::collections::hash_map::RandomState::new().hash_one((
                 Instant::now(),
                 lost,

@@ -31,6 +31,7 @@ use vm_dhcp_core::admission::{
 use vm_dhcp_core::alloc::{Allocation, MacChoice};
 use vm_dhcp_core::crd::{IPPool, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
+use vm_dhcp_core::store::{STORE_ANNOTATION, STORE_OBJECTS};
 
 pub use allocator::{Allocator, Made, Nic, StoreError};
 pub use metrics::Metrics;
@@ -262,6 +263,17 @@ fn json_pointer_escape(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
+/// The JSON patch operation that sets one annotation (creating the map when there is none).
+fn annotation_op(has_annotations: bool, key: &str, value: &str) -> serde_json::Value {
+    if has_annotations {
+        serde_json::json!({"op": "add",
+            "path": format!("/metadata/annotations/{}", json_pointer_escape(key)),
+            "value": value})
+    } else {
+        serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": {key: value}})
+    }
+}
+
 async fn mutate_ippool(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
     admit(&state, "ippools", "IPPool", body, |req| async move {
         let resp = AdmissionResponse::from(&req);
@@ -279,7 +291,11 @@ async fn mutate_ippool(State(state): State<Arc<Webhook>>, body: Bytes) -> Respon
         if !ops.is_empty() && raw.pointer("/spec/ipv4Config/pool").is_none() {
             parents.push(serde_json::json!({"op": "add", "path": "/spec/ipv4Config/pool", "value": {}}));
         }
-        with_patch(resp, parents.into_iter().chain(ops).collect())
+        // A new pool has nothing to migrate: its allocations live in the store from the start.
+        let annotations = raw.pointer("/metadata/annotations");
+        let marked = annotations.and_then(|a| a.get(STORE_ANNOTATION)).and_then(|v| v.as_str()) == Some(STORE_OBJECTS);
+        let mark = (!marked).then(|| annotation_op(annotations.is_some_and(|a| a.is_object()), STORE_ANNOTATION, STORE_OBJECTS));
+        with_patch(resp, parents.into_iter().chain(ops).chain(mark).collect())
     })
     .await
 }
@@ -439,14 +455,7 @@ async fn mutate_vm(State(state): State<Arc<Webhook>>, body: Bytes) -> Response {
         }
         let record: Vec<_> = plans.iter().zip(&got).map(|(p, a)| nic_allocation(p, a)).collect();
         let value = serde_json::to_string(&record).map_err(|e| e.to_string())?;
-        if vm.metadata.annotations.is_none() {
-            ops.push(serde_json::json!({"op": "add", "path": "/metadata/annotations",
-                "value": {ALLOCATIONS_ANNOTATION: value}}));
-        } else {
-            ops.push(serde_json::json!({"op": "add",
-                "path": format!("/metadata/annotations/{}", json_pointer_escape(ALLOCATIONS_ANNOTATION)),
-                "value": value}));
-        }
+        ops.push(annotation_op(vm.metadata.annotations.is_some(), ALLOCATIONS_ANNOTATION, &value));
         with_patch(resp, ops)
     })
     .await

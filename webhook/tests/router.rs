@@ -157,7 +157,10 @@ async fn mutator_adds_missing_server_ip_and_range() {
             {"op": "add", "path": "/spec/ipv4Config/pool", "value": {}},
             {"op": "add", "path": "/spec/ipv4Config/pool/start", "value": "192.168.48.1"},
             {"op": "add", "path": "/spec/ipv4Config/pool/end", "value": "192.168.48.254"},
-            {"op": "add", "path": "/spec/ipv4Config/serverIP", "value": "192.168.48.1"}
+            {"op": "add", "path": "/spec/ipv4Config/serverIP", "value": "192.168.48.1"},
+            // A new pool is marked as living in the allocation store (nothing to migrate).
+            {"op": "add", "path": "/metadata/annotations",
+             "value": {"network.harvesterhci.io/allocation-store": "objects"}}
         ])
     );
 }
