@@ -1,68 +1,35 @@
-//! The whole product on a local control plane (`make demo`, as root): a real kube-apiserver
-//! and etcd, `vm-dhcp webhook` (self-managed certificates, registered through a Service),
-//! `vm-dhcp controller`, `vm-dhcp apiserver` behind the aggregator, and two simulated nodes
-//! whose kubelet runs the agent pods the controller creates. Then, as an operator would: a
-//! VM network (NAD), its IPPool, a VM; the webhook allocates at admission, the controller
-//! writes the vmnetcfg and places the agents, and a guest with the VM's MAC gets its address
-//! from a real DHCP client (busybox udhcpc). Prints each step and what kubectl shows.
+//! The product installed as a user installs it (`make demo`, as root): a local control plane
+//! (kube-apiserver, etcd and kube-controller-manager, built from their Go modules), real
+//! cert-manager, two simulated nodes whose kubelet runs every pod, and then
+//! `helm install ./chart --set certificates.mode=cert-manager`. The chart's Deployments become
+//! pods that run the local `vm-dhcp` binary under their own ServiceAccounts, with their
+//! certificates from cert-manager's Secrets; kube-apiserver reaches the webhook and the
+//! aggregated API at their Services' endpoints. Then, as an operator would: a VM network
+//! (NAD), its IPPool, a VM; the webhook allocates at admission, the controller writes the
+//! vmnetcfg and places the agents, and a guest with the VM's MAC gets its address from a real
+//! DHCP client (busybox udhcpc). Prints each step and what kubectl shows.
 //!
 //! It then waits for Ctrl-C with the cluster up (the kubeconfig path is printed), unless
 //! `DEMO_EXIT=1` (CI runs it so). Everything it started dies with it; namespaces and links
 //! it made are removed now or by the next run.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
-use serde_json::json;
-use vm_dhcp_core::admission::{ALLOCATIONS_ANNOTATION, NicAllocation};
-use vm_dhcp_core::crd::IPPool;
-use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 use vm_dhcp_e2e::ControlPlane;
-use vm_dhcp_e2e::nodesim::{NodeSim, NodeSpec};
-use vm_dhcp_e2e::proc::{Process, run_dir};
+use vm_dhcp_e2e::certmanager::CertManager;
+use vm_dhcp_e2e::nodesim::{AGENT_SELECTOR, NodeSim, NodeSpec};
+use vm_dhcp_e2e::release::{self, APISERVICE, RELEASE, helm_ok, kubectl};
 
-#[path = "../tests/apiserver/setup.rs"]
-mod setup;
-
-const AGENT_IMAGE: &str = "registry.local/vm-dhcp-agent:demo";
-const AGENT_SA: &str = "vm-dhcp-agent";
-const WAIT: Duration = Duration::from_secs(90);
+/// The Harvester add-on's namespace; the VMs go to `default`.
+const NAMESPACE: &str = "harvester-system";
+const VMS: &str = "default";
+const WAIT: Duration = Duration::from_secs(120);
+/// A user who holds only the `view` cluster role in `default`.
+const VIEWER: &str = "jane";
 
 fn step(text: &str) {
     println!("\n==> {text}");
-}
-
-/// Polls `check` until it gives a value, or fails with `what` and `context()`.
-async fn until<T, F, Fut>(what: &str, context: impl Fn() -> String, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not happen within {WAIT:?}\n{}", context());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn kubectl(cp: &ControlPlane, args: &[&str]) -> Result<String> {
-    let out = cp.kubectl(args).await;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 async fn show(cp: &ControlPlane, args: &[&str]) -> Result<()> {
@@ -70,150 +37,125 @@ async fn show(cp: &ControlPlane, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn controller(cp: &ControlPlane, ns: &str) -> Result<Process> {
-    let port = vm_dhcp_e2e::free_port()?;
-    let mut cmd = vm_dhcp_e2e::controller_command(cp, ns, AGENT_SA, port);
-    cmd.arg(format!("--image={AGENT_IMAGE}"));
-    let run = run_dir()?;
-    Process::spawn(
-        "vm-dhcp-controller",
-        cmd,
-        &run.join("demo-controller.log"),
-        &run,
-    )
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo makes network namespaces for its nodes and guest: run it as root");
     }
-    step("a local control plane: kube-apiserver and etcd (built from their Go modules)");
-    let cp = ControlPlane::shared().await;
+    step(
+        "a local control plane: kube-apiserver, etcd, kube-controller-manager (built from their Go modules)",
+    );
+    let cp = ControlPlane::with_controllers().await;
     println!("up in {:.1} s", cp.startup.as_secs_f64());
-    let ns = cp.namespace("demo").await;
-    let network = format!("{}/net-48", ns.name);
-
-    step("vm-dhcp webhook: self-managed CA in a Secret, registers its own configurations");
-    let _webhook = vm_dhcp_e2e::webhooks::self_managed_binary(cp, &ns, "vm-dhcp-webhook").await?;
-    step("vm-dhcp apiserver: dhcp.harvesterhci.io/v1alpha1 behind the aggregator");
-    let _api = setup::start(cp, &[])
-        .await
-        .context("starting the aggregated API")?;
-    step("vm-dhcp controller, and two nodes on cluster network 'demo' (simulated kubelet)");
-    vm_dhcp_e2e::rbac::agent_service_account(&ns, AGENT_SA).await;
-    let ctl = controller(cp, &ns.name)?;
+    step("cert-manager: its controller and CA injector, and its CRDs");
+    let cm = CertManager::shared().await;
+    println!(
+        "ready in {:.1} s",
+        (cm.crds_applied + cm.startup).as_secs_f64()
+    );
+    step("two nodes on cluster network 'demo', whose (simulated) kubelet runs every pod");
+    kubectl(cp, &["create", "namespace", NAMESPACE]).await?;
     let nodes = ["node-1", "node-2"]
         .iter()
         .map(|n| NodeSpec::new(n).label("network.harvesterhci.io/demo", "true"))
         .collect();
-    let programs = HashMap::from([(
-        "vm-dhcp-agent".to_string(),
-        vm_dhcp_e2e::bins::vm_dhcp_binary(),
-    )]);
-    let sim = NodeSim::start(cp, &ns.name, nodes, programs).await?;
+    let sim = NodeSim::start_in_cluster(cp, NAMESPACE, nodes, release::programs()).await?;
+    show(cp, &["get", "nodes", "-L", "network.harvesterhci.io/demo"]).await?;
+
+    let chart = release::chart_dir();
+    let chart = chart.canonicalize().unwrap_or(chart).display().to_string();
+    let values = release::image_values("demo");
+    let mut args = vec![
+        "install",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "certificates.mode=cert-manager",
+    ];
+    args.extend(values.iter().map(String::as_str));
+    args.extend(["--wait", "--timeout", "5m"]);
+    step(&format!(
+        "helm {} (the image is a name: the kubelet runs the local vm-dhcp binary)",
+        args.join(" ")
+    ));
+    let t0 = Instant::now();
+    let output = helm_ok(cp, &args)
+        .await
+        .with_context(|| release_state(&sim))?;
+    println!("{output}");
+    println!(
+        "helm install returned after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    step("the release: certificates issued, caBundles injected, every pod Ready");
+    release::wait_certificates_ready(cp, NAMESPACE).await?;
+    release::wait_ca_bundles(cp, release::WEBHOOK).await?;
+    let client = cp.client().await;
+    release::wait_rolled_out(&client, NAMESPACE, RELEASE, WAIT).await?;
+    release::wait_apiservice_available(cp).await?;
+    show(
+        cp,
+        &["get", "pods,certificates", "-n", NAMESPACE, "-o", "wide"],
+    )
+    .await?;
+    show(cp, &["get", "apiservice", APISERVICE]).await?;
 
     step("the VM network (NAD) and its IPPool, as in the seed README (no serverIP given)");
-    let nad: NetworkAttachmentDefinition = serde_json::from_value(json!({
-        "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": "net-48", "namespace": ns.name,
-                     "labels": {"network.harvesterhci.io/clusternetwork": "demo"}},
-        "spec": {"config": json!({"cniVersion": "0.3.1", "name": "net-48", "type": "bridge",
-                 "bridge": "demo-br", "promiscMode": true, "vlan": 0, "ipam": {}}).to_string()}
-    }))?;
-    ns.api::<NetworkAttachmentDefinition>()
-        .create(&PostParams::default(), &nad)
-        .await?;
-    let pool: IPPool = serde_json::from_value(json!({
-        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
-        "metadata": {"name": "net-48", "namespace": ns.name},
-        "spec": {"networkName": network, "ipv4Config": {
-            "cidr": "192.168.48.0/24", "router": "192.168.48.1", "dns": ["1.1.1.1"],
-            "domainName": "aibao.moe",
+    let network = release::vm_network(&client, VMS, "net-48", "demo").await?;
+    let pool = release::ippool(
+        &client,
+        VMS,
+        "net-48",
+        &network,
+        serde_json::json!({"cidr": "192.168.48.0/24", "router": "192.168.48.1",
+            "dns": ["1.1.1.1"], "domainName": "aibao.moe",
             "pool": {"start": "192.168.48.81", "end": "192.168.48.90",
-                     "exclude": ["192.168.48.81", "192.168.48.90"]}}}
-    }))?;
-    let pools: Api<IPPool> = ns.api();
-    let created = pools.create(&PostParams::default(), &pool).await?;
+                     "exclude": ["192.168.48.81", "192.168.48.90"]}}),
+        Duration::from_secs(10),
+    )
+    .await?;
     println!(
         "admitted; the webhook chose serverIP {}",
-        created
-            .spec
+        pool.spec
             .ipv4_config
             .map(|c| c.server_ip)
             .unwrap_or_default()
     );
-    let ready = |p: &IPPool| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| {
-                ["Registered", "CacheReady", "AgentReady"]
-                    .iter()
-                    .all(|t| cs.iter().any(|c| c.type_ == *t && c.status == "True"))
-            })
-    };
-    until(
-        "the pool's agents becoming ready",
-        || {
-            format!(
-                "controller:\n{}\nsimulator:\n{}",
-                ctl.log_tail(30),
-                sim.sim_log()
-            )
-        },
-        || async { pools.get("net-48").await.ok().filter(|p| ready(p)) },
+    release::wait_pool_ready(&client, VMS, "net-48", WAIT, || release_state(&sim)).await?;
+    show(cp, &["get", "ippools", "-n", VMS, "-o", "wide"]).await?;
+    show(
+        cp,
+        &[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            AGENT_SELECTOR,
+            "-o",
+            "wide",
+        ],
     )
     .await?;
-    show(cp, &["get", "ippools", "-n", &ns.name, "-o", "wide"]).await?;
-    show(cp, &["get", "pods", "-n", &ns.name, "-o", "wide"]).await?;
 
     step("a VM with one NIC on the network and no MAC: the webhook picks the MAC and the address");
-    let vm: VirtualMachine = serde_json::from_value(json!({
-        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-        "metadata": {"name": "test-vm", "namespace": ns.name},
-        "spec": {"runStrategy": "Halted", "template": {"spec": {
-            "domain": {"devices": {"interfaces": [{"name": "nic-1", "bridge": {}}]}},
-            "networks": [{"name": "nic-1", "multus": {"networkName": network}}]}}}
-    }))?;
-    let vm = ns
-        .api::<VirtualMachine>()
-        .create(&PostParams::default(), &vm)
-        .await?;
-    let record = vm
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ALLOCATIONS_ANNOTATION))
-        .context("the VM carries no allocation: was the webhook called?")?;
-    println!("{ALLOCATIONS_ANNOTATION}: {record}");
-    let allocation = serde_json::from_str::<Vec<NicAllocation>>(record)?
-        .into_iter()
-        .next()
-        .context("no NIC allocated")?;
-    until(
-        "the controller writing the vmnetcfg",
-        || ctl.log_tail(30),
-        || async {
-            kubectl(
-                cp,
-                &[
-                    "get",
-                    "vmnetcfg",
-                    "test-vm",
-                    "-n",
-                    &ns.name,
-                    "-o",
-                    "jsonpath={.status.conditions[?(@.type=='Allocated')].status}",
-                ],
-            )
-            .await
-            .ok()
-            .filter(|s| s == "True")
-        },
-    )
-    .await?;
-    show(cp, &["get", "vmnetcfgs", "-n", &ns.name]).await?;
+    let vm = release::create_vm(&client, VMS, "test-vm", &network).await?;
+    let allocation = release::allocation(&vm)?;
+    println!(
+        "{}: {}",
+        vm_dhcp_core::admission::ALLOCATIONS_ANNOTATION,
+        vm.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(vm_dhcp_core::admission::ALLOCATIONS_ANNOTATION))
+            .cloned()
+            .unwrap_or_default()
+    );
+    release::wait_vmnetcfg_allocated(&client, VMS, "test-vm", WAIT).await?;
+    show(cp, &["get", "vmnetcfgs", "-n", VMS]).await?;
 
     step(&format!(
         "a guest with MAC {} on the network asks for an address (busybox udhcpc)",
@@ -223,42 +165,73 @@ async fn main() -> Result<()> {
         .attach_vm_with_mac(&network, Some(&allocation.mac_address))
         .await?;
     let said = guest.udhcpc_once().await?;
+    let leased = t0.elapsed();
     println!("{}", said.trim_end());
     if !said.contains(&format!("lease of {} obtained", allocation.ip_address)) {
         bail!(
-            "the guest was not given {}:\n{said}\nsimulator:\n{}",
+            "the guest was not given {}:\n{said}\n{}",
             allocation.ip_address,
-            sim.sim_log()
+            release_state(&sim)
         );
     }
 
     step("the IPAM and the leases through the aggregated API");
-    show(cp, &["get", "ipamallocations", "-n", &ns.name]).await?;
-    until("the lease showing in dhcpleases", String::new, || async {
-        kubectl(cp, &["get", "dhcpleases", "-n", &ns.name])
-            .await
-            .ok()
-            .filter(|t| t.contains(&allocation.ip_address))
-    })
+    show(cp, &["get", "ipamallocations", "-n", VMS]).await?;
+    // The aggregated API reads the leases from the active agent (pod to pod) every second.
+    release::until(
+        "the lease showing as bound in dhcpleases",
+        WAIT,
+        String::new,
+        || async {
+            kubectl(cp, &["get", "dhcpleases", "-n", VMS])
+                .await
+                .ok()
+                .filter(|t| {
+                    t.lines()
+                        .any(|l| l.contains(&allocation.ip_address) && l.contains(" bound "))
+                })
+        },
+    )
     .await?;
-    show(cp, &["get", "dhcpleases", "-n", &ns.name, "-o", "wide"]).await?;
-    let agents: Api<Pod> = ns.api();
-    let count = agents.list(&Default::default()).await?.items.len();
+    show(cp, &["get", "dhcpleases", "-n", VMS, "-o", "wide"]).await?;
+    step(&format!(
+        "as user '{VIEWER}', who holds only the cluster role 'view' in {VMS}"
+    ));
+    release::bind_view(cp, VMS, VIEWER, "ipamallocations.dhcp.harvesterhci.io").await?;
+    show(
+        cp,
+        &[
+            "get",
+            "ipamallocations.dhcp.harvesterhci.io",
+            "-n",
+            VMS,
+            "--as",
+            VIEWER,
+        ],
+    )
+    .await?;
     println!(
-        "\nThe guest got {} from one of {count} agent pods.",
-        allocation.ip_address
+        "\nThe guest got {} {:.1} s after `helm install`.",
+        allocation.ip_address,
+        leased.as_secs_f64()
     );
 
     if std::env::var("DEMO_EXIT").is_ok_and(|v| v == "1") {
         return Ok(());
     }
     println!(
-        "\nThe cluster stays up until Ctrl-C. Try:\n  export KUBECONFIG={}\n  {} get ippools,vmnetcfgs,ipamallocations,macaddresses,dhcpleases -n {}",
+        "\nThe cluster stays up until Ctrl-C. Try:\n  export KUBECONFIG={}\n  {} get ippools,vmnetcfgs,ipamallocations,macaddresses,dhcpleases -n {VMS}\n  {} -n {NAMESPACE} get pods,certificates\n  {} list -n {NAMESPACE}",
         cp.kubeconfig_path.display(),
-        vm_dhcp_e2e::bins::bin_dir()?.join("kubectl").display(),
-        ns.name
+        cp.bin_dir.join("kubectl").display(),
+        cp.bin_dir.join("kubectl").display(),
+        cp.bin_dir.join("helm").display(),
     );
     tokio::signal::ctrl_c().await?;
     drop(guest);
     Ok(())
+}
+
+/// What the simulated kubelet did, for a failure message.
+fn release_state(sim: &NodeSim) -> String {
+    format!("node simulator:\n{}", sim.sim_log())
 }

@@ -428,6 +428,34 @@ async fn cert_manager_install_takes_a_guest_to_its_lease() {
         "$ kubectl get ipamallocations.dhcp.harvesterhci.io -n {} --as {VIEWER}\n{listed}",
         w.vms()
     );
+    // The leases, read by the aggregated API from the active agent (pod to pod).
+    let leases = until(
+        "the lease bound in dhcpleases",
+        WAIT,
+        String::new,
+        || async {
+            let out = cp
+                .kubectl(&[
+                    "get",
+                    "dhcpleases.dhcp.harvesterhci.io",
+                    "-n",
+                    w.vms(),
+                    "--as",
+                    VIEWER,
+                ])
+                .await;
+            let said = text(&out);
+            said.lines()
+                .any(|l| l.contains(&allocation.ip_address) && l.contains(" bound "))
+                .then_some(said)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| w.fail(e));
+    println!(
+        "$ kubectl get dhcpleases.dhcp.harvesterhci.io -n {} --as {VIEWER}\n{leases}",
+        w.vms()
+    );
     let can = cp
         .kubectl(&[
             "auth",
