@@ -115,15 +115,17 @@ async fn reset(cp: &ControlPlane) {
     }
 }
 
-/// Two nodes on cluster network `cn` (when given).
+/// Two nodes on cluster network `cn` (when given), and a third on none.
 fn nodes(cn: Option<&str>) -> Vec<NodeSpec> {
-    ["node-1", "node-2"]
+    let mut nodes: Vec<NodeSpec> = ["node-1", "node-2"]
         .iter()
         .map(|n| match cn {
             Some(cn) => NodeSpec::new(n).label(&format!("network.harvesterhci.io/{cn}"), "true"),
             None => NodeSpec::new(n),
         })
-        .collect()
+        .collect();
+    nodes.push(NodeSpec::new("node-3"));
+    nodes
 }
 
 /// `helm install` (retried while discovery has not caught up with cert-manager's CRDs):
@@ -243,6 +245,15 @@ impl World {
 
     /// The agent pods by name → (image, Ready).
     async fn agents(&self) -> BTreeMap<String, (String, bool)> {
+        self.agents_on()
+            .await
+            .into_iter()
+            .map(|(name, (image, ready, _))| (name, (image, ready)))
+            .collect()
+    }
+
+    /// The agent pods by name → (image, Ready, node).
+    async fn agents_on(&self) -> BTreeMap<String, (String, bool, String)> {
         let lp = ListParams::default().labels(AGENT_SELECTOR);
         Api::<Pod>::namespaced(self.client.clone(), self.rel())
             .list(&lp)
@@ -259,7 +270,12 @@ impl World {
                     .and_then(|c| c.image.clone())
                     .unwrap_or_default();
                 let ready = release::pod_ready(&p);
-                (p.name_any(), (image, ready))
+                let node = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
+                (p.name_any(), (image, ready, node))
             })
             .collect()
     }
@@ -383,12 +399,19 @@ async fn cert_manager_install_takes_a_guest_to_its_lease() {
     release::wait_pool_ready(&w.client, w.vms(), "net-48", WAIT, ctx)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let agents = w.agents().await;
-    assert_eq!(agents.len(), 2, "two agents per pool: {agents:?}");
+    // Placed by the controller: two agents, on the two nodes of the pool's cluster network.
+    let agents = w.agents_on().await;
+    let on: BTreeSet<String> = agents.values().map(|(_, _, node)| node.clone()).collect();
+    assert_eq!(
+        on,
+        [w.sim.node_name("node-1"), w.sim.node_name("node-2")].into(),
+        "one agent on each node of the network, none on node-3: {agents:?}"
+    );
     assert!(
-        agents.values().all(
-            |(image, ready)| *ready && image == &format!("{}:e2e-1", release::IMAGE_REPOSITORY)
-        ),
+        agents
+            .values()
+            .all(|(image, ready, _)| *ready
+                && image == &format!("{}:e2e-1", release::IMAGE_REPOSITORY)),
         "{agents:?}"
     );
 
