@@ -59,8 +59,15 @@ async fn creates(
                 for attempt in 0..5 {
                     match vms.create(&PostParams::default(), &obj).await {
                         Ok(_) => return (t.elapsed(), attempt),
+                        // A refused attempt may have been admitted after all.
                         Err(kube::Error::Api(s)) if s.code == 409 && attempt > 0 => {
                             return (t.elapsed(), attempt);
+                        }
+                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                            panic!(
+                                "VM {} exists already: the benchmark reuses a name",
+                                s.message
+                            )
                         }
                         Err(e) if attempt == 4 => panic!("VM create kept failing: {e}"),
                         Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -142,9 +149,9 @@ async fn main() {
     creates(&ns, &network("p0-2"), "warm", WARMUP, 32).await;
 
     for name in ["p1k-2", "p1k-1"] {
-        creates(&ns, &network(name), "fill", 1000, 32).await;
+        creates(&ns, &network(name), &format!("fill-{name}"), 1000, 32).await;
     }
-    let fill = creates(&ns, &network("p60k"), "fill", FILL, 32).await;
+    let fill = creates(&ns, &network("p60k"), "fill-p60k", FILL, 32).await;
     println!(
         "a /16 pool filled to {FILL} allocations through admission (2 replicas, 32 clients) in {:.1} s: {:.0} creates/s, p50 {:.1} ms, p99 {:.1} ms, {} retries",
         fill.took.as_secs_f64(),
