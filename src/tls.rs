@@ -166,6 +166,9 @@ pub struct DynamicConfig {
     pub close_connections: bool,
 }
 
+/// How long open connections may take to finish at shutdown.
+const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves `router` over TLS; each new connection uses the latest config of `configs` (a
 /// client CA that rotates), and requests carry the verified [`PeerCertificates`] of their
 /// connection. With `close_connections` (the apiserver before it knows the client CA) each
@@ -178,12 +181,27 @@ pub async fn serve_dynamic(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    // On shutdown no new connection is taken, and every open one finishes the request it is
+    // serving before it closes (kube-apiserver keeps reusing a connection to a pod whose
+    // endpoint is already gone: cutting it would refuse an admission mid-flight).
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = &mut shutdown => return,
+            () = &mut shutdown => {
+                let _ = drain_tx.send(true);
+                let _ = tokio::time::timeout(DRAIN_FOR, async {
+                    while conns.join_next().await.is_some() {}
+                })
+                .await;
+                return;
+            }
         };
         let Ok((tcp, peer)) = accepted else {
+            // Out of file descriptors or the like: do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let current = configs.borrow().clone();
@@ -201,7 +219,8 @@ pub async fn serve_dynamic(
                 },
             ))
         };
-        tokio::spawn(async move {
+        let mut drain = drain_rx.clone();
+        conns.spawn(async move {
             match acceptor.accept(tcp).await {
                 Ok(tls) => {
                     let router = match tls.get_ref().1.peer_certificates() {
@@ -214,9 +233,17 @@ pub async fn serve_dynamic(
                         _ => router,
                     };
                     let service = TowerToHyperService::new(router);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service);
+                    tokio::pin!(conn);
+                    let draining = tokio::select! {
+                        _ = conn.as_mut() => false,
+                        r = drain.wait_for(|d| *d) => r.is_ok(),
+                    };
+                    if draining {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
                 Err(e) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
             }
