@@ -33,7 +33,8 @@ e2e: e2e-bins
 	$(CARGO) build --locked --bin vm-dhcp
 	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) test --locked -p vm-dhcp-e2e
 
-## e2e-bins: build kube-apiserver, etcd, kubectl and helm once into the cache (see e2e/README.md).
+## e2e-bins: build kube-apiserver, kube-controller-manager, etcd, kubectl, helm and the cert-manager
+## launcher once into the cache (see e2e/README.md).
 e2e-bins:
 	e2e/build-bins.sh >/dev/null
 
