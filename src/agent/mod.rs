@@ -250,7 +250,7 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
             );
             let pools: kube::Api<vm_dhcp_core::crd::IPPool> =
                 kube::Api::namespaced(client.clone(), &pool.namespace);
-            let addresses: kube::Api<vm_dhcp_core::crd::IPPoolAddress> =
+            let addresses: kube::Api<cluster::AddressRecord> =
                 kube::Api::namespaced(client.clone(), &pool.namespace);
             background.push(tokio::spawn(cluster::watch_cluster(
                 pools,
