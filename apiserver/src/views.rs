@@ -136,9 +136,11 @@ pub struct AgentLease {
     pub declines: u64,
 }
 
-/// What the views are computed from.
+/// The sources of the lease view and of the lease poller's targets (the address objects
+/// and the pools' specs the allocation views need are kept by the engine).
 #[derive(Debug, Default, Clone)]
 pub struct Sources {
+    /// The IPPools (their status names the active agent).
     pub pools: BTreeMap<Key, Arc<IPPool>>,
     /// Agent pods (labelled `network.harvesterhci.io/vm-dhcp-controller=agent`).
     pub agents: BTreeMap<Key, Arc<Pod>>,
