@@ -386,9 +386,17 @@ async fn watch_sources(client: kube::Client, tx: mpsc::Sender<Change>) {
             SourceObject::Address,
             tx.clone(),
         ));
+        // The other one stops before the next snapshot is taken: nothing it received before
+        // may reach the engine after that snapshot.
         tokio::select! {
-            _ = &mut on_pools => on_addresses.abort(),
-            _ = &mut on_addresses => on_pools.abort(),
+            _ = &mut on_pools => {
+                on_addresses.abort();
+                let _ = on_addresses.await;
+            }
+            _ = &mut on_addresses => {
+                on_pools.abort();
+                let _ = on_pools.await;
+            }
         }
         if tx.is_closed() {
             return;
@@ -449,10 +457,12 @@ async fn watch_from<K>(
                         "watch error, resuming from {version}: {}",
                         status.message
                     );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(?kind, "watch broke, resuming from {version}: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }
             };

@@ -577,7 +577,11 @@ impl Inner {
             }
         }
         if self.listed && rev <= self.watermark {
-            // Late: the views are past its revision already.
+            // Late: the views are past its revision already. Unless what is held of that
+            // object is as new (a snapshot taken after it), it is applied out of order.
+            if self.holds_newer(&item, rev) {
+                return false;
+            }
             let touched = self.apply_item(item);
             return self.ready && self.commit(touched, Stamp::Reset, limit);
         }
@@ -586,6 +590,23 @@ impl Inner {
         queue.insert(at, Queued { rev, item });
         self.progress[stream] = self.progress[stream].max(rev);
         false
+    }
+
+    /// Whether the state holds the object of `item` at revision `rev` or later (a deletion's
+    /// revision is after the object's last write: an object held at a later revision was
+    /// created again).
+    fn holds_newer(&self, item: &Item, rev: u64) -> bool {
+        match item {
+            Item::Pool { obj, .. } => self
+                .sources
+                .pools
+                .get(&key_of(&obj.metadata))
+                .is_some_and(|p| rv_of(&p.metadata) >= rev),
+            Item::Address { obj, .. } => self
+                .names
+                .get(&key_of(&obj.metadata))
+                .is_some_and(|(_, a)| a.rv >= rev),
+        }
     }
 
     /// Applies the waiting writes whose turn has come, in revision order, and moves the

@@ -431,10 +431,10 @@ fn a_write_that_comes_after_the_views_passed_it_restarts_the_watches() {
     let watcher = engine
         .watch_from(Resource::IpamAllocations, None)
         .expect("watch");
-    engine.apply(vec![put(102, 10)]);
-    // The server stopped waiting for the pool stream at 102.
-    engine.apply(vec![Change::Progress(SourceKind::Pools, 102)]);
-    let listed = list_version(102);
+    engine.apply(vec![put(103, 10)]);
+    // The server stopped waiting for the pool stream at 103.
+    engine.apply(vec![Change::Progress(SourceKind::Pools, 103)]);
+    let listed = list_version(103);
     assert_eq!(
         engine.resource_version(Resource::IpamAllocations),
         Ok(listed)
@@ -451,7 +451,7 @@ fn a_write_that_comes_after_the_views_passed_it_restarts_the_watches() {
             .is_ok()
     );
     // A spec write from before: applied, out of order.
-    engine.apply(vec![pool_write(pool(101, &["10.0.0.12"]))]);
+    engine.apply(vec![pool_write(pool(102, &["10.0.0.12"]))]);
     assert!(
         matches!(
             engine.events_after(Resource::IpamAllocations, cursor),
@@ -463,9 +463,9 @@ fn a_write_that_comes_after_the_views_passed_it_restarts_the_watches() {
     assert_eq!(
         rv,
         listed + 1,
-        "a new list version, still below revision 103"
+        "a new list version, still below revision 104"
     );
-    assert!(rv < change_version(103, 0));
+    assert!(rv < change_version(104, 0));
     assert!(
         engine
             .watch_from(Resource::IpamAllocations, Some(listed))
@@ -482,11 +482,11 @@ fn a_write_that_comes_after_the_views_passed_it_restarts_the_watches() {
         ["net.10-0-0-10", "net.10-0-0-12"]
     );
     // The next write is in order again.
-    engine.apply(vec![put(103, 14)]);
-    engine.apply(caught_up(103));
+    engine.apply(vec![put(104, 14)]);
+    engine.apply(caught_up(104));
     assert_eq!(
         events(&engine, Resource::IpamAllocations, rv),
-        vec![(103 * K, "ADDED", "net.10-0-0-14".to_string())]
+        vec![(104 * K, "ADDED", "net.10-0-0-14".to_string())]
     );
 }
 
@@ -729,5 +729,58 @@ fn one_allocation_in_a_pool_of_16000() {
             .0
             .len(),
         16_000
+    );
+}
+
+#[test]
+fn a_late_write_older_than_what_a_snapshot_brought_is_dropped() {
+    let engine = started(100, vec![pool(100, &[])], vec![]);
+    let watcher = engine
+        .watch_from(Resource::IpamAllocations, None)
+        .expect("watch");
+    // A relist brought the object as written at 108 (no change was missed: it was already
+    // there at 105, here applied in order first).
+    engine.apply(vec![put(105, 10)]);
+    engine.apply(caught_up(105));
+    let (_, cursor, _) = engine
+        .events_after(Resource::IpamAllocations, watcher.cursor)
+        .expect("events");
+    engine.apply(vec![Change::Snapshot {
+        revision: 110,
+        pools: vec![pool(100, &[])],
+        addresses: vec![address(108, 10, Some("default/vm2"), false)],
+    }]);
+    let owner = |e: &Engine| {
+        e.get(Resource::IpamAllocations, "default", "net.10-0-0-10")
+            .expect("ready")
+            .expect("object")
+            .fields["owner"]
+            .clone()
+    };
+    assert_eq!(owner(&engine), "default/vm2");
+    let after_snapshot = engine
+        .events_after(Resource::IpamAllocations, cursor)
+        .err()
+        .map(|_| "expired");
+    assert_eq!(
+        after_snapshot,
+        Some("expired"),
+        "the snapshot changed an owner"
+    );
+    let (_, rv) = engine.list(Resource::IpamAllocations, None).expect("list");
+    // The watch that stopped for the snapshot still delivers the older write: dropped.
+    engine.apply(vec![Change::Apply(SourceObject::Address(address(
+        107,
+        10,
+        Some("default/vm"),
+        false,
+    )))]);
+    assert_eq!(owner(&engine), "default/vm2");
+    assert_eq!(
+        engine
+            .list(Resource::IpamAllocations, None)
+            .expect("list")
+            .1,
+        rv
     );
 }
