@@ -27,7 +27,7 @@ use super::{AgentState, stopped};
 #[derive(Debug, Clone)]
 pub enum Snapshot {
     /// Offline: an IPPool manifest whose `status.ipv4.allocated` lists the leases.
-    Manifest(IPPool),
+    Manifest(Box<IPPool>),
     /// Cluster: the IPPool (only its spec and name count) and the allocations of its
     /// `IPPoolAddress` objects, in address order; the pool's status is not read.
     Objects {
@@ -137,7 +137,7 @@ pub async fn watch_file(
         match load_pool_file(&path) {
             Ok(pool) => {
                 tracing::debug!(file = %path.display(), "pool file read");
-                tx.send_replace(Some(Arc::new(Snapshot::Manifest(pool))));
+                tx.send_replace(Some(Arc::new(Snapshot::Manifest(Box::new(pool)))));
             }
             Err(e) => {
                 state.metrics.reload("invalid_source");
