@@ -323,8 +323,9 @@ impl Allocator {
         }
         // Alone, an admission takes the lowest free address. With other NICs of this replica
         // in flight (and so, under load, likely of other replicas too, which this one cannot
-        // see), it draws among the lowest free ones, in a window that grows with the
-        // admissions in flight and doubles with each race it lost.
+        // see), it draws among the lowest free ones, in a window of 16 x (NICs in flight + 1)
+        // that doubles with each race it lost: wide enough that what another replica is
+        // taking, and what the watch has not shown yet, is rarely hit.
         let in_flight = self
             .in_flight
             .lock()
@@ -337,7 +338,7 @@ impl Allocator {
             0
         } else {
             use std::hash::BuildHasher as _;
-            let window = (4 * (in_flight + 1)) << lost.min(6);
+            let window = (16 * (in_flight + 1)) << lost.min(6);
             let draw = std::collections::hash_map::RandomState::new().hash_one((
                 Instant::now(),
                 lost,
