@@ -433,7 +433,7 @@ impl View {
 /// The address objects of one pool.
 #[derive(Debug, Default)]
 struct PoolAddresses {
-    /// Normally one object per address and per MAC; a half-made leftover (DESIGN §2) or a
+    /// Normally one object per address and per MAC; a half-made leftover (see core/src/store.rs) or a
     /// hand-made object can add a second until it is swept.
     by_ip: BTreeMap<IpAddr, Vec<Arc<Address>>>,
     by_mac: BTreeMap<MacAddr, Vec<Arc<Address>>>,

@@ -204,7 +204,7 @@ fn common_labels(pool: &str, network: &str) -> BTreeMap<String, String> {
 /// `allocated`, `static`, `reserved` or `excluded`.
 pub const STATES: [&str; 4] = ["allocated", "static", "reserved", "excluded"];
 
-/// One `IPPoolAddress` object as the views read it (DESIGN §2: the one source of truth of an
+/// One `IPPoolAddress` object as the views read it (the one source of truth of an
 /// allocation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Address {

@@ -755,7 +755,7 @@ fn children_cpu_ms(name: &str) -> f64 {
     total
 }
 
-/// A measurement (DESIGN §3, issue 12 item 8: a restarted agent rebuilds its table in under
+/// A measurement (issue 12 item 8: a restarted agent rebuilds its table in under
 /// a second at 16,000 leases), not a CI check: it makes 16,000 address objects (a minute
 /// or so). Run with `--ignored --nocapture`; it prints every figure. The table after a
 /// restart comes from a full list of the pool's address objects plus the IPPool: measured

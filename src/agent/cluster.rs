@@ -1,6 +1,7 @@
 //! Cluster mode: the IPPool named by `--ippool-ref` (its spec: options, exclusions, server
-//! IP, router) and the pool's allocations, one `IPPoolAddress` object each (DESIGN §2: the
-//! one source of truth; `status.ipv4.allocated` is a lagging projection and is not read).
+//! IP, router) and the pool's allocations, one `IPPoolAddress` object each (the allocation
+//! store, the one source of truth; `status.ipv4.allocated` is a lagging projection and is
+//! not read).
 //!
 //! One task runs both watches: the IPPool by name, the address objects by the pool label in
 //! the pool's namespace. A snapshot (the pool and every allocation) goes to the table task

@@ -1,5 +1,5 @@
 //! Active/standby: only the holder of one coordination.k8s.io/v1 Lease answers DHCP and,
-//! with `--manage-server-ip`, holds the pool's server IP (DESIGN.md §3).
+//! with `--manage-server-ip`, holds the pool's server IP.
 //!
 //! The safety argument, which every rule below serves: a standby takes the Lease only after
 //! it has seen the record unchanged for a whole lease duration *on its own clock* (and the
