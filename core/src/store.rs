@@ -157,43 +157,40 @@ fn parse_ip(text: &str) -> Option<IpAddr> {
 /// The holding an address object records.
 pub fn holding_of_address(obj: &IPPoolAddress) -> Result<Holding, BadObject> {
     let s = &obj.spec;
-    holding_of(
-        "IPPoolAddress",
-        &obj.metadata.name,
+    let fields = (
         &s.address,
         &s.mac_address,
         &s.owner,
-    )
-    .map(|h| Holding {
-        static_: s.static_,
-        interface: s.interface.clone(),
-        ..h
-    })
+        s.static_,
+        &s.interface,
+    );
+    holding_of("IPPoolAddress", &obj.metadata.name, fields)
 }
 
 /// The holding a claim records (the address it names).
 pub fn holding_of_claim(obj: &IPPoolMACClaim) -> Result<Holding, BadObject> {
     let s = &obj.spec;
-    holding_of(
-        "IPPoolMACClaim",
-        &obj.metadata.name,
+    let fields = (
         &s.address,
         &s.mac_address,
         &s.owner,
-    )
-    .map(|h| Holding {
-        static_: s.static_,
-        interface: s.interface.clone(),
-        ..h
-    })
+        s.static_,
+        &s.interface,
+    );
+    holding_of("IPPoolMACClaim", &obj.metadata.name, fields)
 }
 
+/// A holding from the fields both kinds share: address, MAC, owner, static, interface.
 fn holding_of(
     kind: &'static str,
     name: &Option<String>,
-    address: &str,
-    mac: &str,
-    owner: &Option<String>,
+    (address, mac, owner, static_, interface): (
+        &String,
+        &String,
+        &Option<String>,
+        bool,
+        &Option<String>,
+    ),
 ) -> Result<Holding, BadObject> {
     let bad = |what: String| BadObject {
         kind,
@@ -206,8 +203,8 @@ fn holding_of(
         ip,
         mac,
         owner: owner.clone().filter(|o| !o.is_empty()),
-        static_: false,
-        interface: None,
+        static_,
+        interface: interface.clone(),
     })
 }
 

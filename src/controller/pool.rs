@@ -1037,17 +1037,8 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
     }
 
     // The status projects the address objects, at most once per interval: under a burst of
-    // admissions one write carries many of them.
-    let projection = match &layout {
-        Ok(layout) => ctx
-            .stores
-            .holdings
-            .lock()
-            .index(&store_key, layout)
-            .map(|i| i.projection(ctx.args.status_max_allocations))
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.clone()),
-    };
+    // admissions one write carries many of them. Between projections only whether the
+    // allocations fit in the status is needed (for its condition), not the projection.
     let project_now = {
         let last = ctx.projected.lock().unwrap_or_else(|e| e.into_inner());
         match last.get(&store_key) {
@@ -1061,6 +1052,25 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
             _ => true,
         }
     };
+    let max_listed = ctx.args.status_max_allocations;
+    // (the allocations fit in the status, the projected `status.ipv4` if due now)
+    let projection: Result<(bool, Option<vm_dhcp_core::crd::IPv4Status>), String> = match &layout {
+        Ok(layout) => ctx
+            .stores
+            .holdings
+            .lock()
+            .index(&store_key, layout)
+            .map(|i| {
+                if project_now {
+                    let p = i.projection(max_listed);
+                    (p.listed, Some(p.ipv4))
+                } else {
+                    (i.len() <= max_listed, None)
+                }
+            })
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
 
     let now = now_text();
     let written = write_pool_status(ctx, ns, name, Some((*pool).clone()), |p| {
@@ -1068,35 +1078,35 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
         let mut conditions = condition_list(p);
         let mut changed = false;
         let mut patch = serde_json::Map::new();
-        let cache = projection.as_ref().map(|p| &p.ipv4).map_err(Clone::clone);
         match &projection {
-            Ok(p) if project_now && !decide::same_ipv4(before, &p.ipv4) => {
-                let ipv4 = if p.listed {
-                    decide::ipv4_merge_patch(before, &p.ipv4)
+            Ok((listed, Some(ipv4))) if !decide::same_ipv4(before, ipv4) => {
+                let patch_ipv4 = if *listed {
+                    decide::ipv4_merge_patch(before, ipv4)
                 } else {
                     serde_json::json!({"allocated": null, "owners": null, "staticAddresses": null,
-                        "used": p.ipv4.used, "available": p.ipv4.available})
+                        "used": ipv4.used, "available": ipv4.available})
                 };
-                patch.insert("ipv4".into(), ipv4);
+                patch.insert("ipv4".into(), patch_ipv4);
                 patch.insert("lastUpdate".into(), Timestamp::now().to_string().into());
             }
             _ => {}
         }
-        if let Ok(p) = &projection {
-            let message = if p.listed {
+        if let Ok((listed, _)) = &projection {
+            let listed = *listed;
+            let message = if listed {
                 String::new()
             } else {
                 format!(
                     "more than {} allocations: status.ipv4.allocated is left out; list them with kubectl get ipamallocations -n {ns} (or kubectl get ippooladdresses -n {ns} -l {}={name})",
-                    ctx.args.status_max_allocations,
+                    max_listed,
                     store::POOL_LABEL
                 )
             };
-            let reason = if p.listed { "" } else { "TooManyToList" };
+            let reason = if listed { "" } else { "TooManyToList" };
             changed |= set_condition(
                 &mut conditions,
                 store::LISTED_CONDITION,
-                p.listed,
+                listed,
                 reason,
                 &message,
                 &now,
@@ -1110,7 +1120,7 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
         let cache_ok = if paused {
             Err(disabled.clone())
         } else {
-            cache.as_ref().map(|_| ()).map_err(Clone::clone)
+            projection.as_ref().map(|_| ()).map_err(Clone::clone)
         };
         let ready_ok = if paused {
             Err(disabled.clone())
