@@ -452,53 +452,23 @@ impl Allocator {
                     }
                     Err(PickError::Refused(e)) => return Err(e.into()),
                 };
-                // The claim and the address object at once: in the usual case (nobody else
-                // wants this MAC or this address) the admission waits for one write, not two.
+                // The claim first: its address object is made only once the claim names it.
+                // (Made at once, a replica that dies after both were sent can leave an address
+                // object of a MAC whose claim another replica won: the MAC would hold two
+                // addresses until the sweep.)
                 let h = holding(nic, mac, ip, req.want.is_some());
-                let claim_obj = claim_object(ns, &ctx.key.1, &ctx.network, &h, Some(now()));
-                let address_obj = address_object(ns, &ctx.key.1, &ctx.network, &h);
-                let pp = PostParams::default();
-                let (claim_res, address_res) = futures::join!(
-                    claims.create(&pp, &claim_obj),
-                    addresses.create(&pp, &address_obj)
-                );
-                let address_made = match address_res {
-                    Ok(created) => Some(Made::Address {
-                        ns: ns.to_string(),
-                        name: address_object_name(&ctx.key.1, IpAddr::V4(ip)),
-                        uid: created.metadata.uid.clone().unwrap_or_default(),
-                    }),
-                    Err(e) if already_exists(&e) => None,
-                    Err(e) => {
-                        if let Ok(created) = &claim_res {
-                            made.push(made_claim(ns, &claim_name, created));
-                        }
-                        return Err(api_err(e));
-                    }
-                };
-                match claim_res {
+                let obj = claim_object(ns, &ctx.key.1, &ctx.network, &h, Some(now()));
+                match claims.create(&PostParams::default(), &obj).await {
                     Ok(created) => {
                         made.push(made_claim(ns, &claim_name, &created));
-                        if let Some(address) = address_made {
-                            made.push(address);
-                            return Ok(Allocation { mac, ip, new: true });
-                        }
-                        // The address was taken meanwhile: the claim moves (below).
                         claim = Some(created);
                         ours = true;
                     }
                     Err(e) if already_exists(&e) => {
-                        // Another admission claimed this MAC first: give the address back.
-                        if let Some(address) = address_made {
-                            self.undo(&address).await;
-                        }
                         claim = claims.get_opt(&claim_name).await.map_err(api_err)?;
                         ours = false;
                     }
-                    Err(e) => {
-                        made.extend(address_made);
-                        return Err(api_err(e));
-                    }
+                    Err(e) => return Err(api_err(e)),
                 }
                 continue;
             };
