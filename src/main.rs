@@ -5,6 +5,7 @@ mod apiserver;
 mod cli;
 mod controller;
 mod kube_client;
+mod lease;
 mod logging;
 mod metrics_http;
 mod tls;

@@ -11,6 +11,7 @@ pub mod crd;
 pub mod dhcp;
 pub mod ipam;
 pub mod kubevirt;
+pub mod lease;
 pub mod mac;
 pub mod store;
 

@@ -1,4 +1,5 @@
-//! HTTP: `/healthz`, `/readyz` (the caches are complete), `/metrics` (computed from the
+//! HTTP: `/healthz`, `/readyz` (the caches are complete and, on the leader, reconciles get
+//! through), `/metrics` (computed from the
 //! caches at each scrape, so every replica serves the same figures and a series goes with
 //! its object), and with `--enable-cache-dump-api` the seed README's `/ipams/<network>` and
 //! `/caches/<network>` views.
@@ -42,11 +43,24 @@ pub(super) fn router(ctx: Arc<Ctx>) -> Router {
 }
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> Response {
-    if ctx.ready.load(Ordering::SeqCst) {
-        axum::Json(serde_json::json!({"ok": true})).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet\n").into_response()
+    if !ctx.ready.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet\n").into_response();
     }
+    let after = std::time::Duration::from_secs(ctx.args.unready_after_seconds.max(1));
+    if ctx.leading.load(Ordering::SeqCst)
+        && let Some(why) = ctx.health.stuck(after)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("leading, but writes do not go through: {why}\n"),
+        )
+            .into_response();
+    }
+    axum::Json(serde_json::json!({
+        "ok": true,
+        "leading": ctx.leading.load(Ordering::SeqCst),
+    }))
+    .into_response()
 }
 
 pub(super) fn render(ctx: &Ctx) -> Result<String, std::fmt::Error> {

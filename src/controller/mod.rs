@@ -10,7 +10,6 @@
 //! them and writes with the resourceVersion guard.
 
 mod http;
-mod leader;
 mod pool;
 mod workload;
 
@@ -102,6 +101,13 @@ pub struct ControllerArgs {
     /// Seconds between full passes over every object (the sweep also runs on every change).
     #[arg(long, env = "VM_DHCP_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
+    /// Seconds one reconcile (its reads and writes) may take before it is abandoned and
+    /// retried; every Kubernetes request is also bounded by the client's timeouts.
+    #[arg(long, env = "VM_DHCP_RECONCILE_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub reconcile_timeout_seconds: u64,
+    /// Seconds the leader may fail every reconcile before /readyz says it is not ready.
+    #[arg(long, env = "VM_DHCP_UNREADY_AFTER_SECONDS", default_value_t = 30)]
+    pub unready_after_seconds: u64,
     /// Reconciles run at once (never two of one object): most wait on the apiserver.
     #[arg(long, env = "VM_DHCP_WORKERS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
@@ -212,6 +218,10 @@ pub struct Ctx {
     swept: Family<Vec<(String, String)>, Counter>,
     recorder: Recorder,
     ready: AtomicBool,
+    /// This replica holds the leader Lease (always, without leader election).
+    leading: AtomicBool,
+    /// Whether the leader's writes go through (readiness).
+    health: WriteHealth,
 }
 
 impl Ctx {
@@ -229,6 +239,11 @@ impl Ctx {
             std::net::IpAddr::V4(ip) => Some(ip),
             std::net::IpAddr::V6(_) => None,
         }
+    }
+
+    fn forget_clocks(&self) {
+        *self.orphans.lock().unwrap_or_else(|e| e.into_inner()) = OrphanClock::default();
+        *self.half_made.lock().unwrap_or_else(|e| e.into_inner()) = OrphanClock::default();
     }
 
     fn now(&self) -> Duration {
@@ -511,6 +526,8 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         swept: Family::default(),
         recorder,
         ready: AtomicBool::new(false),
+        leading: AtomicBool::new(args.no_leader_election),
+        health: WriteHealth::default(),
     });
     let _ = slot.set(ctx.clone());
 
@@ -550,30 +567,92 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         "caches synced"
     );
 
-    let lead = async {
-        if !args.no_leader_election {
-            leader::acquire(&client, &args, &identity).await?;
+    let result = if args.no_leader_election {
+        tokio::select! {
+            r = reconcile_loop(ctx.clone()) => r,
+            _ = crate::logging::shutdown_signal() => Ok(()),
         }
+    } else {
+        lead(&ctx, &identity).await
+    };
+    result
+}
+
+/// Leader election: reconciles while this replica holds the Lease, stands by otherwise. A
+/// replica that loses the Lease (the fence passed: its renewals got no answer in time)
+/// drops every in-flight reconcile at once and competes again.
+async fn lead(ctx: &Arc<Ctx>, identity: &str) -> Result<()> {
+    use crate::lease::{self, LeaseConfig, Role};
+    let args = &ctx.args;
+    let cfg = LeaseConfig {
+        namespace: args.leader_election_namespace.clone(),
+        name: args.leader_election_name.clone(),
+        identity: identity.to_string(),
+        duration: Duration::from_secs(args.leader_election_lease_seconds.max(2)),
+    };
+    let (role_tx, mut role) = tokio::sync::watch::channel(Role::Standby);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Always eligible: the caches are synced before this starts.
+    let (_eligible_tx, eligible_rx) = tokio::sync::watch::channel(true);
+    let runner = tokio::spawn(lease::run(
+        Api::namespaced(ctx.client.clone(), &cfg.namespace),
+        cfg.clone(),
+        eligible_rx,
+        stop_rx,
+        role_tx,
+        true,
+    ));
+    let shutdown = crate::logging::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut logged = false;
+    let result = loop {
+        if !role.borrow_and_update().is_holder() {
+            if !logged {
+                tracing::info!(lease = %cfg, "another replica leads; standing by (serving metrics and readiness)");
+                logged = true;
+            }
+            tokio::select! {
+                changed = role.changed() => {
+                    if changed.is_err() {
+                        break Err(anyhow::anyhow!("the leader election stopped"));
+                    }
+                    continue;
+                }
+                _ = &mut shutdown => break Ok(()),
+            }
+        }
+        logged = false;
         tracing::info!(%identity, "leading: reconciling");
-        let renew = async {
-            if args.no_leader_election {
-                std::future::pending::<Result<()>>().await
-            } else {
-                leader::keep(&client, &args, &identity).await
+        ctx.leading.store(true, Ordering::SeqCst);
+        // What this replica observed while standing by is not a leader's observation.
+        ctx.forget_clocks();
+        let lost = async {
+            loop {
+                let until = role.borrow_and_update().until();
+                match until {
+                    Some(until) => tokio::select! {
+                        _ = tokio::time::sleep_until(until) => return,
+                        changed = role.changed() => if changed.is_err() { return },
+                    },
+                    None => return,
+                }
             }
         };
-        tokio::select! {
-            r = renew => r,
-            r = reconcile_loop(ctx.clone()) => r,
+        let r = tokio::select! {
+            r = reconcile_loop(ctx.clone()) => Some(r),
+            _ = lost => None,
+            _ = &mut shutdown => break Ok(()),
+        };
+        ctx.leading.store(false, Ordering::SeqCst);
+        ctx.health.reset();
+        match r {
+            Some(r) => break r,
+            None => tracing::warn!(lease = %cfg, "leadership lost: in-flight writes dropped; standing by"),
         }
     };
-    let result = tokio::select! {
-        r = lead => r,
-        _ = crate::logging::shutdown_signal() => Ok(()),
-    };
-    if !args.no_leader_election {
-        leader::release(&client, &args, &identity).await;
-    }
+    ctx.leading.store(false, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    let _ = runner.await;
     result
 }
 
@@ -605,10 +684,20 @@ async fn reconcile_loop(ctx: Arc<Ctx>) -> Result<()> {
             .map(|key| {
                 let ctx = ctx.clone();
                 async move {
-                    let result = match &key {
-                        Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
-                        Key::Workload(ns, name) => workload::reconcile(&ctx, ns, name).await,
-                        Key::Nad(ns, name) => pool::reconcile_nad(&ctx, ns, name).await,
+                    let work = async {
+                        match &key {
+                            Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
+                            Key::Workload(ns, name) => workload::reconcile(&ctx, ns, name).await,
+                            Key::Nad(ns, name) => pool::reconcile_nad(&ctx, ns, name).await,
+                        }
+                    };
+                    // One stuck call must not hold the batch (and every other key) forever.
+                    let limit = Duration::from_secs(ctx.args.reconcile_timeout_seconds.max(1));
+                    let result = match tokio::time::timeout(limit, work).await {
+                        Ok(r) => r,
+                        Err(_) => Err(anyhow::anyhow!(
+                            "no answer from the apiserver within {limit:?} (--reconcile-timeout-seconds)"
+                        )),
                     };
                     (key, result)
                 }
@@ -616,6 +705,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>) -> Result<()> {
             .buffer_unordered(usize::from(ctx.args.workers))
             .collect()
             .await;
+        ctx.health.record(&results);
         for (key, result) in results {
             match result {
                 Ok(()) => {
@@ -630,6 +720,41 @@ async fn reconcile_loop(ctx: Arc<Ctx>) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Whether the leader's reconciles get through to the apiserver: since when every one has
+/// failed, and the last error.
+#[derive(Default)]
+struct WriteHealth {
+    failing: Mutex<Option<(Instant, String)>>,
+}
+
+impl WriteHealth {
+    fn record<K>(&self, results: &[(K, Result<()>)]) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if results.iter().any(|(_, r)| r.is_ok()) {
+            *failing = None;
+        } else if let Some((_, Err(e))) = results.last() {
+            let since = failing.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+            *failing = Some((since, format!("{e:#}")));
+        }
+    }
+
+    fn reset(&self) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// `Some(reason)` when every reconcile has failed for longer than `after`.
+    fn stuck(&self, after: Duration) -> Option<String> {
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, last) = failing.as_ref()?;
+        (since.elapsed() > after).then(|| {
+            format!(
+                "every reconcile has failed for {}s; last: {last}",
+                since.elapsed().as_secs()
+            )
+        })
     }
 }
 
