@@ -69,6 +69,12 @@ pub struct ApiserverArgs {
     /// Port of the agents' HTTP server (GET /api/v1/leases).
     #[arg(long, env = "VM_DHCP_APISERVER_AGENT_PORT", default_value_t = 8080)]
     pub agent_port: u16,
+    /// Bearer token presented to the agents (they accept a token whose user may get
+    /// dhcpleases). Default: this pod's ServiceAccount token,
+    /// /var/run/secrets/kubernetes.io/serviceaccount/token; re-read every round, as the
+    /// kubelet rotates it.
+    #[arg(long, env = "VM_DHCP_APISERVER_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
     /// How often the active agents' lease views are read (milliseconds).
     #[arg(long, env = "VM_DHCP_APISERVER_LEASE_POLL_MS", default_value_t = 1000)]
     pub lease_poll_ms: u64,
@@ -187,6 +193,9 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
         engine.clone(),
         tx,
         args.agent_port,
+        args.agent_token_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SERVICE_ACCOUNT_TOKEN)),
         Duration::from_millis(args.lease_poll_ms.max(100)),
     ));
 
@@ -651,17 +660,41 @@ async fn feed_engine(
 
 /// Reads each pool's active agent's `/api/v1/leases`: the candidates are asked in order and
 /// the first that says it is active wins (else the first that answers).
-async fn poll_leases(engine: Arc<Engine>, tx: mpsc::Sender<Change>, port: u16, every: Duration) {
+async fn poll_leases(
+    engine: Arc<Engine>,
+    tx: mpsc::Sender<Change>,
+    port: u16,
+    token_file: PathBuf,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
     loop {
         tick.tick().await;
         if !engine.is_ready() {
             continue;
         }
+        let token: Option<Arc<str>> = match std::fs::read_to_string(&token_file) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().into()),
+            Ok(_) | Err(_) => {
+                if !warned {
+                    tracing::warn!(
+                        "no token in {} (--agent-token-file): the agents will refuse to show their leases",
+                        token_file.display()
+                    );
+                    warned = true;
+                }
+                None
+            }
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for (pool, candidates) in engine.lease_targets() {
-            tasks.spawn(async move { (pool.clone(), leases_of(&pool, &candidates, port).await) });
+            let token = token.clone();
+            tasks.spawn(async move {
+                let doc = leases_of(&pool, &candidates, port, token.as_deref()).await;
+                (pool.clone(), doc)
+            });
         }
         while let Some(done) = tasks.join_next().await {
             let Ok((pool, doc)) = done else { continue };
@@ -672,10 +705,15 @@ async fn poll_leases(engine: Arc<Engine>, tx: mpsc::Sender<Change>, port: u16, e
     }
 }
 
-async fn leases_of(pool: &Key, candidates: &[(Key, String)], port: u16) -> Option<AgentLeases> {
+async fn leases_of(
+    pool: &Key,
+    candidates: &[(Key, String)],
+    port: u16,
+    token: Option<&str>,
+) -> Option<AgentLeases> {
     let mut fallback = None;
     for ((_, pod), ip) in candidates {
-        match fetch_leases(ip, port).await {
+        match fetch_leases(ip, port, token).await {
             Ok(mut doc) => {
                 if doc.agent.is_none() {
                     doc.agent = Some(pod.clone());
@@ -693,7 +731,10 @@ async fn leases_of(pool: &Key, candidates: &[(Key, String)], port: u16) -> Optio
     fallback
 }
 
-async fn fetch_leases(ip: &str, port: u16) -> Result<AgentLeases> {
+/// Where a pod finds its ServiceAccount token.
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+async fn fetch_leases(ip: &str, port: u16, token: Option<&str>) -> Result<AgentLeases> {
     let host = if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
@@ -704,9 +745,11 @@ async fn fetch_leases(ip: &str, port: u16) -> Result<AgentLeases> {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        let req = hyper::Request::get("/api/v1/leases")
-            .header(hyper::header::HOST, &host)
-            .body(http_body_util::Empty::<bytes_alias::Bytes>::new())?;
+        let mut req = hyper::Request::get("/api/v1/leases").header(hyper::header::HOST, &host);
+        if let Some(token) = token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(http_body_util::Empty::<bytes_alias::Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();

@@ -63,8 +63,15 @@ pub struct AgentArgs {
     pub name: Option<String>,
 
     /// Address of the HTTP server (/healthz, /readyz, /leases, /api/v1/leases, /metrics).
-    #[arg(long, env = "VM_DHCP_AGENT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
-    pub http_addr: SocketAddr,
+    /// Default: 127.0.0.1:8080 and <pod IP>:8080 (--pod-ip, else the address of the
+    /// interface holding the default route), never --nic's network; a wildcard is refused.
+    #[arg(long, env = "VM_DHCP_AGENT_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// The pod's address on the pod network (downward API status.podIP), where the HTTP
+    /// server listens besides loopback.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
 
     /// Kubeconfig for cluster mode (in-cluster configuration when absent).
     #[arg(long, env = "KUBECONFIG")]

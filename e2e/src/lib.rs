@@ -48,6 +48,33 @@ pub async fn plain_get_at(
     Ok((code, body.to_string()))
 }
 
+/// `GET http://<ip>:<port><path>` over plain HTTP/1.0 with `Authorization: Bearer <token>`
+/// (an agent's lease endpoints): the status code and the body.
+pub async fn bearer_get_at(
+    ip: std::net::IpAddr,
+    port: u16,
+    path: &str,
+    token: &str,
+) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect((ip, port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_string()))
+}
+
 /// `vm-dhcp controller` against `cp`, confined to namespace `ns` (what it watches, its agents
 /// and its leader Lease), agents running as service account `agent_sa`, HTTP on
 /// 127.0.0.1:`port`; callers add their own flags.

@@ -72,6 +72,8 @@ macro_rules! require_root {
 struct Cluster {
     ns: TestNamespace,
     sim: NodeSim,
+    /// A token the agents' lease endpoints accept (see `rbac::lease_reader_token`).
+    reader: String,
 }
 
 async fn cluster(prefix: &str, nodes: &[&str]) -> Cluster {
@@ -126,7 +128,8 @@ async fn bare_cluster(prefix: &str, nodes: &[&str], ipv4: Value) -> Cluster {
     let sim = NodeSim::start(cp, &ns.name, nodes, programs)
         .await
         .expect("node simulator");
-    Cluster { ns, sim }
+    let reader = vm_dhcp_e2e::rbac::lease_reader_token(&ns).await;
+    Cluster { ns, sim, reader }
 }
 
 /// Makes the address object of `mac` holding `ip` in the pool (what admission makes).
@@ -182,8 +185,7 @@ impl Cluster {
                         "--lease-duration-seconds", LEASE_SECONDS.to_string(),
                         "--manage-server-ip",
                         "--nic", "eth1",
-                        "--name", name,
-                        "--http-addr", "0.0.0.0:8080"
+                        "--name", name
                     ],
                     "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080},
                                        "periodSeconds": 1}
@@ -245,7 +247,7 @@ impl Cluster {
     /// GET from an agent's HTTP server at its pod IP: the body.
     async fn agent_get(&self, pod: &str, path: &str) -> Option<String> {
         let ip = self.sim.pod_ip(pod)?;
-        vm_dhcp_e2e::plain_get_at(ip.into(), 8080, path)
+        vm_dhcp_e2e::bearer_get_at(ip.into(), 8080, path, &self.reader)
             .await
             .ok()
             .map(|(_, body)| body)
@@ -919,28 +921,8 @@ async fn eth1_mac(netns: &str) -> String {
     link_address(&String::from_utf8_lossy(&out.stdout)).expect("eth1 has a MAC")
 }
 
-/// Whether `netns` has the server IP on an up eth1: an address on a downed link (a lost
-/// node's, which no process is left to remove) answers nobody.
 async fn holds_server_ip(netns: &str) -> bool {
-    let out = tokio::process::Command::new("ip")
-        .args(["-n", netns, "-o", "-4", "addr", "show", "dev", "eth1"])
-        .output()
-        .await;
-    let has_addr = out
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("inet {SERVER_IP}/")));
-    if !has_addr {
-        return false;
-    }
-    let link = tokio::process::Command::new("ip")
-        .args(["-n", netns, "-o", "link", "show", "dev", "eth1"])
-        .output()
-        .await;
-    link.is_ok_and(|o| {
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        text.split_once('<')
-            .and_then(|(_, rest)| rest.split_once('>'))
-            .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
-    })
+    vm_dhcp_e2e::netns_holds_ip(netns, "eth1", SERVER_IP).await
 }
 
 /// The sum of a metric's series (all label sets) whose name and labels start with `series`,
@@ -1383,5 +1365,135 @@ async fn active_agent_cut_off_from_the_apiserver_fences_itself_and_the_standby_t
         expiry.duration_since(fenced.wall),
         standby_first.at.duration_since(cut_at),
         samples.len()
+    );
+}
+
+// ------------------------------------------------------------------ the agent's HTTP port
+
+/// Whether a TCP connection to `ip:port` opens from inside the guest's namespace (3 s).
+async fn guest_connects(vm: &VmNetns, ip: &str, port: u16) -> bool {
+    let script = format!("exec 3<>/dev/tcp/{ip}/{port}");
+    vm.run("timeout", &["3", "bash", "-c", &script])
+        .await
+        .expect("bash in the guest namespace")
+        .status
+        .success()
+}
+
+/// The agent's HTTP server is on the pod network only: a guest on the VM network can reach
+/// the agent (ping of the server IP, and of the pod IP routed through the agent) but not its
+/// port 8080, at either address. From the pod network the lease endpoints answer only a
+/// bearer token whose user may get dhcpleases (401 without one, 403 for another user);
+/// health stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_port_is_closed_to_guests_and_its_leases_need_a_reader_token() {
+    require_root!();
+    let c = cluster("agent-http", &["a"]).await;
+    c.agent("agent-0", "a").await;
+    c.wait_ready("agent-0").await;
+    c.wait_holder().await;
+    let pod_ip = c.sim.pod_ip("agent-0").expect("pod IP").to_string();
+
+    // From the pod network (the root namespace, as the aggregated apiserver).
+    let ip = pod_ip.parse().expect("ip");
+    let (code, _) = vm_dhcp_e2e::plain_get_at(ip, 8080, "/healthz")
+        .await
+        .expect("healthz");
+    assert_eq!(code, 200, "health is open");
+    for path in ["/api/v1/leases", "/leases"] {
+        let (code, body) = vm_dhcp_e2e::plain_get_at(ip, 8080, path)
+            .await
+            .expect("GET without a token");
+        assert_eq!(code, 401, "{path} without a token: {body}");
+        let (code, body) = vm_dhcp_e2e::bearer_get_at(ip, 8080, path, "not-a-token")
+            .await
+            .expect("GET with a bad token");
+        assert_eq!(code, 401, "{path} with a bad token: {body}");
+    }
+    let other = {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let sas: Api<ServiceAccount> = c.ns.api();
+        let sa = serde_json::from_value(json!({"metadata": {"name": "someone-else"}}))
+            .expect("service account");
+        sas.create(&PostParams::default(), &sa)
+            .await
+            .expect("create service account");
+        let request: TokenRequest =
+            serde_json::from_value(json!({"spec": {"audiences": []}})).expect("request");
+        sas.create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            "someone-else",
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .expect("token")
+        .status
+        .expect("token status")
+        .token
+    };
+    let (code, body) = vm_dhcp_e2e::bearer_get_at(ip, 8080, "/api/v1/leases", &other)
+        .await
+        .expect("GET as another user");
+    assert_eq!(code, 403, "a user who may not get dhcpleases: {body}");
+    let (code, body) = vm_dhcp_e2e::bearer_get_at(ip, 8080, "/api/v1/leases", &c.reader)
+        .await
+        .expect("GET as a reader");
+    assert_eq!(code, 200, "a lease reader: {body}");
+    let view: Value = serde_json::from_str(&body).expect("lease view");
+    assert_eq!(view["active"], json!(true), "{view}");
+
+    // From the guest: the VM's own address, by hand (no DHCP needed to be on the network).
+    let vm = c.vm().await;
+    for args in [
+        vec!["addr", "add", "192.168.48.86/24", "dev", vm.ifname.as_str()],
+        vec!["link", "set", vm.ifname.as_str(), "up"],
+    ] {
+        let out = vm.run("ip", &args).await.expect("ip in the guest");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    // The agent is reachable from the guest (so a closed port is the listener's doing)...
+    let busybox = vm_dhcp_e2e::bins::busybox();
+    let deadline = Instant::now() + DEADLINE;
+    while !vm
+        .run(&busybox, &["ping", "-c", "1", "-W", "1", SERVER_IP])
+        .await
+        .expect("ping")
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never reached the server IP"
+        );
+    }
+    let out = vm
+        .run(
+            "ip",
+            &["route", "add", &format!("{pod_ip}/32"), "via", SERVER_IP],
+        )
+        .await
+        .expect("route");
+    assert!(out.status.success(), "route to the pod IP: {out:?}");
+    let ping = vm
+        .run(&busybox, &["ping", "-c", "1", "-W", "2", &pod_ip])
+        .await
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "the agent does not answer the guest at its pod IP through the VM network (the test would prove nothing): {ping:?}"
+    );
+    // ...but not its HTTP port, at the server IP, its pod IP, or its address on eth1.
+    for target in [SERVER_IP, pod_ip.as_str()] {
+        assert!(
+            !guest_connects(&vm, target, 8080).await,
+            "a guest opened a connection to the agent's HTTP port at {target}"
+        );
+    }
+    // The control: the same check from the pod network does connect.
+    assert!(
+        tokio::net::TcpStream::connect((ip, 8080)).await.is_ok(),
+        "the agent's port is closed to the pod network too"
     );
 }

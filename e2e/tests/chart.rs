@@ -981,6 +981,45 @@ fn each_service_account_can_do_what_its_component_does_and_no_more() {
             None
         ));
         assert!(!can(&agent, "create", "", "pods", Some(NAMESPACE), None));
+        // ...and check who reads their leases: TokenReview + SubjectAccessReview, the
+        // aggregated API being allowed to get dhcpleases (its token is what it presents).
+        assert!(can(
+            &agent,
+            "create",
+            "authentication.k8s.io",
+            "tokenreviews",
+            None,
+            None
+        ));
+        assert!(can(
+            &agent,
+            "create",
+            "authorization.k8s.io",
+            "subjectaccessreviews",
+            None,
+            None
+        ));
+        assert!(can(
+            &apiserver,
+            "get",
+            "dhcp.harvesterhci.io",
+            "dhcpleases",
+            Some(NAMESPACE),
+            None
+        ));
+        for who in [&agent, &webhook, &controller] {
+            assert!(
+                !can(
+                    who,
+                    "get",
+                    "dhcp.harvesterhci.io",
+                    "dhcpleases",
+                    Some(NAMESPACE),
+                    None
+                ),
+                "{who} must not read the agents' leases"
+            );
+        }
         // The aggregated API: its sources, delegated authorization, the front-proxy settings.
         assert!(can(&apiserver, "watch", "", "pods", None, None));
         assert!(!can(

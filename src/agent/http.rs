@@ -8,6 +8,11 @@
 //!   `{"pool", "active", "items": [{address, mac, state, leaseStart, expiry, lastSeen,
 //!   declines}]}`, times in RFC 3339.
 //! - `/metrics`: Prometheus (OpenMetrics text).
+//!
+//! In the cluster both lease endpoints answer only a caller [`super::auth`] lets in (401
+//! without a valid bearer token, 403 when it may not get `dhcpleases`); health, readiness
+//! and metrics stay open for the kubelet and Prometheus. Where the server listens:
+//! [`super::bind`] (never on the VM network).
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -23,25 +28,43 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use vm_dhcp_core::dhcp::LeaseTable;
 
+use super::auth::Auth;
 use super::packet::unix_now;
 use super::{AgentState, stopped};
 
-pub fn router(state: Arc<AgentState>) -> Router {
+pub fn router(state: Arc<AgentState>, auth: Option<Arc<Auth>>) -> Router {
+    let mut leases = Router::new()
+        .route("/leases", get(leases_compat))
+        .route("/api/v1/leases", get(leases_view));
+    if let Some(auth) = auth {
+        leases = leases.layer(axum::middleware::from_fn_with_state(auth, require_reader));
+    }
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/leases", get(leases_compat))
-        .route("/api/v1/leases", get(leases_view))
         .route("/metrics", get(metrics))
+        .merge(leases)
         .with_state(state)
+}
+
+async fn require_reader(
+    State(auth): State<Arc<Auth>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match auth.check(req.headers()).await {
+        Ok(()) => next.run(req).await,
+        Err((status, message)) => (status, message).into_response(),
+    }
 }
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AgentState>,
+    auth: Option<Arc<Auth>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state, auth))
         .with_graceful_shutdown(stopped(stop))
         .await?;
     Ok(())

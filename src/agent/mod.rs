@@ -13,6 +13,8 @@
 //! (see [`lock`]); a standby keeps its table warm and answers nothing. Without a lock the
 //! agent is always active.
 
+mod auth;
+mod bind;
 mod cluster;
 mod http;
 mod lock;
@@ -215,24 +217,27 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
     })?;
     state.socket_bound.store(true, Ordering::Relaxed);
 
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the HTTP server to {} (--http-addr)",
-                args.http_addr
-            )
-        })?;
+    let listen = bind::listen_addrs(args.http_addr, args.pod_ip, &args.nic)?;
+    let listeners = listen
+        .iter()
+        .map(bind::bind)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let http = listen
+        .iter()
+        .map(|l| l.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
 
     let resync = Duration::from_secs(args.resync_seconds);
     let (pool_tx, pool_rx) = watch::channel(None);
     let mut background = Vec::new();
     let mut lock_task = None;
+    let mut auth = None;
     match (mode, client) {
         (Mode::File(file), _) => {
             tracing::info!(
                 agent = %name, nic = %args.nic, pool_file = %file.display(),
-                http = %args.http_addr, dry_run = args.dry_run, "agent starting (offline)"
+                %http, dry_run = args.dry_run, "agent starting (offline)"
             );
             background.push(tokio::spawn(source::watch_file(
                 file,
@@ -243,11 +248,15 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
         }
         (Mode::Cluster { pool, lock }, Some(client)) => {
             tracing::info!(
-                agent = %name, nic = %args.nic, ippool = %pool, http = %args.http_addr,
+                agent = %name, nic = %args.nic, ippool = %pool, %http,
                 lease_lock = lock.as_ref().map(|l| l.lease.to_string()).unwrap_or_default(),
                 manage_server_ip = args.manage_server_ip, dry_run = args.dry_run,
                 "agent starting (cluster)"
             );
+            auth = Some(Arc::new(auth::Auth::new(
+                client.clone(),
+                pool.namespace.clone(),
+            )));
             let pools: kube::Api<vm_dhcp_core::crd::IPPool> =
                 kube::Api::namespaced(client.clone(), &pool.namespace);
             let addresses: kube::Api<cluster::AddressRecord> =
@@ -283,7 +292,17 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
         stop_rx.clone(),
     )));
     let dhcp_task = tokio::spawn(socket::serve(socket, state.clone(), stop_rx.clone()));
-    let http_task = tokio::spawn(http::serve(listener, state.clone(), stop_rx.clone()));
+    let http_tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            tokio::spawn(http::serve(
+                l,
+                state.clone(),
+                auth.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
 
     let mut dhcp_task = dhcp_task;
     let result = tokio::select! {
@@ -303,10 +322,12 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
     for task in background {
         let _ = task.await;
     }
-    match http_task.await {
-        Ok(Err(e)) => tracing::warn!("HTTP server: {e:#}"),
-        Err(e) => tracing::warn!("HTTP task: {e}"),
-        Ok(Ok(())) => {}
+    for http_task in http_tasks {
+        match http_task.await {
+            Ok(Err(e)) => tracing::warn!("HTTP server: {e:#}"),
+            Err(e) => tracing::warn!("HTTP task: {e}"),
+            Ok(Ok(())) => {}
+        }
     }
     if !dhcp_task.is_finished() {
         let _ = dhcp_task.await;
