@@ -84,10 +84,20 @@ pub fn controller_command(
     agent_sa: &str,
     port: u16,
 ) -> std::process::Command {
+    controller_command_via(&cp.kubeconfig_path, ns, agent_sa, port)
+}
+
+/// [`controller_command`] reaching kube-apiserver through `kubeconfig` (e.g. a fault proxy's).
+pub fn controller_command_via(
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    agent_sa: &str,
+    port: u16,
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(bins::vm_dhcp_binary());
     cmd.args([
         "controller".to_string(),
-        format!("--kubeconfig={}", cp.kubeconfig_path.display()),
+        format!("--kubeconfig={}", kubeconfig.display()),
         format!("--namespace={ns}"),
         format!("--watch-namespace={ns}"),
         format!("--service-account-name={agent_sa}"),
@@ -96,4 +106,28 @@ pub fn controller_command(
     ]);
     cmd.env("RUST_LOG", "info,kube=warn");
     cmd
+}
+
+/// Whether network namespace `netns` has `ip` on `dev` and `dev` is up (an address on a
+/// downed link, a lost node's, answers nobody).
+pub async fn netns_holds_ip(netns: &str, dev: &str, ip: &str) -> bool {
+    let out = tokio::process::Command::new("ip")
+        .args(["-n", netns, "-o", "-4", "addr", "show", "dev", dev])
+        .output()
+        .await;
+    let has_addr =
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("inet {ip}/")));
+    if !has_addr {
+        return false;
+    }
+    let link = tokio::process::Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", "dev", dev])
+        .output()
+        .await;
+    link.is_ok_and(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        text.split_once('<')
+            .and_then(|(_, rest)| rest.split_once('>'))
+            .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
+    })
 }

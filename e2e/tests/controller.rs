@@ -40,8 +40,13 @@ struct Controller {
 
 impl Controller {
     fn start(cp: &'static ControlPlane, ns: &str, extra: &[&str]) -> Controller {
+        Self::start_via(&cp.kubeconfig_path, ns, extra)
+    }
+
+    /// A controller reaching kube-apiserver through `kubeconfig` (e.g. a fault proxy's).
+    fn start_via(kubeconfig: &std::path::Path, ns: &str, extra: &[&str]) -> Controller {
         let port = vm_dhcp_e2e::free_port().expect("port");
-        let mut cmd = vm_dhcp_e2e::controller_command(cp, ns, AGENT_SA, port);
+        let mut cmd = vm_dhcp_e2e::controller_command_via(kubeconfig, ns, AGENT_SA, port);
         cmd.args([
             "--lost-node-grace-seconds=3",
             "--leak-grace-seconds=3",
@@ -1709,4 +1714,218 @@ async fn a_vm_recreated_under_its_name_keeps_its_address() {
             })
     })
     .await;
+}
+
+/// One look at who leads and who answers DHCP.
+struct Look {
+    at: Instant,
+    leaders: Vec<&'static str>,
+    actives: Vec<String>,
+}
+
+/// kube-apiserver stops answering the leading controller and the active agent for 30 s (a
+/// proxy holding their connections, the requests hanging as dropped packets make them):
+/// both fence themselves before the standbys may take over, the standbys take over and
+/// keep writing, and at no sampled moment are there two leaders or two active agents.
+/// Afterwards the healed pair stays standby and nothing written meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_loses_no_write() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-wedge", &[("a", true, false), ("b", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let proxy = vm_dhcp_e2e::faultproxy::FaultProxy::start(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        cp.apiserver_port,
+    )))
+    .await
+    .expect("fault proxy");
+    let kubeconfig = proxy
+        .kubeconfig_for(
+            cp,
+            &run_dir()
+                .expect("run dir")
+                .join(format!("{}-wedge.kubeconfig", w.ns.name)),
+        )
+        .expect("proxy kubeconfig");
+    let one = Controller::start_via(&kubeconfig, &w.ns.name, &["--identity=ctl-one"]);
+    let deadline = Instant::now() + DEADLINE;
+    while leader(&w.ns).await.as_deref() != Some("ctl-one") {
+        assert!(Instant::now() < deadline, "ctl-one never led:\n{}", one.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let two = Controller::start(cp, &w.ns.name, &["--identity=ctl-two"]);
+    let created = w.pool("10.84.0.0/24", "10.84.0.10", "10.84.0.19").await;
+    let server_ip = created
+        .spec
+        .ipv4_config
+        .as_ref()
+        .map(|c| c.server_ip.clone())
+        .expect("ipv4Config");
+    w.wait_pool("ready with its agents", all_true).await;
+    let agent_lease = vm_dhcp_core::controller::lease_name(&w.ns.name, "net-1");
+    let active_agent = async || {
+        w.ns.api::<k8s_openapi::api::coordination::v1::Lease>()
+            .get_opt(&agent_lease)
+            .await
+            .expect("agent lease")
+            .and_then(|l| l.spec?.holder_identity)
+            .filter(|h| !h.is_empty())
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let cut = loop {
+        if let Some(h) = active_agent().await {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "no agent took the pool's Lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    w.vm("vm1", &[("nic-1", "02:de:00:00:00:01")]).await;
+    w.wait_cfg("vm1", "allocated", |c| c.is_some_and(allocated_cfg)).await;
+
+    // Sample every ~100 ms: the controllers' own word, the agents' interfaces.
+    let agents: Vec<(String, String)> = w
+        .agents()
+        .await
+        .into_keys()
+        .map(|p| {
+            let netns = w.sim.pod_netns(&p).expect("agent netns");
+            (p, netns)
+        })
+        .collect();
+    assert_eq!(agents.len(), 2, "two agents: {agents:?}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let (p1, p2) = (one.port, two.port);
+        let server_ip = server_ip.clone();
+        tokio::spawn(async move {
+            let mut looks = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut leaders = Vec::new();
+                for (name, port) in [("ctl-one", p1), ("ctl-two", p2)] {
+                    let says = async {
+                        let (_, body) = vm_dhcp_e2e::plain_get(port, "/readyz").await.ok()?;
+                        serde_json::from_str::<serde_json::Value>(&body).ok()?["leading"].as_bool()
+                    };
+                    if says.await == Some(true) {
+                        leaders.push(name);
+                    }
+                }
+                let mut actives = Vec::new();
+                for (pod, netns) in &agents {
+                    if vm_dhcp_e2e::netns_holds_ip(netns, "eth1", &server_ip).await {
+                        actives.push(pod.clone());
+                    }
+                }
+                looks.push(Look { at: Instant::now(), leaders, actives });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            looks
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The wedge: ctl-one's and the active agent's requests hang for 30 s.
+    proxy.pause();
+    w.sim.partition_pod(&cut).expect("cut the active agent");
+    let wedged_at = Instant::now();
+    // Meanwhile the standbys take over and write: a VM made, a VM deleted.
+    w.vm("vm2", &[("nic-1", "02:de:00:00:00:02")]).await;
+    w.vms().delete("vm1", &DeleteParams::default()).await.expect("delete vm1");
+    w.wait_cfg("vm2", "allocated by the new leader", |c| c.is_some_and(allocated_cfg)).await;
+    w.wait_pool("released vm1's address", |p| {
+        let macs: BTreeSet<String> = allocated(p).into_values().collect();
+        !macs.contains("02:de:00:00:00:01") && macs.contains("02:de:00:00:00:02")
+    })
+    .await;
+    assert_eq!(leader(&w.ns).await.as_deref(), Some("ctl-two"), "{}", two.log());
+    let took_over = wedged_at.elapsed();
+    let deadline = Instant::now() + DEADLINE;
+    let new_active = loop {
+        match active_agent().await {
+            Some(h) if h != cut => break h,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the standby agent never took the pool's Lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(wedged_at.elapsed())).await;
+    proxy.resume();
+    w.sim.heal_pod(&cut).expect("heal the agent");
+    let healed_at = Instant::now();
+
+    // Whatever ctl-one had in flight arrives now; it must change nothing.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    w.vm("vm3", &[("nic-1", "02:de:00:00:00:03")]).await;
+    w.wait_cfg("vm3", "allocated after the wedge", |c| c.is_some_and(allocated_cfg)).await;
+    let pool = w
+        .wait_pool("holding vm2 and vm3 only", |p| {
+            let macs: BTreeSet<String> = allocated(p).into_values().collect();
+            macs == ["02:de:00:00:00:02", "02:de:00:00:00:03"]
+                .map(String::from)
+                .into()
+        })
+        .await;
+    assert_eq!(counts(&pool), (2, 8));
+    assert!(w.cfgs().get_opt("vm1").await.expect("vmnetcfg").is_none(), "vm1's vmnetcfg is back");
+    assert_eq!(leader(&w.ns).await.as_deref(), Some("ctl-two"));
+    assert_eq!(active_agent().await.as_deref(), Some(new_active.as_str()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let looks = sampler.await.expect("sampler");
+
+    let two_leaders: Vec<_> = looks.iter().filter(|l| l.leaders.len() > 1).collect();
+    let two_actives: Vec<_> = looks.iter().filter(|l| l.actives.len() > 1).collect();
+    assert!(
+        two_leaders.is_empty() && two_actives.is_empty(),
+        "two leaders at {} samples, two active agents at {} of {}:\nctl-one:\n{}\nctl-two:\n{}",
+        two_leaders.len(),
+        two_actives.len(),
+        looks.len(),
+        one.log(),
+        two.log()
+    );
+    // Exactly one, but for the handover: the longest run of samples without one.
+    let longest_gap = |has: &dyn Fn(&Look) -> bool| {
+        let mut longest = Duration::ZERO;
+        let mut since: Option<Instant> = None;
+        for l in &looks {
+            match (has(l), since) {
+                (false, None) => since = Some(l.at),
+                (true, Some(t)) => {
+                    longest = longest.max(l.at.duration_since(t));
+                    since = None;
+                }
+                _ => {}
+            }
+        }
+        longest
+    };
+    let leaderless = longest_gap(&|l: &Look| l.leaders.len() == 1);
+    let inactive = longest_gap(&|l: &Look| l.actives.len() == 1);
+    assert!(
+        looks.iter().filter(|l| l.at > healed_at).all(|l| l.leaders == ["ctl-two"]),
+        "after the wedge only ctl-two leads"
+    );
+    assert!(
+        leaderless < Duration::from_secs(20) && inactive < Duration::from_secs(12),
+        "handover too slow: {leaderless:?} without a leader, {inactive:?} without an active agent"
+    );
+    assert!(
+        one.log().contains("standing by"),
+        "ctl-one never fenced itself:\n{}",
+        one.log()
+    );
+    eprintln!(
+        "wedge: {} samples; ctl-two led and wrote {took_over:?} after the wedge; longest without a leader {leaderless:?}, without an active agent {inactive:?}; {cut} -> {new_active}",
+        looks.len()
+    );
+}
+
+fn allocated_cfg(c: &VirtualMachineNetworkConfig) -> bool {
+    c.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Allocated" && c.status == "True"))
 }
