@@ -32,7 +32,9 @@ use vm_dhcp_core::lease::{Elector, Next, Record};
 pub enum Role {
     Standby,
     /// Holding the Lease until `until` unless a renewal moves it on.
-    Holder { until: Instant },
+    Holder {
+        until: Instant,
+    },
 }
 
 impl Role {
@@ -379,7 +381,9 @@ impl Runner {
             .await
         {
             Ok(written) => self.won(written, sent),
-            Err(Refused::Conflict) => tracing::info!(lease = %self.cfg, "another candidate created the Lease first"),
+            Err(Refused::Conflict) => {
+                tracing::info!(lease = %self.cfg, "another candidate created the Lease first")
+            }
             Err(Refused::Error(e)) => tracing::warn!(
                 lease = %self.cfg,
                 "{e:#}; standing by (this needs create/get/update on leases.coordination.k8s.io)"
@@ -404,7 +408,10 @@ impl Runner {
             "renewing the Lease"
         };
         match self
-            .bounded(what, api.replace(&self.cfg.name, &PostParams::default(), &lease))
+            .bounded(
+                what,
+                api.replace(&self.cfg.name, &PostParams::default(), &lease),
+            )
             .await
         {
             Ok(written) => self.won(written, sent),

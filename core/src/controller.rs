@@ -13,6 +13,8 @@ use crate::crd::{Condition, IPv4Status, NetworkConfig};
 use crate::kubevirt::VirtualMachine;
 use crate::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
 
+pub mod owners;
+
 /// Our finalizer on IPPools and vmnetcfgs (the Go version's are `wrangler.cattle.io/vm-dhcp-*`).
 pub const FINALIZER: &str = "dhcp.harvesterhci.io/controller";
 /// Prefix of the Go version's finalizers, removed on takeover.
@@ -276,6 +278,14 @@ impl LiveOwners {
 
     pub fn is_empty(&self) -> bool {
         self.owners.is_empty()
+    }
+
+    /// (network key, MAC, owner) of every entry.
+    pub fn into_claims(self) -> Vec<(String, MacAddr, String)> {
+        self.owners
+            .into_iter()
+            .map(|((network, mac), owner)| (network, mac, owner))
+            .collect()
     }
 
     /// Adds every NIC of a VM on a known MAC (spec, Harvester annotation, or the webhook's

@@ -200,7 +200,10 @@ mod tests {
     #[test]
     fn absent_lease_is_created_and_free_lease_taken() {
         let mut e = Elector::new("a", s(15.0));
-        assert!(matches!(e.next(s(0.0), true), Next::Wait { .. }), "read first");
+        assert!(
+            matches!(e.next(s(0.0), true), Next::Wait { .. }),
+            "read first"
+        );
         e.observe(None, s(0.0));
         assert_eq!(e.next(s(0.0), true), Next::Create);
         e.observe(Some(rec("1", None, 15)), s(1.0));

@@ -1228,11 +1228,12 @@ async fn active_agent_cut_off_from_the_apiserver_fences_itself_and_the_standby_t
     let expiry = last_renewal + SignedDuration::from_secs(LEASE_SECONDS as i64);
 
     // Fenced: the cut agent says it is standby, while it still cannot reach the apiserver.
-    let view = c
-        .agent_json(&cut, "/api/v1/leases")
-        .await
-        .expect("the cut agent's lease view");
-    assert_eq!(view["active"], json!(false), "{view}");
+    // Its lease view is served only while the reader's last token review is cached (a token
+    // cannot be reviewed without the apiserver: the view fails closed); if served, it says
+    // standby. The metrics below are open.
+    if let Some(view) = c.agent_json(&cut, "/api/v1/leases").await {
+        assert_eq!(view["active"], json!(false), "{view}");
+    }
     let metrics = c
         .agent_metrics(&cut)
         .await

@@ -1752,7 +1752,11 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
     let one = Controller::start_via(&kubeconfig, &w.ns.name, &["--identity=ctl-one"]);
     let deadline = Instant::now() + DEADLINE;
     while leader(&w.ns).await.as_deref() != Some("ctl-one") {
-        assert!(Instant::now() < deadline, "ctl-one never led:\n{}", one.log());
+        assert!(
+            Instant::now() < deadline,
+            "ctl-one never led:\n{}",
+            one.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let two = Controller::start(cp, &w.ns.name, &["--identity=ctl-two"]);
@@ -1782,7 +1786,8 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     w.vm("vm1", &[("nic-1", "02:de:00:00:00:01")]).await;
-    w.wait_cfg("vm1", "allocated", |c| c.is_some_and(allocated_cfg)).await;
+    w.wait_cfg("vm1", "allocated", |c| c.is_some_and(allocated_cfg))
+        .await;
 
     // Sample every ~100 ms: the controllers' own word, the agents' interfaces.
     let agents: Vec<(String, String)> = w
@@ -1819,7 +1824,11 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
                         actives.push(pod.clone());
                     }
                 }
-                looks.push(Look { at: Instant::now(), leaders, actives });
+                looks.push(Look {
+                    at: Instant::now(),
+                    leaders,
+                    actives,
+                });
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             looks
@@ -1833,14 +1842,25 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
     let wedged_at = Instant::now();
     // Meanwhile the standbys take over and write: a VM made, a VM deleted.
     w.vm("vm2", &[("nic-1", "02:de:00:00:00:02")]).await;
-    w.vms().delete("vm1", &DeleteParams::default()).await.expect("delete vm1");
-    w.wait_cfg("vm2", "allocated by the new leader", |c| c.is_some_and(allocated_cfg)).await;
+    w.vms()
+        .delete("vm1", &DeleteParams::default())
+        .await
+        .expect("delete vm1");
+    w.wait_cfg("vm2", "allocated by the new leader", |c| {
+        c.is_some_and(allocated_cfg)
+    })
+    .await;
     w.wait_pool("released vm1's address", |p| {
         let macs: BTreeSet<String> = allocated(p).into_values().collect();
         !macs.contains("02:de:00:00:00:01") && macs.contains("02:de:00:00:00:02")
     })
     .await;
-    assert_eq!(leader(&w.ns).await.as_deref(), Some("ctl-two"), "{}", two.log());
+    assert_eq!(
+        leader(&w.ns).await.as_deref(),
+        Some("ctl-two"),
+        "{}",
+        two.log()
+    );
     let took_over = wedged_at.elapsed();
     let deadline = Instant::now() + DEADLINE;
     let new_active = loop {
@@ -1848,7 +1868,10 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
             Some(h) if h != cut => break h,
             _ => {}
         }
-        assert!(Instant::now() < deadline, "the standby agent never took the pool's Lease");
+        assert!(
+            Instant::now() < deadline,
+            "the standby agent never took the pool's Lease"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(wedged_at.elapsed())).await;
@@ -1859,7 +1882,10 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
     // Whatever ctl-one had in flight arrives now; it must change nothing.
     tokio::time::sleep(Duration::from_secs(8)).await;
     w.vm("vm3", &[("nic-1", "02:de:00:00:00:03")]).await;
-    w.wait_cfg("vm3", "allocated after the wedge", |c| c.is_some_and(allocated_cfg)).await;
+    w.wait_cfg("vm3", "allocated after the wedge", |c| {
+        c.is_some_and(allocated_cfg)
+    })
+    .await;
     let pool = w
         .wait_pool("holding vm2 and vm3 only", |p| {
             let macs: BTreeSet<String> = allocated(p).into_values().collect();
@@ -1869,7 +1895,10 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
         })
         .await;
     assert_eq!(counts(&pool), (2, 8));
-    assert!(w.cfgs().get_opt("vm1").await.expect("vmnetcfg").is_none(), "vm1's vmnetcfg is back");
+    assert!(
+        w.cfgs().get_opt("vm1").await.expect("vmnetcfg").is_none(),
+        "vm1's vmnetcfg is back"
+    );
     assert_eq!(leader(&w.ns).await.as_deref(), Some("ctl-two"));
     assert_eq!(active_agent().await.as_deref(), Some(new_active.as_str()));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1905,7 +1934,10 @@ async fn a_wedged_apiserver_never_makes_two_leaders_or_two_active_agents_and_los
     let leaderless = longest_gap(&|l: &Look| l.leaders.len() == 1);
     let inactive = longest_gap(&|l: &Look| l.actives.len() == 1);
     assert!(
-        looks.iter().filter(|l| l.at > healed_at).all(|l| l.leaders == ["ctl-two"]),
+        looks
+            .iter()
+            .filter(|l| l.at > healed_at)
+            .all(|l| l.leaders == ["ctl-two"]),
         "after the wedge only ctl-two leads"
     );
     assert!(
@@ -1927,5 +1959,8 @@ fn allocated_cfg(c: &VirtualMachineNetworkConfig) -> bool {
     c.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Allocated" && c.status == "True"))
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Allocated" && c.status == "True")
+        })
 }

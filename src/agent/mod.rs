@@ -294,14 +294,7 @@ async fn serve(args: AgentArgs, name: String, mode: Mode) -> anyhow::Result<()> 
     let dhcp_task = tokio::spawn(socket::serve(socket, state.clone(), stop_rx.clone()));
     let http_tasks: Vec<_> = listeners
         .into_iter()
-        .map(|l| {
-            tokio::spawn(http::serve(
-                l,
-                state.clone(),
-                auth.clone(),
-                stop_rx.clone(),
-            ))
-        })
+        .map(|l| tokio::spawn(http::serve(l, state.clone(), auth.clone(), stop_rx.clone())))
         .collect();
 
     let mut dhcp_task = dhcp_task;

@@ -33,6 +33,7 @@ use kube::{Client, Resource, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use vm_dhcp_core::admission::network_key;
+use vm_dhcp_core::controller::owners::{Kind, OwnerIndex, Source};
 use vm_dhcp_core::controller::{self as decide, OrphanClock};
 use vm_dhcp_core::crd::{IPPool, IPPoolAddress, IPPoolMACClaim, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
@@ -222,6 +223,12 @@ pub struct Ctx {
     leading: AtomicBool,
     /// Whether the leader's writes go through (readiness).
     health: WriteHealth,
+    /// Who may hold an address, by network (fed by the VM and vmnetcfg watches).
+    owners: Mutex<OwnerIndex>,
+    /// What placement last read of each Node (heartbeats alone wake nothing).
+    node_prints: Mutex<HashMap<String, u64>>,
+    /// Each agent Lease's holder (renewals alone wake nothing).
+    lease_holders: Mutex<HashMap<String, Option<String>>>,
 }
 
 impl Ctx {
@@ -239,6 +246,10 @@ impl Ctx {
             std::net::IpAddr::V4(ip) => Some(ip),
             std::net::IpAddr::V6(_) => None,
         }
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, OwnerIndex> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn forget_clocks(&self) {
@@ -299,12 +310,22 @@ where
     store.get(&ObjectRef::new(name).within(ns))
 }
 
+/// What a watch saw.
+enum Seen<'a, K> {
+    /// Added or changed (also each object of a relist).
+    Apply(&'a K),
+    Deleted(&'a K),
+    /// A relist starts: deletions during a gap come as absences from it.
+    RelistBegin,
+    RelistDone,
+}
+
 /// Starts a reflector whose events go through `on_event`; returns its store.
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     ctx_slot: Arc<std::sync::OnceLock<Arc<Ctx>>>,
-    on_event: fn(&Ctx, &K),
+    on_event: fn(&Ctx, Seen<'_, K>),
 ) -> Store<K>
 where
     K: Resource<DynamicType = ()>
@@ -319,29 +340,63 @@ where
     let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
     let kind = K::kind(&()).to_string();
     tokio::spawn(async move {
+        // The stream is not polled before the context exists, so that no event (the owner
+        // index is built from them) goes unseen.
+        let ctx = loop {
+            if let Some(ctx) = ctx_slot.get() {
+                break ctx.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
         futures_util::pin_mut!(stream);
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj))
-                | Ok(watcher::Event::InitApply(obj)) => {
-                    if let Some(ctx) = ctx_slot.get() {
-                        on_event(ctx, &obj);
-                    }
+            let seen = match &event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => Seen::Apply(obj),
+                Ok(watcher::Event::Delete(obj)) => Seen::Deleted(obj),
+                Ok(watcher::Event::Init) => Seen::RelistBegin,
+                Ok(watcher::Event::InitDone) => Seen::RelistDone,
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "watch failed; retrying");
+                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
-            }
+            };
+            on_event(&ctx, seen);
         }
     });
     store
 }
 
-fn on_pool(ctx: &Ctx, p: &IPPool) {
-    ctx.queue
-        .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+/// The object of an add, change or delete; `None` for relist brackets.
+fn object<'a, K>(seen: &Seen<'a, K>) -> Option<&'a K> {
+    match seen {
+        Seen::Apply(o) | Seen::Deleted(o) => Some(o),
+        Seen::RelistBegin | Seen::RelistDone => None,
+    }
 }
 
-fn on_cfg(ctx: &Ctx, c: &VirtualMachineNetworkConfig) {
+fn on_pool(ctx: &Ctx, seen: Seen<'_, IPPool>) {
+    if let Some(p) = object(&seen) {
+        ctx.queue
+            .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+    }
+}
+
+fn on_cfg(ctx: &Ctx, seen: Seen<'_, VirtualMachineNetworkConfig>) {
+    let c = match seen {
+        Seen::Apply(c) => {
+            ctx.owners().apply_cfg(c);
+            c
+        }
+        Seen::Deleted(c) => {
+            ctx.owners().remove(&Source::Cfg {
+                namespace: c.namespace().unwrap_or_default(),
+                name: c.name_any(),
+            });
+            c
+        }
+        Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Cfg),
+        Seen::RelistDone => return ctx.owners().relist_done(Kind::Cfg),
+    };
     let ns = c.namespace().unwrap_or_default();
     ctx.queue.push(Key::Workload(ns, c.name_any()));
     let networks = c
@@ -362,7 +417,22 @@ fn on_cfg(ctx: &Ctx, c: &VirtualMachineNetworkConfig) {
     }
 }
 
-fn on_vm(ctx: &Ctx, v: &VirtualMachine) {
+fn on_vm(ctx: &Ctx, seen: Seen<'_, VirtualMachine>) {
+    let v = match seen {
+        Seen::Apply(v) => {
+            ctx.owners().apply_vm(v);
+            v
+        }
+        Seen::Deleted(v) => {
+            ctx.owners().remove(&Source::Vm {
+                namespace: v.namespace().unwrap_or_default(),
+                name: v.name_any(),
+            });
+            v
+        }
+        Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Vm),
+        Seen::RelistDone => return ctx.owners().relist_done(Kind::Vm),
+    };
     let ns = v.namespace().unwrap_or_default();
     ctx.queue.push(Key::Workload(ns, v.name_any()));
     for nic in decide::vm_nics(v) {
@@ -370,20 +440,25 @@ fn on_vm(ctx: &Ctx, v: &VirtualMachine) {
     }
 }
 
-fn on_nad(ctx: &Ctx, n: &NetworkAttachmentDefinition) {
-    let ns = n.namespace().unwrap_or_default();
-    ctx.queue.push(Key::Nad(ns.clone(), n.name_any()));
-    ctx.enqueue_pools_of_network(&format!("{ns}/{}", n.name_any()));
+fn on_nad(ctx: &Ctx, seen: Seen<'_, NetworkAttachmentDefinition>) {
+    if let Some(n) = object(&seen) {
+        let ns = n.namespace().unwrap_or_default();
+        ctx.queue.push(Key::Nad(ns.clone(), n.name_any()));
+        ctx.enqueue_pools_of_network(&format!("{ns}/{}", n.name_any()));
+    }
 }
 
-fn on_claim(ctx: &Ctx, c: &IPPoolMACClaim) {
-    ctx.queue.push(Key::Pool(
-        c.namespace().unwrap_or_default(),
-        c.spec.ippool.clone(),
-    ));
+fn on_claim(ctx: &Ctx, seen: Seen<'_, IPPoolMACClaim>) {
+    if let Some(c) = object(&seen) {
+        ctx.queue.push(Key::Pool(
+            c.namespace().unwrap_or_default(),
+            c.spec.ippool.clone(),
+        ));
+    }
 }
 
-fn on_pod(ctx: &Ctx, p: &Pod) {
+fn on_pod(ctx: &Ctx, seen: Seen<'_, Pod>) {
+    let Some(p) = object(&seen) else { return };
     let labels = p.labels();
     if let (Some(ns), Some(name)) = (
         labels.get(decide::POOL_NAMESPACE_LABEL),
@@ -393,15 +468,82 @@ fn on_pod(ctx: &Ctx, p: &Pod) {
     }
 }
 
-fn on_node(ctx: &Ctx, _: &Node) {
-    for p in ctx.stores.pools.state() {
-        ctx.queue
-            .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+/// What placement reads of a Node: its labels, schedulability, taints and the status of
+/// its conditions — not the heartbeat times a kubelet refreshes every few seconds.
+fn node_fingerprint(node: &Node) -> u64 {
+    let mut parts: Vec<String> = Vec::new();
+    for (k, v) in node.labels() {
+        parts.push(format!("l:{k}={v}"));
+    }
+    if let Some(spec) = &node.spec {
+        parts.push(format!("u:{:?}", spec.unschedulable));
+        for t in spec.taints.iter().flatten() {
+            parts.push(format!("t:{}={:?}:{}", t.key, t.value, t.effect));
+        }
+    }
+    for c in node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        parts.push(format!("c:{}={}", c.type_, c.status));
+    }
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    decide::stable_hash(&refs)
+}
+
+/// A Node change wakes the pools only when what placement reads changed (a heartbeat does
+/// not): then every pool, since any may place an agent there.
+fn on_node(ctx: &Ctx, seen: Seen<'_, Node>) {
+    let changed = match &seen {
+        Seen::Apply(n) => {
+            let print = node_fingerprint(n);
+            let mut prints = ctx.node_prints.lock().unwrap_or_else(|e| e.into_inner());
+            prints.insert(n.name_any(), print) != Some(print)
+        }
+        Seen::Deleted(n) => {
+            let mut prints = ctx.node_prints.lock().unwrap_or_else(|e| e.into_inner());
+            prints.remove(&n.name_any());
+            true
+        }
+        Seen::RelistBegin | Seen::RelistDone => false,
+    };
+    if changed {
+        for p in ctx.stores.pools.state() {
+            ctx.queue
+                .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
+        }
     }
 }
 
-fn on_lease(ctx: &Ctx, l: &Lease) {
-    let name = l.name_any();
+/// An agent Lease wakes its pool only when its holder changes: renewals (every few seconds
+/// per agent) change nothing the controller decides.
+fn on_lease(ctx: &Ctx, seen: Seen<'_, Lease>) {
+    let (name, holder) = match &seen {
+        Seen::Apply(l) => (
+            l.name_any(),
+            l.spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.clone())
+                .filter(|h| !h.is_empty()),
+        ),
+        Seen::Deleted(l) => (l.name_any(), None),
+        Seen::RelistBegin | Seen::RelistDone => return,
+    };
+    {
+        let mut holders = ctx.lease_holders.lock().unwrap_or_else(|e| e.into_inner());
+        let deleted = matches!(seen, Seen::Deleted(_));
+        let before = if deleted {
+            holders.remove(&name)
+        } else {
+            holders.insert(name.clone(), holder.clone())
+        };
+        if before.as_ref() == Some(&holder) && !deleted {
+            return;
+        }
+    }
     for p in ctx.stores.pools.state() {
         let ns = p.namespace().unwrap_or_default();
         if decide::lease_name(&ns, &p.name_any()) == name {
@@ -528,6 +670,9 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         ready: AtomicBool::new(false),
         leading: AtomicBool::new(args.no_leader_election),
         health: WriteHealth::default(),
+        owners: Mutex::default(),
+        node_prints: Mutex::default(),
+        lease_holders: Mutex::default(),
     });
     let _ = slot.set(ctx.clone());
 
@@ -647,7 +792,9 @@ async fn lead(ctx: &Arc<Ctx>, identity: &str) -> Result<()> {
         ctx.health.reset();
         match r {
             Some(r) => break r,
-            None => tracing::warn!(lease = %cfg, "leadership lost: in-flight writes dropped; standing by"),
+            None => {
+                tracing::warn!(lease = %cfg, "leadership lost: in-flight writes dropped; standing by")
+            }
         }
     };
     ctx.leading.store(false, Ordering::SeqCst);

@@ -45,31 +45,10 @@ fn pool_key(pool: &IPPool) -> String {
     )
 }
 
-/// Every vmnetcfg entry and VM NIC that exists and is not being deleted.
-pub(super) fn live_owners(ctx: &Ctx, skip_cfg: Option<(&str, &str)>) -> LiveOwners {
-    let mut live = LiveOwners::default();
-    for cfg in ctx.stores.cfgs.state() {
-        if cfg.meta().deletion_timestamp.is_some() {
-            continue;
-        }
-        let ns = cfg.namespace().unwrap_or_default();
-        let name = cfg.name_any();
-        if skip_cfg == Some((ns.as_str(), name.as_str())) {
-            continue;
-        }
-        let owner = format!("{ns}/{}", cfg.spec.vm_name);
-        for e in cfg.spec.network_configs.iter().flatten() {
-            if let Ok(mac) = e.mac_address.parse::<MacAddr>() {
-                live.insert(&e.network_name, mac, owner.clone());
-            }
-        }
-    }
-    for vm in ctx.stores.vms.state() {
-        if vm.meta().deletion_timestamp.is_none() {
-            live.add_vm(&vm);
-        }
-    }
-    live
+/// Every vmnetcfg entry and VM NIC on `network` that exists and is not being deleted,
+/// leaving out vmnetcfg `skip_cfg`.
+pub(super) fn live_owners(ctx: &Ctx, network: &str, skip_cfg: Option<(&str, &str)>) -> LiveOwners {
+    ctx.owners().live(network, skip_cfg)
 }
 
 /// Writes `status.ipv4` (and whatever `extra` adds to the status) with the resourceVersion
@@ -135,7 +114,7 @@ pub(super) async fn release(
     let Some(pool) = ctx.pool_for_network(network) else {
         return Ok(()); // no pool, nothing to give back
     };
-    let live = live_owners(ctx, skip_cfg);
+    let live = live_owners(ctx, network, skip_cfg);
     let key = (pool.namespace().unwrap_or_default(), pool.name_any());
     for (mac, _) in entries {
         if live.get(network, *mac).is_none() {
@@ -1001,7 +980,7 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
     let grace = Duration::from_secs(ctx.args.leak_grace_seconds);
     let store_key: PoolKey = (ns.to_string(), name.to_string());
     let (orphans, adoptions) = {
-        let live = live_owners(ctx, None);
+        let live = live_owners(ctx, &network, None);
         let holdings = ctx.stores.holdings.lock();
         let mut orphans = Vec::new();
         let mut adoptions = Vec::new();
