@@ -11,7 +11,7 @@ use crate::alloc::{AllocRequest, Allocation, MacChoice, mac_seed};
 use crate::crd::{IPPool, VirtualMachineNetworkConfig};
 use crate::ipam::{IpamError, PoolLayout, parse_cidr};
 use crate::kubevirt::VirtualMachine;
-use crate::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
+use crate::mac::MacAddr;
 
 /// The most addresses one pool may span: the hosts of a /16. Each allocation is an object of
 /// its own (the allocation store), so the pool's size no longer meets etcd's object limit; the bound
@@ -389,26 +389,20 @@ pub fn plan_vm(
     let name = vm.metadata.name.as_deref().unwrap_or_default();
     let owner = format!("{namespace}/{name}");
     let annotations = vm.metadata.annotations.clone().unwrap_or_default();
-    let observed = annotations
-        .get(MAC_ANNOTATION)
-        .map(|a| parse_mac_annotation(a))
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let read = crate::nics::read(vm);
+    read.mac_annotation?;
     let mut plans = Vec::new();
-    for (i, nic, network) in vm.multus_nics() {
-        if !managed(&network) {
+    for nic in read.nics {
+        if !managed(&nic.network) {
             continue;
         }
-        let field = format!("spec.template.spec.domain.devices.interfaces[{i}].macAddress");
-        let mac = match nic_mac(nic.mac_address.as_deref(), observed.as_ref(), &nic.name)
-            .map_err(|e| format!("{field}: {e}"))?
-        {
+        let mac = match nic.declared? {
             Some(mac) => MacChoice::Given(mac),
             None => MacChoice::Generate {
-                seed: mac_seed(namespace, name, &nic.name),
+                seed: mac_seed(namespace, name, &nic.interface),
             },
         };
-        let key = format!("{STATIC_IP_ANNOTATION_PREFIX}{}", nic.name);
+        let key = format!("{STATIC_IP_ANNOTATION_PREFIX}{}", nic.interface);
         let want = match annotations
             .get(&key)
             .map(|s| s.trim())
@@ -421,9 +415,9 @@ pub fn plan_vm(
             None => None,
         };
         plans.push(NicPlan {
-            index: i,
-            interface: nic.name.clone(),
-            network,
+            index: nic.index,
+            interface: nic.interface,
+            network: nic.network,
             request: AllocRequest {
                 owner: owner.clone(),
                 mac,

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::admission::{ALLOCATIONS_ANNOTATION, NicAllocation, network_key};
+use crate::admission::network_key;
 use crate::crd::{Condition, IPv4Status, NetworkConfig};
 use crate::kubevirt::VirtualMachine;
-use crate::mac::{MAC_ANNOTATION, MacAddr, nic_mac, parse_mac_annotation};
+use crate::mac::MacAddr;
 
 pub mod owners;
 
@@ -315,34 +315,16 @@ pub struct VmNic {
 /// The Multus NICs of a VM in spec order, absent ones left out. The MAC is the spec's, else
 /// Harvester's annotation, else the webhook's record; unreadable MACs count as unknown.
 pub fn vm_nics(vm: &VirtualMachine) -> Vec<VmNic> {
-    let annotations = vm.metadata.annotations.as_ref();
-    let observed = annotations
-        .and_then(|a| a.get(MAC_ANNOTATION))
-        .and_then(|a| parse_mac_annotation(a).ok());
-    let records: Vec<NicAllocation> = annotations
-        .and_then(|a| a.get(ALLOCATIONS_ANNOTATION))
-        .and_then(|a| serde_json::from_str(a).ok())
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    for (_, nic, network) in vm.multus_nics() {
-        let record = records
-            .iter()
-            .find(|r| r.interface == nic.name && network_key(&r.network) == network);
-        let mac = nic_mac(nic.mac_address.as_deref(), observed.as_ref(), &nic.name)
-            .ok()
-            .flatten()
-            .or_else(|| record.and_then(|r| r.mac_address.parse().ok()));
-        let ip = record
-            .filter(|r| r.mac_address.parse::<MacAddr>().ok() == mac)
-            .and_then(|r| r.ip_address.parse().ok());
-        out.push(VmNic {
-            interface: nic.name.clone(),
-            network,
-            mac,
-            ip,
-        });
-    }
-    out
+    crate::nics::read(vm)
+        .nics
+        .into_iter()
+        .map(|nic| VmNic {
+            mac: nic.known_mac(),
+            ip: nic.recorded_ip(),
+            interface: nic.interface,
+            network: nic.network,
+        })
+        .collect()
 }
 
 /// The `spec.networkConfigs` a VM's vmnetcfg should hold: its NICs on managed networks with a

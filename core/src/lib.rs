@@ -13,6 +13,7 @@ pub mod ipam;
 pub mod kubevirt;
 pub mod lease;
 pub mod mac;
+pub mod nics;
 pub mod store;
 
 pub use ipam::{AddrState, Ipam, IpamError, PoolLayout, RebuildIssue};

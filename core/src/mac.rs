@@ -100,7 +100,13 @@ pub fn parse_mac_annotation(value: &str) -> Result<BTreeMap<String, MacAddr>, Ma
             reason: e.to_string(),
         })?;
     raw.into_iter()
-        .map(|(nic, mac)| Ok((nic, mac.parse()?)))
+        .map(|(nic, mac)| match mac.parse() {
+            Ok(mac) => Ok((nic, mac)),
+            Err(e) => Err(MacError::Annotation {
+                annotation: MAC_ANNOTATION,
+                reason: format!("interface {nic:?}: {e}"),
+            }),
+        })
         .collect()
 }
 

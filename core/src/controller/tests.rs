@@ -1,4 +1,5 @@
 use super::*;
+use crate::admission::{ALLOCATIONS_ANNOTATION, NicAllocation};
 use crate::crd::NetworkConfigStatus;
 
 fn mac(s: &str) -> MacAddr {
