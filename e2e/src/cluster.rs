@@ -416,6 +416,67 @@ impl ControlPlane {
         }
     }
 
+    /// Kills `name` (`etcd`, `kube-apiserver` or `kube-controller-manager`) with SIGKILL,
+    /// leaves it down for `down`, then starts it again with the same command line (read from
+    /// /proc), logging to `<name>.restart-<n>.log`. Returns once it accepts TCP connections on
+    /// `port` again (etcd's client port or the apiserver's secure port: pass what the caller
+    /// needs; 0 skips the wait). For fault injection on a control plane of one test binary:
+    /// every client of the control plane sees the outage.
+    pub async fn restart_component(&self, name: &str, down: Duration, port: u16) -> Result<()> {
+        static RESTARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let (argv, index) = {
+            let procs = self.processes.lock().unwrap_or_else(|e| e.into_inner());
+            let index = procs
+                .iter()
+                .position(|p| p.name == name)
+                .with_context(|| format!("no {name} in this control plane"))?;
+            let raw = std::fs::read(format!("/proc/{}/cmdline", procs[index].id()))
+                .with_context(|| format!("reading {name}'s command line"))?;
+            let argv: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            (argv, index)
+        };
+        let Some((program, args)) = argv.split_first() else {
+            bail!("{name} has an empty command line");
+        };
+        {
+            let mut procs = self.processes.lock().unwrap_or_else(|e| e.into_inner());
+            procs[index].kill();
+        }
+        tokio::time::sleep(down).await;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        let n = RESTARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.dir.join(format!("{name}.restart-{n}.log"));
+        let process = Process::spawn(name, cmd, &log, &run_dir()?)?;
+        {
+            let mut procs = self.processes.lock().unwrap_or_else(|e| e.into_inner());
+            procs[index] = process;
+        }
+        if port != 0 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if Instant::now() > deadline {
+                    bail!("{name} did not listen on {port} within 60 s of its restart");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// etcd's client port.
+    pub fn etcd_port(&self) -> u16 {
+        self.etcd_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Fails if etcd, kube-apiserver (or kube-controller-manager) has exited.
     pub fn check_alive(&self) -> Result<()> {
         check_processes(&self.processes)

@@ -7,6 +7,7 @@
 
 pub mod bins;
 pub mod certmanager;
+pub mod chaos;
 pub mod cluster;
 pub mod faultproxy;
 pub mod kubelet;
