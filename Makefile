@@ -73,6 +73,16 @@ bench-controller: e2e-bins
 	$(CARGO) build --release --locked --bin vm-dhcp
 	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --release --locked -p vm-dhcp-e2e --example bench_controller
 
+## chaos: the fault-injection suite (root, not CI): with VMs created and deleted through the
+## webhooks and guests renewing DHCP, each fault in turn (kill -9 of a webhook replica, the
+## controller leader, the active agent, the aggregated apiserver; kube-apiserver and etcd
+## restarts; an agent cut from the apiserver; a node lost; etcd out of space); prints the table.
+## CHAOS_FAULTS=agent,etcd,... picks faults (see e2e/examples/chaos.rs).
+.PHONY: chaos
+chaos: e2e-bins
+	$(CARGO) build --locked --bin vm-dhcp
+	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) run --locked -p vm-dhcp-e2e --example chaos
+
 ## demo: the whole product on a local control plane: webhook, controller, aggregated API, agents
 ## on simulated nodes and a guest's real DHCP client (root). DEMO_EXIT=1 stops after the last step.
 .PHONY: demo
