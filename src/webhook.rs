@@ -67,6 +67,14 @@ pub struct WebhookArgs {
     pub kubeconfig: Option<PathBuf>,
     #[arg(long, env = "VM_DHCP_WEBHOOK_DEBUG")]
     pub debug: bool,
+    /// Largest AdmissionReview body accepted, in bytes; a larger one is answered with a 413
+    /// Status naming this limit. The default holds an UPDATE of the largest object
+    /// kube-apiserver stores, old and new (see vm_dhcp_webhook::limits).
+    #[arg(long, env = "VM_DHCP_MAX_REQUEST_BYTES",
+          default_value_t = vm_dhcp_webhook::limits::DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+    #[command(flatten)]
+    pub serve: crate::tls::ServeArgs,
 }
 
 /// The self-managed CA and serving certificate, from the Secret or made and stored there.
@@ -201,8 +209,13 @@ async fn serve(args: WebhookArgs) -> Result<()> {
         .await
         .context("starting the IPPool cache")?;
     // Serving starts only once the cache is complete, so ready means ready.
-    let router = vm_dhcp_webhook::router(webhook)
-        .route("/readyz", get(|| async { "ok" }))
+    let readiness = crate::tls::Readiness::default();
+    let limits = vm_dhcp_webhook::limits::BodyLimits::new(
+        args.max_request_bytes,
+        args.serve.header_read_timeout,
+    );
+    let router = vm_dhcp_webhook::router_with_limits(webhook, limits)
+        .route("/readyz", readiness.handler())
         .route(
             "/metrics",
             get(move || {
@@ -220,6 +233,8 @@ async fn serve(args: WebhookArgs) -> Result<()> {
         crate::tls::server_config(cert)?,
         router,
         crate::logging::shutdown_signal(),
+        &args.serve,
+        readiness,
     )
     .await;
     Ok(())

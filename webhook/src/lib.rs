@@ -6,6 +6,7 @@
 pub mod allocator;
 pub mod config;
 pub mod holdings;
+pub mod limits;
 pub mod metrics;
 
 use std::collections::BTreeMap;
@@ -157,8 +158,13 @@ impl Webhook {
     }
 }
 
-/// The webhook's HTTP routes.
+/// The webhook's HTTP routes, with the default body limits.
 pub fn router(state: Arc<Webhook>) -> Router {
+    router_with_limits(state, limits::BodyLimits::default())
+}
+
+/// The webhook's HTTP routes: every body is read under `limits` before a handler sees it.
+pub fn router_with_limits(state: Arc<Webhook>, limits: limits::BodyLimits) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(PATH_MUTATE_IPPOOL, post(mutate_ippool))
@@ -167,6 +173,12 @@ pub fn router(state: Arc<Webhook>) -> Router {
         .route(PATH_VALIDATE_VMNETCFG, post(validate_vmnetcfg))
         .route(PATH_MUTATE_VM, post(mutate_vm))
         .with_state(state)
+        // `limit_body` has read the whole body within its own limit already.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            limits::limit_body,
+        ))
 }
 
 /// Reads an AdmissionReview; a body that is not one is the caller's error, never ours.
