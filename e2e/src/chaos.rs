@@ -59,6 +59,8 @@ const NOSPACE_FOR: Duration = Duration::from_secs(5);
 const PARTITION_FOR: Duration = Duration::from_secs(12);
 /// A probe that has not recovered this long after the fault was lifted never will.
 const GIVE_UP: Duration = Duration::from_secs(90);
+/// A successful probe this slow is shown in the table.
+const SLOW: Duration = Duration::from_secs(1);
 /// Load requests in flight at most (a hanging control plane would pile them up).
 const MAX_IN_FLIGHT: u32 = 24;
 /// Client-side deadline of one load request (longer than the webhook's timeout).
@@ -155,6 +157,8 @@ pub struct Outage {
     pub back: Option<Duration>,
     /// Failed at least once.
     pub was_down: bool,
+    /// The slowest successful probe (a request held while the control plane was away).
+    pub slowest: Duration,
 }
 
 /// One row of the table.
@@ -174,6 +178,9 @@ pub struct Row {
     pub failed: u64,
     /// Time until the store held exactly the live VMs' allocations once the load paused.
     pub swept: Option<Duration>,
+    /// The longest any leak (an address object or claim whose MAC no live VM holds) lived
+    /// during this fault's round, as the leak tracker sampled it.
+    pub longest_leak: Duration,
     /// Empty when every invariant held.
     pub violations: Vec<String>,
 }
@@ -190,6 +197,7 @@ fn secs(d: Duration) -> String {
 
 fn outage_cell(o: &Outage) -> String {
     match (o.back, o.was_down) {
+        (_, false) if o.slowest >= SLOW => format!("up (slowest {})", secs(o.slowest)),
         (_, false) => "up".into(),
         (Some(d), true) => secs(d),
         (None, true) => "never".into(),
@@ -199,7 +207,7 @@ fn outage_cell(o: &Outage) -> String {
 /// The table the suite prints (Markdown).
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| fault | time to recover | admission back | DHCP back | leader back | agents back | apiserver back | requests failed | leaks swept in | invariants |\n\
+        "| fault | time to recover | admission back | DHCP back | leader back | agents back | apiserver back | requests failed | longest leak | invariants |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
@@ -209,23 +217,25 @@ pub fn table(rows: &[Row]) -> String {
     out.push_str(
         "\nTimes from the fault's start (\"up\": never saw it down). Admission must be back \
          within the webhook's timeout of the fault's end (for kube-apiserver and etcd \
-         faults: of kube-apiserver ready again); DHCP within 5 s of an agent kill. \"leaks \
-         swept in\": from the load's pause until the store holds exactly the live VMs' \
-         allocations.\n",
+         faults: of kube-apiserver ready again); DHCP within 5 s of an agent kill. \"longest \
+         leak\": the longest an address object or claim whose MAC no live VM holds lived \
+         (sampled every 0.5 s; the bound is the webhook's timeout, the leak grace, a \
+         controller resync and a second); once the load pauses, the store must hold \
+         exactly the live VMs' allocations within that bound.\n",
     );
     out
 }
 
 fn row_line(r: &Row) -> String {
     let rec = r.recovered.map_or("never".to_string(), secs);
-    let swept = r.swept.map_or("not within bound".to_string(), secs);
+    let leak = secs(r.longest_leak);
     let inv = if r.ok() {
         "held".to_string()
     } else {
         format!("VIOLATED: {}", r.violations.join("; "))
     };
     format!(
-        "| {} | {rec} | {} | {} | {} | {} | {} | {} of {} | {swept} | {inv} |",
+        "| {} | {rec} | {} | {} | {} | {} | {} | {} of {} | {leak} | {inv} |",
         r.fault.name(),
         outage_cell(&r.admission),
         outage_cell(&r.dhcp),
@@ -572,12 +582,14 @@ where
     Fut: Future<Output = bool>,
 {
     let mut was_down = false;
+    let mut slowest = Duration::ZERO;
     let mut ok_since: Option<Instant> = None;
     loop {
         let tried = Instant::now();
         let ok = probe().await;
         let now = Instant::now();
         if ok {
+            slowest = slowest.max(now - tried);
             ok_since.get_or_insert(tried);
         } else {
             was_down = true;
@@ -596,12 +608,14 @@ where
                 return Outage {
                     back: Some(back),
                     was_down,
+                    slowest,
                 };
             }
             if now > lift + GIVE_UP {
                 return Outage {
                     back: None,
                     was_down,
+                    slowest,
                 };
             }
         }
@@ -1077,6 +1091,7 @@ impl World {
             requests: 0,
             failed: 0,
             swept: None,
+            longest_leak: Duration::ZERO,
             violations,
         }
     }
@@ -1365,6 +1380,116 @@ async fn etcd_post(etcd: SocketAddr, path: &str, body: &str) -> Result<serde_jso
     serde_json::from_str(body).with_context(|| format!("etcd {path}: {body}"))
 }
 
+// ------------------------------------------------------------------------------- leaks
+
+/// Samples the store every 0.5 s for leaks (address objects and claims whose MAC no live
+/// VM holds, by object uid) and records how long each lived.
+struct LeakTracker {
+    /// Leaks seen and not yet gone: uid → (what, first seen).
+    open: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+    /// The longest life of a leak gone since the last [`LeakTracker::take_longest`].
+    longest: Arc<Mutex<(Duration, String)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeakTracker {
+    fn start(ns: &TestNamespace) -> LeakTracker {
+        let open: Arc<Mutex<HashMap<String, (String, Instant)>>> = Arc::default();
+        let longest: Arc<Mutex<(Duration, String)>> = Arc::default();
+        let (o, l) = (open.clone(), longest.clone());
+        let (vms, addrs, claims) = (
+            ns.api::<VirtualMachine>(),
+            ns.api::<IPPoolAddress>(),
+            ns.api::<IPPoolMACClaim>(),
+        );
+        let task = tokio::spawn(async move {
+            let lp = ListParams::default()
+                .labels(&format!("{}={POOL}", vm_dhcp_core::store::POOL_LABEL));
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let sample = async {
+                    // Store first, VMs second: an allocation made in between has its VM
+                    // listed (or is a leak for real).
+                    let a = addrs.list(&lp).await.ok()?.items;
+                    let c = claims.list(&lp).await.ok()?.items;
+                    let v = vms.list(&ListParams::default()).await.ok()?.items;
+                    Some((a, c, v))
+                };
+                let Ok(Some((a, c, v))) =
+                    tokio::time::timeout(Duration::from_secs(5), sample).await
+                else {
+                    continue;
+                };
+                let live: BTreeSet<String> = v
+                    .iter()
+                    .filter(|v| v.metadata.deletion_timestamp.is_none())
+                    .filter_map(allocation)
+                    .map(|a| a.mac_address.to_lowercase())
+                    .collect();
+                let now = Instant::now();
+                let mut leaks: HashMap<String, String> = HashMap::new();
+                for x in &a {
+                    if !live.contains(&x.spec.mac_address.to_lowercase()) {
+                        leaks.insert(
+                            x.uid().unwrap_or_default(),
+                            format!("address {} of {}", x.spec.address, x.spec.mac_address),
+                        );
+                    }
+                }
+                for x in &c {
+                    if !live.contains(&x.spec.mac_address.to_lowercase()) {
+                        leaks.insert(
+                            x.uid().unwrap_or_default(),
+                            format!("claim of {}", x.spec.mac_address),
+                        );
+                    }
+                }
+                let mut open = lock(&o);
+                let gone: Vec<String> = open
+                    .keys()
+                    .filter(|k| !leaks.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    if let Some((what, since)) = open.remove(&k) {
+                        let mut longest = lock(&l);
+                        if now - since > longest.0 {
+                            *longest = (now - since, what);
+                        }
+                    }
+                }
+                for (k, what) in leaks {
+                    open.entry(k).or_insert((what, now));
+                }
+            }
+        });
+        LeakTracker {
+            open,
+            longest,
+            task,
+        }
+    }
+
+    /// The longest life of a leak since the last call (leaks still open count with their
+    /// age), and what it was.
+    fn take_longest(&self) -> (Duration, String) {
+        let now = Instant::now();
+        let mut longest = std::mem::take(&mut *lock(&self.longest));
+        for (what, since) in lock(&self.open).values() {
+            if now - *since > longest.0 {
+                longest = (now - *since, what.clone());
+            }
+        }
+        longest
+    }
+}
+
+impl Drop for LeakTracker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 // ----------------------------------------------------------------------------------- suite
 
 /// Runs the suite: the world, the load, each fault in turn; the rows of the table.
@@ -1373,6 +1498,10 @@ pub async fn run(cfg: Config) -> Result<Vec<Row>> {
     let mut world = World::new(&cfg).await?;
     eprintln!("chaos: world ready in {:.1} s", t0.elapsed().as_secs_f64());
     let load = start_load(&world.ns, &world.network, &cfg);
+    let leaks = LeakTracker::start(&world.ns);
+    // What a leak may live: an admission in flight (the webhook's timeout), the leak grace,
+    // a resync of the controller, a second.
+    let leak_bound = world.admission_bound + LEAK_GRACE + RESYNC + Duration::from_secs(1);
     let mut rows = Vec::new();
     let result = async {
         for fault in cfg.faults.clone() {
@@ -1387,9 +1516,8 @@ pub async fn run(cfg: Config) -> Result<Vec<Row>> {
             (row.requests, row.failed) = (r1 - r0, f1 - f0);
             row.violations.extend(check(&world.ns, false).await?);
             row.violations.extend(world.guests_kept_their_addresses());
-            // Leaks (deleted VMs' allocations, half-made ones) go within their grace: the
-            // admission window or the leak grace, a resync of the controller, a second.
-            let bound = LEAK_GRACE.max(ADMISSION_WINDOW) + RESYNC + Duration::from_secs(1);
+            // Leaks (deleted VMs' allocations, half-made ones) go within their grace.
+            let bound = leak_bound;
             let swept_t = Instant::now();
             let mut last = Vec::new();
             while swept_t.elapsed() < bound {
@@ -1405,6 +1533,15 @@ pub async fn run(cfg: Config) -> Result<Vec<Row>> {
                     "not swept within {} s: {}",
                     bound.as_secs(),
                     last.join("; ")
+                ));
+            }
+            let (longest, what) = leaks.take_longest();
+            row.longest_leak = longest;
+            if longest > leak_bound {
+                row.violations.push(format!(
+                    "a leak ({what}) lived {}, over {} s",
+                    secs(longest),
+                    leak_bound.as_secs()
                 ));
             }
             eprintln!("chaos: {}", row_line(&row));
