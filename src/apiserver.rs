@@ -158,6 +158,7 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
     server.metrics = metrics.clone();
     server.authn_ready.store(false, Ordering::Relaxed);
     let server = Arc::new(server);
+    let watch_end = server.clone();
     if args.metrics_port != 0 {
         serve_metrics(
             SocketAddr::new(args.bind_address, args.metrics_port),
@@ -229,7 +230,20 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "aggregated API serving dhcp.harvesterhci.io/v1alpha1");
-    crate::tls::serve_dynamic(listener, config_rx, app, crate::logging::shutdown_signal()).await;
+    // On SIGTERM the server stays ready-less but serving for the drain's delay (the
+    // endpoint goes away meanwhile); then it stops accepting and its open watches end
+    // cleanly, so their clients watch again elsewhere from their last version (a stream cut
+    // at the drain timeout instead makes client-go list everything again).
+    let shutdown = async move {
+        crate::logging::shutdown_signal().await;
+        let delay = crate::tls::ServeArgs::default().shutdown_delay + Duration::from_millis(100);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            tracing::info!("ending the open watches");
+            watch_end.end_watches.send_replace(true);
+        });
+    };
+    crate::tls::serve_dynamic(listener, config_rx, app, shutdown).await;
     Ok(())
 }
 

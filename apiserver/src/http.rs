@@ -46,6 +46,11 @@ pub struct ApiServer {
     /// The longest a list waits for a view to reach a requested resourceVersion.
     pub rv_wait: Duration,
     pub metrics: Metrics,
+    /// Set when the server shuts down: every open watch ends cleanly (its response
+    /// completes), so that its client watches again from its last resourceVersion on
+    /// another replica instead of seeing a broken stream, which makes client-go list
+    /// everything again. New watches end after their initial events.
+    pub end_watches: tokio::sync::watch::Sender<bool>,
 }
 
 impl ApiServer {
@@ -59,6 +64,7 @@ impl ApiServer {
             max_watch_timeout: Duration::from_secs(1800),
             rv_wait: Duration::from_secs(3),
             metrics: Metrics::default(),
+            end_watches: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -1067,7 +1073,9 @@ async fn watch_collection(
     // replicas): the changes up to V are the client's already, only later ones go out.
     let floor = from.unwrap_or(0);
     let mut last_rv = start.rv.max(floor);
+    let ending = watches_end(s.end_watches.subscribe());
     tokio::spawn(async move {
+        tokio::pin!(ending);
         let _open = open;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut bookmark_tick = tokio::time::interval(bookmark_every);
@@ -1110,6 +1118,7 @@ async fn watch_collection(
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => return,
+                () = &mut ending => return,
                 () = tx.closed() => return,
             }
         }
@@ -1118,6 +1127,19 @@ async fn watch_collection(
         rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
     });
     watch_response(Body::from_stream(stream))
+}
+
+/// Resolves once the server ends its watches (never if that sender is gone).
+async fn watches_end(mut end: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let ended = *end.borrow_and_update();
+        if ended {
+            return;
+        }
+        if end.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 fn watch_response(body: Body) -> Response {

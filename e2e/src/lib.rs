@@ -8,6 +8,7 @@
 pub mod bins;
 pub mod certmanager;
 pub mod chaos;
+pub mod clientgo;
 pub mod cluster;
 pub mod faultproxy;
 pub mod kubelet;

@@ -12,14 +12,13 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::AuthInfo;
 use serde_json::{Value, json};
-use setup::AggregatedApi;
+use setup::{AggregatedApi, allocate, allocate_as, create_pool, release};
 use tokio::io::AsyncBufReadExt as _;
-use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
-use vm_dhcp_core::store::{Holding, address_object, address_object_name};
-use vm_dhcp_e2e::{ControlPlane, TestNamespace};
+use vm_dhcp_core::crd::IPPool;
+use vm_dhcp_e2e::ControlPlane;
 
 const GV: &str = "/apis/dhcp.harvesterhci.io/v1alpha1";
 
@@ -99,77 +98,6 @@ async fn server() -> &'static AggregatedApi {
     })
     .await
     .expect("start-up task")
-}
-
-/// Pool `<ns>/<name>` on 172.<octet>.0.0/24, range .10–.50, server IP .2 (outside the range),
-/// with `config` merged into its `ipv4Config` (e.g. exclusions, a server IP inside the range).
-fn pool(ns: &str, name: &str, octet: u8, config: Value) -> IPPool {
-    let mut ipv4 = json!({
-        "cidr": format!("172.{octet}.0.0/24"), "serverIP": format!("172.{octet}.0.2"),
-        "pool": {"start": format!("172.{octet}.0.10"), "end": format!("172.{octet}.0.50")}});
-    if let (Some(base), Some(extra)) = (ipv4.as_object_mut(), config.as_object()) {
-        for (k, v) in extra {
-            match (base.get_mut(k), v) {
-                (Some(Value::Object(b)), Value::Object(e)) => b.extend(e.clone()),
-                _ => {
-                    base.insert(k.clone(), v.clone());
-                }
-            }
-        }
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"networkName": format!("{ns}/{name}"), "ipv4Config": ipv4}
-    }))
-    .expect("pool")
-}
-
-/// Creates a pool. Its status stays empty: the views come from the IPPoolAddress objects
-/// (and the spec), never from the status.
-async fn create_pool(ns: &TestNamespace, name: &str, octet: u8, config: Value) {
-    ns.api::<IPPool>()
-        .create(&PostParams::default(), &pool(&ns.name, name, octet, config))
-        .await
-        .expect("create pool");
-}
-
-/// What the webhook writes for an allocation: the pool's IPPoolAddress object for `ip`.
-async fn allocate(ns: &TestNamespace, pool: &str, ip: &str, mac: &str, owner: Option<&str>) {
-    allocate_as(ns, pool, ip, mac, owner, false).await;
-}
-
-async fn allocate_as(
-    ns: &TestNamespace,
-    pool: &str,
-    ip: &str,
-    mac: &str,
-    owner: Option<&str>,
-    static_: bool,
-) {
-    let h = Holding {
-        ip: ip.parse().expect("ip"),
-        mac: mac.parse().expect("mac"),
-        owner: owner.map(str::to_string),
-        static_,
-        interface: Some("nic-1".into()),
-    };
-    let obj = address_object(&ns.name, pool, &format!("{}/{pool}", ns.name), &h);
-    ns.api::<IPPoolAddress>()
-        .create(&PostParams::default(), &obj)
-        .await
-        .expect("create the IPPoolAddress");
-}
-
-/// What the controller does on release: deletes the address object.
-async fn release(ns: &TestNamespace, pool: &str, ip: &str) {
-    ns.api::<IPPoolAddress>()
-        .delete(
-            &address_object_name(pool, ip.parse().expect("ip")),
-            &DeleteParams::default(),
-        )
-        .await
-        .expect("delete the IPPoolAddress");
 }
 
 fn text(out: &std::process::Output) -> String {

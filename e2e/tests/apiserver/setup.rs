@@ -13,10 +13,14 @@ use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+use kube::api::DeleteParams;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde::Deserialize as _;
-use vm_dhcp_e2e::ControlPlane;
+use serde_json::{Value, json};
+use vm_dhcp_core::crd::{IPPool, IPPoolAddress};
+use vm_dhcp_core::store::{Holding, address_object, address_object_name};
 use vm_dhcp_e2e::proc::{Process, run_dir};
+use vm_dhcp_e2e::{ControlPlane, TestNamespace};
 
 pub const APISERVICE: &str = "v1alpha1.dhcp.harvesterhci.io";
 /// The user the server runs as (its kubeconfig's client certificate).
@@ -135,7 +139,19 @@ pub fn spawn_replica(name: &str) -> Result<AggregatedApi> {
 }
 
 /// Starts the server and registers it; returns once kube-apiserver proxies to it.
+#[allow(dead_code)] // the client-go test registers it behind a proxy instead
 pub async fn start(cp: &'static ControlPlane, extra_args: &[String]) -> Result<AggregatedApi> {
+    start_via(cp, extra_args, None).await
+}
+
+/// [`start`], with the APIService's Service pointing at `front` (a proxy standing for the
+/// Service's endpoints, e.g. to move traffic between replicas), which is set to forward to
+/// the server.
+pub async fn start_via(
+    cp: &'static ControlPlane,
+    extra_args: &[String],
+    front: Option<&vm_dhcp_e2e::faultproxy::FaultProxy>,
+) -> Result<AggregatedApi> {
     let run = run_dir()?;
     let dir = run.join("aggregated-api");
     std::fs::create_dir_all(&dir)?;
@@ -165,7 +181,13 @@ pub async fn start(cp: &'static ControlPlane, extra_args: &[String]) -> Result<A
     std::fs::write(&kubeconfig_file, serde_yaml::to_string(&kubeconfig)?)?;
 
     let api = spawn(&dir, "apiserver", extra_args, &ns.name)?;
-    let port = api.port;
+    let port = match front {
+        Some(proxy) => {
+            proxy.set_target(std::net::SocketAddr::from(([127, 0, 0, 1], api.port)));
+            proxy.port()
+        }
+        None => api.port,
+    };
 
     let svc: Service = serde_json::from_value(serde_json::json!({
         "metadata": {"name": svc_name},
@@ -222,4 +244,82 @@ pub async fn start(cp: &'static ControlPlane, extra_args: &[String]) -> Result<A
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(api)
+}
+
+// The sources of the views, written as the webhook and the controller write them.
+
+#[allow(dead_code)] // not every user of this file needs every helper
+/// Pool `<ns>/<name>` on 172.<octet>.0.0/24, range .10–.50, server IP .2 (outside the range),
+/// with `config` merged into its `ipv4Config` (e.g. exclusions, a server IP inside the range).
+pub fn pool(ns: &str, name: &str, octet: u8, config: Value) -> IPPool {
+    let mut ipv4 = json!({
+        "cidr": format!("172.{octet}.0.0/24"), "serverIP": format!("172.{octet}.0.2"),
+        "pool": {"start": format!("172.{octet}.0.10"), "end": format!("172.{octet}.0.50")}});
+    if let (Some(base), Some(extra)) = (ipv4.as_object_mut(), config.as_object()) {
+        for (k, v) in extra {
+            match (base.get_mut(k), v) {
+                (Some(Value::Object(b)), Value::Object(e)) => b.extend(e.clone()),
+                _ => {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "network.harvesterhci.io/v1alpha1", "kind": "IPPool",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"networkName": format!("{ns}/{name}"), "ipv4Config": ipv4}
+    }))
+    .expect("pool")
+}
+
+/// Creates a pool. Its status stays empty: the views come from the IPPoolAddress objects
+/// (and the spec), never from the status.
+#[allow(dead_code)]
+pub async fn create_pool(ns: &TestNamespace, name: &str, octet: u8, config: Value) {
+    ns.api::<IPPool>()
+        .create(&PostParams::default(), &pool(&ns.name, name, octet, config))
+        .await
+        .expect("create pool");
+}
+
+/// What the webhook writes for an allocation: the pool's IPPoolAddress object for `ip`.
+#[allow(dead_code)]
+pub async fn allocate(ns: &TestNamespace, pool: &str, ip: &str, mac: &str, owner: Option<&str>) {
+    allocate_as(ns, pool, ip, mac, owner, false).await;
+}
+
+#[allow(dead_code)]
+pub async fn allocate_as(
+    ns: &TestNamespace,
+    pool: &str,
+    ip: &str,
+    mac: &str,
+    owner: Option<&str>,
+    static_: bool,
+) {
+    let h = Holding {
+        ip: ip.parse().expect("ip"),
+        mac: mac.parse().expect("mac"),
+        owner: owner.map(str::to_string),
+        static_,
+        interface: Some("nic-1".into()),
+    };
+    let obj = address_object(&ns.name, pool, &format!("{}/{pool}", ns.name), &h);
+    ns.api::<IPPoolAddress>()
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("create the IPPoolAddress");
+}
+
+/// What the controller does on release: deletes the address object.
+#[allow(dead_code)]
+pub async fn release(ns: &TestNamespace, pool: &str, ip: &str) {
+    ns.api::<IPPoolAddress>()
+        .delete(
+            &address_object_name(pool, ip.parse().expect("ip")),
+            &DeleteParams::default(),
+        )
+        .await
+        .expect("delete the IPPoolAddress");
 }
