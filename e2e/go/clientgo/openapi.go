@@ -201,6 +201,14 @@ func checkOpenAPI(ctx context.Context, r *report, cfg *rest.Config, o options) {
 	var differs []string
 	for _, name := range shadowed {
 		theirs, mine := core.Components.Schemas[name], ours.Components.Schemas[name]
+		if !slices.Equal(mine.Type, theirs.Type) || mine.Format != theirs.Format {
+			differs = append(differs, fmt.Sprintf("%s is %v/%q, kube-apiserver's %v/%q", name, mine.Type, mine.Format, theirs.Type, theirs.Format))
+		}
+		for _, ext := range []string{"x-kubernetes-map-type", "x-kubernetes-list-type"} {
+			if fmt.Sprint(mine.Extensions[ext]) != fmt.Sprint(theirs.Extensions[ext]) {
+				differs = append(differs, fmt.Sprintf("%s %s %v, kube-apiserver's %v", name, ext, mine.Extensions[ext], theirs.Extensions[ext]))
+			}
+		}
 		for prop, t := range theirs.Properties {
 			m, ok := mine.Properties[prop]
 			switch {
@@ -208,6 +216,12 @@ func checkOpenAPI(ctx context.Context, r *report, cfg *rest.Config, o options) {
 				differs = append(differs, fmt.Sprintf("%s.%s missing", name, prop))
 			case !slices.Equal(m.Type, t.Type) || m.Format != t.Format:
 				differs = append(differs, fmt.Sprintf("%s.%s is %v/%q, kube-apiserver's %v/%q", name, prop, m.Type, m.Format, t.Type, t.Format))
+			default:
+				for _, ext := range []string{"x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-map-type"} {
+					if fmt.Sprint(m.Extensions[ext]) != fmt.Sprint(t.Extensions[ext]) {
+						differs = append(differs, fmt.Sprintf("%s.%s %s %v, kube-apiserver's %v", name, prop, ext, m.Extensions[ext], t.Extensions[ext]))
+					}
+				}
 			}
 		}
 	}
