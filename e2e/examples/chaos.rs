@@ -47,7 +47,10 @@ async fn main() -> Result<()> {
         settle: Duration::from_secs(env_or("CHAOS_SETTLE", 10)?),
         faults: faults()?,
     };
-    eprintln!("chaos: {cfg:?}");
+    eprintln!(
+        "chaos: {cfg:?}; logs in {}",
+        vm_dhcp_e2e::proc::run_dir()?.display()
+    );
     let t0 = Instant::now();
     let rows = chaos::run(cfg).await?;
     println!("{}", chaos::table(&rows));

@@ -9,7 +9,7 @@
 //! admitted with an allocation), DHCP (a fresh DORA of a guest), the controllers (the leader
 //! Lease held by a live controller), the agents (as many Ready as the controller places) and
 //! the aggregated apiserver (`/readyz`). Each probe's recovery is the time from the fault's
-//! start to its first success after its last failure. Then the load pauses and the
+//! start until a probe went through after the last one that failed. Then the load pauses and the
 //! allocation store is checked against the VMs (see [`check`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -215,7 +215,8 @@ pub fn table(rows: &[Row]) -> String {
         out.push('\n');
     }
     out.push_str(
-        "\nTimes from the fault's start (\"up\": never saw it down). Admission must be back \
+        "\nTimes from the fault's start until a probe went through after the last one that \
+         failed (\"up\": none failed; \"slowest\": a probe held, not failed, that long). Admission must be back \
          within the webhook's timeout of the fault's end (for kube-apiserver and etcd \
          faults: of kube-apiserver ready again); DHCP within 5 s of an agent kill. \"longest \
          leak\": the longest an address object or claim whose MAC no live VM holds lived \
@@ -590,7 +591,8 @@ where
         let now = Instant::now();
         if ok {
             slowest = slowest.max(now - tried);
-            ok_since.get_or_insert(tried);
+            // Whole again when a request went through (it may have been held meanwhile).
+            ok_since.get_or_insert(now);
         } else {
             was_down = true;
             ok_since = None;

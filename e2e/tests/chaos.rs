@@ -1,5 +1,6 @@
 //! The short fault-injection suite for CI (the whole suite: `make chaos`): with load
-//! running, a webhook replica, the active agent and etcd killed in turn; after each, every
+//! running, a webhook replica, the controller leader, the active agent and etcd killed in
+//! turn; after each, every
 //! invariant of `vm_dhcp_e2e::chaos` holds (no address or MAC twice, nothing lost, leaks
 //! swept within their grace, DHCP back within 5 s of the agent's kill, admission back within
 //! the webhook's timeout). A test binary of its own: it restarts its control plane's etcd.
@@ -23,6 +24,7 @@ async fn faults_under_load_keep_every_invariant() {
         settle: Duration::from_secs(3),
         faults: vec![
             Fault::WebhookReplica,
+            Fault::ControllerLeader,
             Fault::ActiveAgent,
             Fault::EtcdRestart,
         ],
@@ -35,7 +37,7 @@ async fn faults_under_load_keep_every_invariant() {
         rows.len(),
         t0.elapsed().as_secs_f64()
     );
-    assert_eq!(rows.len(), 3, "{table}");
+    assert_eq!(rows.len(), 4, "{table}");
     assert!(
         rows.iter().all(|r| r.ok()),
         "an invariant was violated:\n{table}"
