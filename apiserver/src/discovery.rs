@@ -158,9 +158,7 @@ fn meta_schemas(refs: &str) -> Vec<(String, Value)> {
     let s = |d: &str| json!({"type": "string", "description": d, "default": ""});
     let opt_s = |d: &str| json!({"type": "string", "description": d});
     let int64 = |d: &str| json!({"type": "integer", "format": "int64", "description": d});
-    let string_map = |d: &str| {
-        json!({"type": "object", "additionalProperties": {"type": "string", "default": ""}, "description": d})
-    };
+    let string_map = |d: &str| json!({"type": "object", "additionalProperties": {"type": "string", "default": ""}, "description": d});
     let time = |d: &str| json!({"description": d, "allOf": [{"$ref": format!("{refs}{META_PREFIX}.Time")}]});
     vec![
         (

@@ -1108,3 +1108,30 @@ async fn a_watch_resumed_ahead_of_this_replica_sends_only_later_changes() {
         (seen + 1).to_string()
     );
 }
+
+#[tokio::test]
+async fn open_watches_end_cleanly_when_the_server_shuts_down() {
+    let f = fixture();
+    let mut w = watch(
+        &f,
+        &format!("{GV}/namespaces/other/ipamallocations?watch=true&allowWatchBookmarks=true"),
+        None,
+    )
+    .await;
+    assert_eq!(w.next_events(1).await[0]["type"], "ADDED");
+    f.server.end_watches.send_replace(true);
+    // The response completes (its client watches again from its last version elsewhere)
+    // instead of staying open until the connection is cut.
+    let end = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match w.body.frame().await {
+                None => return Ok(()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the watch ends within 2 s of the shutdown");
+    assert_eq!(end, Ok(()), "a clean end, not an error");
+}
