@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
 use kube::api::{Api, DeleteParams, PostParams};
@@ -140,6 +141,7 @@ async fn start_backend(cp: &'static ControlPlane) -> Result<Backend> {
     let a = setup::start_via(cp, &[], Some(&proxy)).await?;
     let b = setup::spawn_replica("apiserver-b")?;
     wait_ready(cp, &b).await?;
+    wait_merged(cp).await?;
     Ok(Backend {
         cp,
         proxy,
@@ -181,6 +183,70 @@ async fn wait_ready(cp: &ControlPlane, api: &AggregatedApi) -> Result<()> {
             bail!("the replica never became ready:\n{}", api.log_tail(30));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until kube-apiserver has merged our group into its aggregated discovery (fresh)
+/// and our definitions into its OpenAPI v2 and v3 documents: it fetches them on its own
+/// schedule after the APIService becomes available, and its first tries, made before the
+/// server listened, failed.
+async fn wait_merged(cp: &ControlPlane) -> Result<()> {
+    let client = cp.client().await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(90);
+    let get = |path: &str, accept: &str| {
+        http::Request::get(path)
+            .header("Accept", accept)
+            .body(Vec::new())
+            .map_err(anyhow::Error::from)
+    };
+    let mut missing = Vec::new();
+    loop {
+        missing.clear();
+        let discovery = client
+            .request_text(get(
+                "/apis",
+                "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+            )?)
+            .await
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let fresh = discovery.as_ref().is_some_and(|d| {
+            d["items"].as_array().is_some_and(|groups| {
+                groups.iter().any(|g| {
+                    g["metadata"]["name"] == "dhcp.harvesterhci.io"
+                        && g["versions"][0]["freshness"] == "Current"
+                })
+            })
+        });
+        if !fresh {
+            missing.push("aggregated discovery (fresh)");
+        }
+        let v2 = client
+            .request_text(get("/openapi/v2", "application/json")?)
+            .await
+            .unwrap_or_default();
+        if !v2.contains("io.harvesterhci.dhcp.v1alpha1.IPAMAllocation") {
+            missing.push("OpenAPI v2 definitions");
+        }
+        let v3 = client
+            .request_text(get("/openapi/v3", "application/json")?)
+            .await
+            .unwrap_or_default();
+        if !v3.contains("apis/dhcp.harvesterhci.io/v1alpha1") {
+            missing.push("OpenAPI v3 path");
+        }
+        if missing.is_empty() {
+            eprintln!(
+                "kube-apiserver merged our discovery and OpenAPI {:.1} s after the server was ready",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("kube-apiserver never merged our {missing:?} (90 s)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -459,6 +525,30 @@ async fn a_view_user_reads_its_namespace_only() {
         .create(&PostParams::default(), &binding)
         .await
         .expect("bind the viewer");
+    // kube-apiserver's RBAC sees the binding through its own cache: wait until it allows
+    // (our server asks it the same question, and caches a denial for 10 s).
+    let reviews: Api<SubjectAccessReview> = Api::all(ns.client.clone());
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {"user": VIEWER, "groups": ["system:authenticated"], "resourceAttributes": {
+            "namespace": ns.name, "verb": "watch", "group": "dhcp.harvesterhci.io",
+            "resource": "dhcpleases"}}
+    }))
+    .expect("review");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .expect("SubjectAccessReview");
+        if answer.status.is_some_and(|s| s.allowed) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "RBAC never allowed the viewer through the view ClusterRole"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let args = vec![
         format!("--kubeconfig={}", b.viewer_kubeconfig.display()),
         format!("--admin-kubeconfig={}", b.cp.kubeconfig_path.display()),
