@@ -642,6 +642,8 @@ struct World {
     token_file: PathBuf,
     network: String,
     agent_lease: String,
+    /// The pool's server IP, which only the active agent holds.
+    server_ip: String,
     /// The DHCP probe: a guest with a pinned VM's MAC.
     probe: VmNetns,
     /// Guests renewing all along, with the address their VM holds.
@@ -732,10 +734,16 @@ impl World {
             "spec": {"networkName": network, "ipv4Config": {"cidr": "10.77.0.0/22",
                      "pool": {"start": "10.77.0.10", "end": "10.77.3.250"}, "leaseTime": 20}}
         }))?;
-        ns.api::<IPPool>()
+        let server_ip = ns
+            .api::<IPPool>()
             .create(&PostParams::default(), &pool)
             .await
-            .context("create the pool")?;
+            .context("create the pool")?
+            .spec
+            .ipv4_config
+            .map(|c| c.server_ip)
+            .filter(|ip| !ip.is_empty())
+            .context("the mutating webhook gave the pool no serverIP")?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !replicas.iter().all(|r| r.webhook.knows_network(&network)) {
             if Instant::now() > deadline {
@@ -775,6 +783,7 @@ impl World {
             token_file,
             network: network.clone(),
             agent_lease,
+            server_ip,
             probe,
             guests: Vec::new(),
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
@@ -843,6 +852,25 @@ impl World {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The agent pods whose `eth1` holds the pool's server IP (and is up): the active ones.
+    async fn holders_of_server_ip(&self) -> Result<Vec<String>> {
+        let pods = self
+            .ns
+            .api::<Pod>()
+            .list(&ListParams::default().labels(AGENT_SELECTOR))
+            .await?;
+        let mut holders = Vec::new();
+        for p in pods.items {
+            let name = p.name_any();
+            if let Some(netns) = self.sim.pod_netns(&name)
+                && crate::netns_holds_ip(&netns, "eth1", &self.server_ip).await
+            {
+                holders.push(name);
+            }
+        }
+        Ok(holders)
     }
 
     /// A fresh DORA of the probe guest (one DISCOVER, a second to answer) succeeds.
@@ -1518,6 +1546,14 @@ pub async fn run(cfg: Config) -> Result<Vec<Row>> {
             (row.requests, row.failed) = (r1 - r0, f1 - f0);
             row.violations.extend(check(&world.ns, false).await?);
             row.violations.extend(world.guests_kept_their_addresses());
+            let holders = world.holders_of_server_ip().await?;
+            if holders.len() != 1 {
+                row.violations.push(format!(
+                    "{} agents hold the server IP {} after recovery: {holders:?}",
+                    holders.len(),
+                    world.server_ip
+                ));
+            }
             // Leaks (deleted VMs' allocations, half-made ones) go within their grace.
             let bound = leak_bound;
             let swept_t = Instant::now();
