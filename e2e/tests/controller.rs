@@ -52,6 +52,7 @@ impl Controller {
             "--leak-grace-seconds=3",
             "--admission-window-seconds=2",
             "--resync-seconds=5",
+            "--workload-resync-seconds=5",
             "--agent-lease-duration-seconds=3",
             "--leader-election-lease-seconds=6",
             "--enable-cache-dump-api",

@@ -88,6 +88,18 @@ pub(super) fn render(ctx: &Ctx) -> Result<String, std::fmt::Error> {
         "Allocations released because no vmnetcfg entry or VM NIC held them after the grace period",
         ctx.swept.clone(),
     );
+    registry.register(
+        "vmdhcpcontroller_reconciles",
+        "Reconciles run by this replica, by kind of object (pool, workload: a VM and its vmnetcfg, nad)",
+        ctx.reconciles.clone(),
+    );
+    let depth = Gauge::<i64>::default();
+    depth.set(i64::try_from(ctx.queue.len()).unwrap_or(i64::MAX));
+    registry.register(
+        "vmdhcpcontroller_queue_depth",
+        "Objects waiting for a reconcile",
+        depth,
+    );
     for pool in ctx.stores.pools.state() {
         let Some(ipv4) = pool.status.as_ref().and_then(|s| s.ipv4.as_ref()) else {
             continue;

@@ -99,9 +99,14 @@ pub struct ControllerArgs {
     /// `staticAddresses`) up to this many; above, only the counts and a condition.
     #[arg(long, env = "VM_DHCP_STATUS_MAX_ALLOCATIONS", default_value_t = vm_dhcp_core::store::PROJECTION_MAX_ENTRIES)]
     pub status_max_allocations: usize,
-    /// Seconds between full passes over every object (the sweep also runs on every change).
+    /// Seconds between passes over every IPPool and NAD (a pool's pass sweeps its leaks;
+    /// each is also reconciled on every change of what it reads).
     #[arg(long, env = "VM_DHCP_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
+    /// Seconds between passes over every VM and vmnetcfg: insurance only, as each is also
+    /// reconciled on every change of its own (a pass at 10,000 VMs is 10,000 reconciles).
+    #[arg(long, env = "VM_DHCP_WORKLOAD_RESYNC_SECONDS", default_value_t = 600)]
+    pub workload_resync_seconds: u64,
     /// Seconds one reconcile (its reads and writes) may take before it is abandoned and
     /// retried; every Kubernetes request is also bounded by the client's timeouts.
     #[arg(long, env = "VM_DHCP_RECONCILE_TIMEOUT_SECONDS", default_value_t = 30)]
@@ -166,26 +171,61 @@ enum Key {
     Nad(String, String),
 }
 
-/// A set of keys to reconcile (a key queued twice is reconciled once).
+/// The keys waiting for a reconcile, in key order (pools first: their agents and
+/// conditions go ahead of a long pass over the workloads). A key queued twice is
+/// reconciled once; a key queued while it is being reconciled waits for that to end, so one
+/// object is never reconciled twice at once.
 #[derive(Default)]
 struct Queue {
-    keys: Mutex<BTreeSet<Key>>,
+    state: Mutex<QueueState>,
     notify: tokio::sync::Notify,
 }
 
+#[derive(Default)]
+struct QueueState {
+    pending: BTreeSet<Key>,
+    running: std::collections::HashSet<Key>,
+}
+
 impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn push(&self, key: Key) {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key);
+        self.lock().pending.insert(key);
         self.notify.notify_one();
     }
 
-    fn take(&self) -> Vec<Key> {
-        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|e| e.into_inner()))
-            .into_iter()
-            .collect()
+    /// The first pending key not being reconciled, now marked as being reconciled.
+    fn next(&self) -> Option<Key> {
+        let mut state = self.lock();
+        let key = state
+            .pending
+            .iter()
+            .find(|k| !state.running.contains(*k))
+            .cloned()?;
+        state.pending.remove(&key);
+        state.running.insert(key.clone());
+        Some(key)
+    }
+
+    /// `key`'s reconcile is over (or was dropped).
+    fn done(&self, key: &Key) {
+        let mut state = self.lock();
+        state.running.remove(key);
+        if state.pending.contains(key) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Forgets what was running (the leader's loop was dropped with them).
+    fn clear_running(&self) {
+        self.lock().running.clear();
+    }
+
+    fn len(&self) -> usize {
+        self.lock().pending.len()
     }
 }
 
@@ -217,6 +257,8 @@ pub struct Ctx {
     started: Instant,
     /// Leaks released, by pool.
     swept: Family<Vec<(String, String)>, Counter>,
+    /// Reconciles run, by kind of key (`pool`, `workload`, `nad`).
+    reconciles: Family<Vec<(String, String)>, Counter>,
     recorder: Recorder,
     ready: AtomicBool,
     /// This replica holds the leader Lease (always, without leader election).
@@ -270,10 +312,22 @@ impl Ctx {
     }
 
     fn enqueue_all(&self) {
+        self.enqueue_pools_and_nads();
+        self.enqueue_workloads();
+    }
+
+    fn enqueue_pools_and_nads(&self) {
         for p in self.stores.pools.state() {
             self.queue
                 .push(Key::Pool(p.namespace().unwrap_or_default(), p.name_any()));
         }
+        for n in self.stores.nads.state() {
+            self.queue
+                .push(Key::Nad(n.namespace().unwrap_or_default(), n.name_any()));
+        }
+    }
+
+    fn enqueue_workloads(&self) {
         for v in self.stores.vms.state() {
             self.queue.push(Key::Workload(
                 v.namespace().unwrap_or_default(),
@@ -286,9 +340,11 @@ impl Ctx {
                 c.name_any(),
             ));
         }
-        for n in self.stores.nads.state() {
-            self.queue
-                .push(Key::Nad(n.namespace().unwrap_or_default(), n.name_any()));
+    }
+
+    fn enqueue_pools_of_networks(&self, networks: BTreeSet<String>) {
+        for n in networks {
+            self.enqueue_pools_of_network(&n);
         }
     }
 
@@ -337,7 +393,15 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    // The caches keep what the controller reads: not the field managers' bookkeeping nor
+    // kubectl's copy of the last applied object (at 10,000 VMs, most of the memory).
+    let trimmed = watcher(api, config).modify(|o: &mut K| {
+        o.meta_mut().managed_fields = None;
+        if let Some(a) = o.meta_mut().annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    });
+    let stream = reflector::reflector(writer, trimmed).default_backoff();
     let kind = K::kind(&()).to_string();
     tokio::spawn(async move {
         // The stream is not polled before the context exists, so that no event (the owner
@@ -381,63 +445,54 @@ fn on_pool(ctx: &Ctx, seen: Seen<'_, IPPool>) {
     }
 }
 
+/// A vmnetcfg change reconciles its workload; the pools of a network only when the owners
+/// there changed (a status write, the controller's own, changes none).
 fn on_cfg(ctx: &Ctx, seen: Seen<'_, VirtualMachineNetworkConfig>) {
-    let c = match seen {
-        Seen::Apply(c) => {
-            ctx.owners().apply_cfg(c);
-            c
-        }
+    let (c, changed) = match seen {
+        Seen::Apply(c) => (c, ctx.owners().apply_cfg(c)),
         Seen::Deleted(c) => {
-            ctx.owners().remove(&Source::Cfg {
+            let source = Source::Cfg {
                 namespace: c.namespace().unwrap_or_default(),
                 name: c.name_any(),
-            });
-            c
+            };
+            (c, ctx.owners().remove(&source))
         }
         Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Cfg),
-        Seen::RelistDone => return ctx.owners().relist_done(Kind::Cfg),
+        Seen::RelistDone => {
+            let changed = ctx.owners().relist_done(Kind::Cfg);
+            return ctx.enqueue_pools_of_networks(changed);
+        }
     };
-    let ns = c.namespace().unwrap_or_default();
-    ctx.queue.push(Key::Workload(ns, c.name_any()));
-    let networks = c
-        .spec
-        .network_configs
-        .iter()
-        .flatten()
-        .map(|e| e.network_name.clone())
-        .chain(
-            c.status
-                .iter()
-                .flat_map(|s| s.network_configs.iter().flatten())
-                .filter_map(|s| s.network_name.clone()),
-        )
-        .collect::<BTreeSet<_>>();
-    for n in networks {
-        ctx.enqueue_pools_of_network(&n);
-    }
+    ctx.queue.push(Key::Workload(
+        c.namespace().unwrap_or_default(),
+        c.name_any(),
+    ));
+    ctx.enqueue_pools_of_networks(changed);
 }
 
+/// A VM change reconciles its workload; the pools of a network only when the owners there
+/// changed.
 fn on_vm(ctx: &Ctx, seen: Seen<'_, VirtualMachine>) {
-    let v = match seen {
-        Seen::Apply(v) => {
-            ctx.owners().apply_vm(v);
-            v
-        }
+    let (v, changed) = match seen {
+        Seen::Apply(v) => (v, ctx.owners().apply_vm(v)),
         Seen::Deleted(v) => {
-            ctx.owners().remove(&Source::Vm {
+            let source = Source::Vm {
                 namespace: v.namespace().unwrap_or_default(),
                 name: v.name_any(),
-            });
-            v
+            };
+            (v, ctx.owners().remove(&source))
         }
         Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Vm),
-        Seen::RelistDone => return ctx.owners().relist_done(Kind::Vm),
+        Seen::RelistDone => {
+            let changed = ctx.owners().relist_done(Kind::Vm);
+            return ctx.enqueue_pools_of_networks(changed);
+        }
     };
-    let ns = v.namespace().unwrap_or_default();
-    ctx.queue.push(Key::Workload(ns, v.name_any()));
-    for nic in decide::vm_nics(v) {
-        ctx.enqueue_pools_of_network(&nic.network);
-    }
+    ctx.queue.push(Key::Workload(
+        v.namespace().unwrap_or_default(),
+        v.name_any(),
+    ));
+    ctx.enqueue_pools_of_networks(changed);
 }
 
 fn on_nad(ctx: &Ctx, seen: Seen<'_, NetworkAttachmentDefinition>) {
@@ -666,6 +721,7 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         projected: Mutex::new(HashMap::new()),
         started: Instant::now(),
         swept: Family::default(),
+        reconciles: Family::default(),
         recorder,
         ready: AtomicBool::new(false),
         leading: AtomicBool::new(args.no_leader_election),
@@ -804,70 +860,82 @@ async fn lead(ctx: &Arc<Ctx>, identity: &str) -> Result<()> {
 }
 
 /// The leader's loop: everything once at start (this is also the start-up sweep), then what
-/// changes, plus a full pass every `--resync-seconds`.
+/// changes, plus passes over the pools every `--resync-seconds` and over the workloads every
+/// `--workload-resync-seconds`. Up to `--workers` reconciles run at
+/// once, each taken from the queue as another ends.
 async fn reconcile_loop(ctx: Arc<Ctx>) -> Result<()> {
+    // Keys left marked by a loop that was dropped (leadership lost) would never run again.
+    ctx.queue.clear_running();
     ctx.enqueue_all();
     let resync = Duration::from_secs(ctx.args.resync_seconds.max(1));
-    let mut next_resync = Instant::now() + resync;
+    let workload_resync = Duration::from_secs(ctx.args.workload_resync_seconds.max(1));
+    let mut next_resync = tokio::time::Instant::now() + resync;
+    let mut next_workload_resync = tokio::time::Instant::now() + workload_resync;
     let mut failures: HashMap<Key, u32> = HashMap::new();
+    let mut running = futures_util::stream::FuturesUnordered::new();
     loop {
-        let keys = ctx.queue.take();
-        if keys.is_empty() {
-            let wait = next_resync.saturating_duration_since(Instant::now());
-            tokio::select! {
-                _ = ctx.queue.notify.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
-            if Instant::now() >= next_resync {
-                ctx.enqueue_all();
-                next_resync = Instant::now() + resync;
-            }
-            continue;
+        while running.len() < usize::from(ctx.args.workers) {
+            let Some(key) = ctx.queue.next() else { break };
+            running.push(run_one(ctx.clone(), key));
         }
-        // The keys of one take are distinct, and the next take starts when they are all
-        // done: one object is never reconciled twice at once. Writers that meet (a sweep and
-        // a release of one pool) are kept apart by the resourceVersion guard.
-        let results: Vec<(Key, Result<()>)> = futures_util::stream::iter(keys)
-            .map(|key| {
-                let ctx = ctx.clone();
-                async move {
-                    let work = async {
-                        match &key {
-                            Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
-                            Key::Workload(ns, name) => workload::reconcile(&ctx, ns, name).await,
-                            Key::Nad(ns, name) => pool::reconcile_nad(&ctx, ns, name).await,
-                        }
-                    };
-                    // One stuck call must not hold the batch (and every other key) forever.
-                    let limit = Duration::from_secs(ctx.args.reconcile_timeout_seconds.max(1));
-                    let result = match tokio::time::timeout(limit, work).await {
-                        Ok(r) => r,
-                        Err(_) => Err(anyhow::anyhow!(
-                            "no answer from the apiserver within {limit:?} (--reconcile-timeout-seconds)"
-                        )),
-                    };
-                    (key, result)
+        tokio::select! {
+            Some((key, result)) = running.next(), if !running.is_empty() => {
+                ctx.queue.done(&key);
+                let result = [(key, result)];
+                ctx.health.record(&result);
+                let [(key, result)] = result;
+                match result {
+                    Ok(()) => {
+                        failures.remove(&key);
+                    }
+                    Err(e) => {
+                        let n = failures.entry(key.clone()).or_default();
+                        *n += 1;
+                        let delay = Duration::from_millis(200 * 2u64.pow((*n).min(7)));
+                        tracing::warn!(?key, error = format!("{e:#}"), retry_in = ?delay, "reconcile failed");
+                        ctx.requeue_after(key, delay);
+                    }
                 }
-            })
-            .buffer_unordered(usize::from(ctx.args.workers))
-            .collect()
-            .await;
-        ctx.health.record(&results);
-        for (key, result) in results {
-            match result {
-                Ok(()) => {
-                    failures.remove(&key);
-                }
-                Err(e) => {
-                    let n = failures.entry(key.clone()).or_default();
-                    *n += 1;
-                    let delay = Duration::from_millis(200 * 2u64.pow((*n).min(7)));
-                    tracing::warn!(?key, error = format!("{e:#}"), retry_in = ?delay, "reconcile failed");
-                    ctx.requeue_after(key, delay);
-                }
+            }
+            _ = ctx.queue.notify.notified() => {}
+            _ = tokio::time::sleep_until(next_resync) => {
+                ctx.enqueue_pools_and_nads();
+                next_resync = tokio::time::Instant::now() + resync;
+            }
+            _ = tokio::time::sleep_until(next_workload_resync) => {
+                ctx.enqueue_workloads();
+                next_workload_resync = tokio::time::Instant::now() + workload_resync;
             }
         }
     }
+}
+
+/// One reconcile of `key`, bounded by `--reconcile-timeout-seconds`.
+async fn run_one(ctx: Arc<Ctx>, key: Key) -> (Key, Result<()>) {
+    let kind = match &key {
+        Key::Pool(..) => "pool",
+        Key::Workload(..) => "workload",
+        Key::Nad(..) => "nad",
+    };
+    ctx.reconciles
+        .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+        .inc();
+    let work = async {
+        match &key {
+            Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
+            Key::Workload(ns, name) => workload::reconcile(&ctx, ns, name).await,
+            Key::Nad(ns, name) => pool::reconcile_nad(&ctx, ns, name).await,
+        }
+    };
+    // One stuck call must not hold this key (or a worker) forever.
+    let limit = Duration::from_secs(ctx.args.reconcile_timeout_seconds.max(1));
+    let result = match tokio::time::timeout(limit, work).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!(
+            "no answer from the apiserver within {limit:?} (--reconcile-timeout-seconds)"
+        )),
+    };
+    (key, result)
 }
 
 /// Whether the leader's reconciles get through to the apiserver: since when every one has

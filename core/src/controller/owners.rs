@@ -7,7 +7,7 @@
 //! [`OwnerIndex::relist_begin`] and [`OwnerIndex::relist_done`]: what the list did not
 //! carry is dropped.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::LiveOwners;
 use crate::admission::network_key;
@@ -52,8 +52,9 @@ pub struct OwnerIndex {
 }
 
 impl OwnerIndex {
-    /// A vmnetcfg added or changed (one being deleted claims nothing).
-    pub fn apply_cfg(&mut self, cfg: &VirtualMachineNetworkConfig) {
+    /// A vmnetcfg added or changed (one being deleted claims nothing). Returns the networks
+    /// whose owners changed (none when only its status did).
+    pub fn apply_cfg(&mut self, cfg: &VirtualMachineNetworkConfig) -> BTreeSet<String> {
         let namespace = cfg.metadata.namespace.clone().unwrap_or_default();
         let source = Source::Cfg {
             namespace: namespace.clone(),
@@ -68,11 +69,12 @@ impl OwnerIndex {
                 }
             }
         }
-        self.set(source, claims);
+        self.set(source, claims)
     }
 
     /// A VM added or changed: every NIC on a known MAC (one being deleted claims nothing).
-    pub fn apply_vm(&mut self, vm: &VirtualMachine) {
+    /// Returns the networks whose owners changed.
+    pub fn apply_vm(&mut self, vm: &VirtualMachine) -> BTreeSet<String> {
         let namespace = vm.metadata.namespace.clone().unwrap_or_default();
         let name = vm.metadata.name.clone().unwrap_or_default();
         let mut claims = Vec::new();
@@ -81,11 +83,12 @@ impl OwnerIndex {
             live.add_vm(vm);
             claims = live.into_claims();
         }
-        self.set(Source::Vm { namespace, name }, claims);
+        self.set(Source::Vm { namespace, name }, claims)
     }
 
-    pub fn remove(&mut self, source: &Source) {
-        self.set(source.clone(), Vec::new());
+    /// Returns the networks whose owners changed.
+    pub fn remove(&mut self, source: &Source) -> BTreeSet<String> {
+        self.set(source.clone(), Vec::new())
     }
 
     /// A relist of one kind starts.
@@ -94,9 +97,11 @@ impl OwnerIndex {
     }
 
     /// The relist of `kind` is complete: sources of that kind it did not carry are dropped.
-    pub fn relist_done(&mut self, kind: Kind) {
+    /// Returns the networks whose owners changed.
+    pub fn relist_done(&mut self, kind: Kind) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
         let Some(seen) = self.relisting.remove(&kind) else {
-            return;
+            return changed;
         };
         let stale: Vec<Source> = self
             .by_source
@@ -105,14 +110,29 @@ impl OwnerIndex {
             .cloned()
             .collect();
         for s in stale {
-            self.remove(&s);
+            changed.extend(self.remove(&s));
         }
+        changed
     }
 
-    fn set(&mut self, source: Source, claims: Vec<Claim>) {
+    /// Replaces what `source` claims; returns the networks of the claims that changed.
+    fn set(&mut self, source: Source, claims: Vec<Claim>) -> BTreeSet<String> {
         if let Some(seen) = self.relisting.get_mut(&source.kind()) {
             seen.insert(source.clone());
         }
+        let old = self
+            .by_source
+            .get(&source)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if old == claims.as_slice() {
+            return BTreeSet::new();
+        }
+        let changed: BTreeSet<String> = old
+            .iter()
+            .chain(&claims)
+            .map(|(network, _, _)| network.clone())
+            .collect();
         if let Some(old) = self.by_source.remove(&source) {
             for (network, mac, _) in old {
                 if let Some(macs) = self.by_network.get_mut(&network) {
@@ -129,7 +149,7 @@ impl OwnerIndex {
             }
         }
         if claims.is_empty() {
-            return;
+            return changed;
         }
         for (network, mac, owner) in &claims {
             self.by_network
@@ -140,6 +160,7 @@ impl OwnerIndex {
                 .insert(source.clone(), owner.clone());
         }
         self.by_source.insert(source, claims);
+        changed
     }
 
     /// The owners on one network, leaving out vmnetcfg `skip` (`(namespace, name)`: one
@@ -214,8 +235,23 @@ mod tests {
         let one = idx.live("ns/net-1", None);
         assert_eq!(one.get("ns/net-1", mac("02:00:00:00:00:01")), Some("ns/a"));
         assert_eq!(one.len(), 1, "only its own network");
+        // The same claims again (a status or label change): nothing to wake.
+        assert!(
+            idx.apply_vm(&vm("b", &[("n1", "ns/net-2", "02:00:00:00:00:02")]))
+                .is_empty()
+        );
+        // A NIC moved to another network: both networks' owners changed.
+        let moved = idx.apply_vm(&vm("b", &[("n1", "ns/net-3", "02:00:00:00:00:02")]));
+        assert_eq!(
+            moved,
+            BTreeSet::from(["ns/net-2".to_string(), "ns/net-3".to_string()])
+        );
+        idx.apply_vm(&vm("b", &[("n1", "ns/net-2", "02:00:00:00:00:02")]));
         // A hot-unplugged NIC: the VM no longer claims the MAC.
-        idx.apply_vm(&vm("a", &[]));
+        assert_eq!(
+            idx.apply_vm(&vm("a", &[])),
+            BTreeSet::from(["ns/net-1".to_string()])
+        );
         assert!(idx.live("ns/net-1", None).is_empty());
         idx.remove(&Source::Vm {
             namespace: "ns".into(),
