@@ -23,8 +23,13 @@ build:
 	$(CARGO) build --release --locked --bin vm-dhcp
 
 ## test: unit tests of every crate, then the end-to-end tests (real kube-apiserver + etcd).
-test: e2e-bins
+## First installs (as root) or names the Debian packages the tests need (scripts/test-deps.sh).
+test: test-deps e2e-bins
 	VM_DHCP_BIN_DIR="$$(e2e/build-bins.sh | tail -1)" $(CARGO) test --workspace --locked
+
+.PHONY: test-deps
+test-deps:
+	scripts/test-deps.sh
 
 unit:
 	$(CARGO) test --workspace --locked --exclude vm-dhcp-e2e

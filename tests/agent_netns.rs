@@ -2,7 +2,8 @@
 //! packets, in network namespaces joined by a veth pair: the agent offline on one side with
 //! a pool file, the client on the other.
 //!
-//! Needs root and `ip netns`; without them each test prints why it skips. Every namespace
+//! Needs root, `ip netns` and the clients (`scripts/test-deps.sh`); without them each test
+//! fails saying what is missing (`VM_DHCP_TESTS_SKIP_MISSING=1`: skips instead). Every namespace
 //! and process is removed by Drop guards, also when an assertion fails. Traffic stays in the
 //! namespaces the test creates (192.168.48.0/24 exists only there) and their loopback.
 //! Waits poll for an event with a generous deadline; nothing here measures speed.
@@ -74,29 +75,29 @@ fn default_pool() -> String {
 
 // ------------------------------------------------------------------ environment
 
-/// Why these tests cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root: network namespaces need CAP_SYS_ADMIN".into());
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(format!(
-            "`ip netns list` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Some(format!("`ip` (iproute2) not runnable: {e}")),
-    }
-}
+#[path = "support/needs.rs"]
+mod needs;
 
+/// Fails the test with what is missing (root, `ip`, a DHCP client), or skips it with
+/// `VM_DHCP_TESTS_SKIP_MISSING=1`; then checks that `ip netns` works here.
 macro_rules! require_netns {
-    () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("SKIPPED {}: {why}", module_path!());
+    ($($program:expr),*) => {
+        if !needs::require(module_path!(), true, &[needs::IP, $($program),*]) {
             return;
         }
+        netns_works();
     };
+}
+
+fn netns_works() {
+    match Command::new("ip").args(["netns", "list"]).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "`ip netns list` failed, network namespaces are unusable here: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => panic!("`ip` (iproute2) not runnable: {e}"),
+    }
 }
 
 fn run(cmd: &[&str]) {
@@ -494,7 +495,7 @@ fn udhcpc(agent: &Agent, hook: &Path) -> Proc {
 
 #[test]
 fn dhclient_configures_address_and_every_option() {
-    require_netns!();
+    require_netns!(needs::DHCLIENT);
     let agent = Agent::start("dhclient", &default_pool());
     let (hook, log) = write_hook(&agent.dir);
     let conf = agent.dir.path("dhclient.conf");
@@ -576,7 +577,7 @@ fn dhclient_configures_address_and_every_option() {
 
 #[test]
 fn udhcpc_configures_address_and_every_option() {
-    require_netns!();
+    require_netns!(needs::BUSYBOX);
     let agent = Agent::start("udhcpc", &default_pool());
     let (hook, log) = write_hook(&agent.dir);
     let _client = udhcpc(&agent, &hook);
@@ -602,7 +603,7 @@ fn udhcpc_configures_address_and_every_option() {
 
 #[test]
 fn option_edit_reaches_a_renewing_udhcpc() {
-    require_netns!();
+    require_netns!(needs::BUSYBOX);
     let agent = Agent::start("edit", &default_pool());
     let (hook, log) = write_hook(&agent.dir);
     let client = udhcpc(&agent, &hook);
@@ -631,7 +632,7 @@ fn option_edit_reaches_a_renewing_udhcpc() {
 
 #[test]
 fn release_then_discover_again() {
-    require_netns!();
+    require_netns!(needs::BUSYBOX);
     let agent = Agent::start("release", &default_pool());
     let (hook, log) = write_hook(&agent.dir);
     let client = udhcpc(&agent, &hook);
@@ -671,7 +672,7 @@ fn release_then_discover_again() {
 
 #[test]
 fn dhclient_with_a_stale_lease_is_naked_and_binds_again() {
-    require_netns!();
+    require_netns!(needs::DHCLIENT);
     let agent = Agent::start("stale", &default_pool());
     let (hook, log) = write_hook(&agent.dir);
     // A lease for an address that is not this client's: dhclient starts in INIT-REBOOT and

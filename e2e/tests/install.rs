@@ -43,12 +43,14 @@ const VIEWER: &str = "jane-viewer";
 /// The tests share the cluster-wide names of the release: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+#[allow(dead_code)]
+#[path = "../../tests/support/needs.rs"]
+mod needs;
+
+/// The node simulator makes network namespaces: without root (or `ip`, or busybox for the
+/// guest's DHCP client) the test fails saying so (`VM_DHCP_TESTS_SKIP_MISSING=1`: skips).
 fn can_run_pods() -> bool {
-    let ok = unsafe { libc::geteuid() } == 0;
-    if !ok {
-        eprintln!("skipped: the node simulator needs root for network namespaces");
-    }
-    ok
+    needs::require(module_path!(), true, &[needs::IP, needs::BUSYBOX])
 }
 
 fn text(out: &std::process::Output) -> String {

@@ -17,14 +17,21 @@ use vm_dhcp_e2e::nodesim::{NodeSim, NodeSpec, UNREACHABLE_TAINT, netns_list};
 const MGMT: &str = "network.harvesterhci.io/mgmt";
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn which(program: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(program))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| panic!("{program} not found in PATH (apt-get install {program})"))
+#[allow(dead_code)]
+#[path = "../../tests/support/needs.rs"]
+mod needs;
+
+/// `program` (whose Debian package has its name), or a failure that says how to get it.
+fn which(program: &'static str) -> PathBuf {
+    needs::require(
+        module_path!(),
+        false,
+        &[needs::Program {
+            name: program,
+            package: program,
+        }],
+    );
+    needs::find(program).unwrap_or_else(|| panic!("{program} not found"))
 }
 
 fn programs() -> HashMap<String, PathBuf> {
