@@ -59,6 +59,9 @@ async fn main() -> Result<()> {
         rows.len(),
         t0.elapsed().as_secs_f64()
     );
+    for r in rows.iter().filter(|r| !r.ok()) {
+        eprintln!("{}:\n  {}", r.fault.name(), r.violations.join("\n  "));
+    }
     let bad = rows.iter().filter(|r| !r.ok()).count();
     if bad > 0 {
         bail!("{bad} fault(s) violated an invariant");

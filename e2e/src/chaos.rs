@@ -59,6 +59,8 @@ const NOSPACE_FOR: Duration = Duration::from_secs(5);
 const PARTITION_FOR: Duration = Duration::from_secs(12);
 /// A probe that has not recovered this long after the fault was lifted never will.
 const GIVE_UP: Duration = Duration::from_secs(90);
+/// Characters of violations shown in one cell of the table.
+const MAX_CELL: usize = 400;
 /// A successful probe this slow is shown in the table.
 const SLOW: Duration = Duration::from_secs(1);
 /// Load requests in flight at most (a hanging control plane would pile them up).
@@ -233,7 +235,14 @@ fn row_line(r: &Row) -> String {
     let inv = if r.ok() {
         "held".to_string()
     } else {
-        format!("VIOLATED: {}", r.violations.join("; "))
+        let all = r.violations.join("; ");
+        // The table stays readable; the whole list is in `Row::violations`.
+        let cut: String = all.chars().take(MAX_CELL).collect();
+        if cut.len() < all.len() {
+            format!("VIOLATED: {cut}…")
+        } else {
+            format!("VIOLATED: {all}")
+        }
     };
     format!(
         "| {} | {rec} | {} | {} | {} | {} | {} | {} of {} | {leak} | {inv} |",
@@ -1412,21 +1421,27 @@ async fn etcd_post(etcd: SocketAddr, path: &str, body: &str) -> Result<serde_jso
 
 // ------------------------------------------------------------------------------- leaks
 
+/// A leak the tracker saw: what it is, when it was first seen, in which round (fault).
+type Leak = (String, Instant, u64);
+
 /// Samples the store every 0.5 s for leaks (address objects and claims whose MAC no live
-/// VM holds, by object uid) and records how long each lived.
+/// VM holds, by object uid) and records how long each lived, for the round (fault) in
+/// which it appeared.
 struct LeakTracker {
-    /// Leaks seen and not yet gone: uid → (what, first seen).
-    open: Arc<Mutex<HashMap<String, (String, Instant)>>>,
-    /// The longest life of a leak gone since the last [`LeakTracker::take_longest`].
-    longest: Arc<Mutex<(Duration, String)>>,
+    /// Leaks seen and not yet gone, by uid.
+    open: Arc<Mutex<HashMap<String, Leak>>>,
+    /// The longest life of a leak gone, per round.
+    longest: Arc<Mutex<HashMap<u64, (Duration, String)>>>,
+    round: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl LeakTracker {
     fn start(ns: &TestNamespace) -> LeakTracker {
-        let open: Arc<Mutex<HashMap<String, (String, Instant)>>> = Arc::default();
-        let longest: Arc<Mutex<(Duration, String)>> = Arc::default();
-        let (o, l) = (open.clone(), longest.clone());
+        let open: Arc<Mutex<HashMap<String, Leak>>> = Arc::default();
+        let longest: Arc<Mutex<HashMap<u64, (Duration, String)>>> = Arc::default();
+        let round = Arc::new(AtomicU64::new(0));
+        let (o, l, r) = (open.clone(), longest.clone(), round.clone());
         let (vms, addrs, claims) = (
             ns.api::<VirtualMachine>(),
             ns.api::<IPPoolAddress>(),
@@ -1481,32 +1496,36 @@ impl LeakTracker {
                     .cloned()
                     .collect();
                 for k in gone {
-                    if let Some((what, since)) = open.remove(&k) {
+                    if let Some((what, since, round)) = open.remove(&k) {
                         let mut longest = lock(&l);
-                        if now - since > longest.0 {
-                            *longest = (now - since, what);
+                        let entry = longest.entry(round).or_default();
+                        if now - since > entry.0 {
+                            *entry = (now - since, what);
                         }
                     }
                 }
+                let round = r.load(Ordering::Relaxed);
                 for (k, what) in leaks {
-                    open.entry(k).or_insert((what, now));
+                    open.entry(k).or_insert((what, now, round));
                 }
             }
         });
         LeakTracker {
             open,
             longest,
+            round,
             task,
         }
     }
 
-    /// The longest life of a leak since the last call (leaks still open count with their
-    /// age), and what it was.
+    /// Ends the round: the longest life of a leak that appeared in it (one still open
+    /// counts with its age so far), and what it was.
     fn take_longest(&self) -> (Duration, String) {
+        let round = self.round.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let mut longest = std::mem::take(&mut *lock(&self.longest));
-        for (what, since) in lock(&self.open).values() {
-            if now - *since > longest.0 {
+        let mut longest = lock(&self.longest).remove(&round).unwrap_or_default();
+        for (what, since, r) in lock(&self.open).values() {
+            if *r == round && now - *since > longest.0 {
                 longest = (now - *since, what.clone());
             }
         }
