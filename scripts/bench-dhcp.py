@@ -7,7 +7,7 @@
                           recording ACKs, drops, latency and the server's CPU time
   summary  A.json B.json  the comparison table and the ratios
 
-The sweep follows the recipe in spec/dhcp.md §3 (and dhcp-bench/bench.py): perfdhcp runs in
+The sweep follows the recipe in docs/dhcp.md §3: perfdhcp runs in
 the client namespace pinned to CPU 0, the server in the server namespace pinned to CPU 1;
 drop % is 1 − ACKs / DISCOVERs; server CPU is utime+stime from /proc/PID/stat.
 """
@@ -40,7 +40,7 @@ def prepare(args):
     os.makedirs(args.dir, exist_ok=True)
     macs = [f"02:42:{(i >> 24) & 0xff:02x}:{(i >> 16) & 0xff:02x}:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
             for i in range(1, args.leases + 1)]
-    # perfdhcp draws from the first --clients of them (3,000 as in spec/dhcp.md §4, so that
+    # perfdhcp draws from the first --clients of them (3,000 as in docs/dhcp.md §4, so that
     # Kea's figures compare with the recorded ones); the agent's table holds all of them.
     with open(os.path.join(args.dir, "macs.txt"), "w") as f:
         f.write("\n".join(macs[: args.clients]) + "\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench-dhcp: perfdhcp against the vm-dhcp agent (offline mode, preloaded with the MACs
 # perfdhcp draws from) and Kea 2.2 in the same run, same namespaces, same CPU pinning
-# (perfdhcp on CPU 0, the server on CPU 1), following spec/dhcp.md §3. Not run in CI.
+# (perfdhcp on CPU 0, the server on CPU 1), following docs/dhcp.md §3. Not run in CI.
 #
 #   scripts/bench-dhcp.sh <release vm-dhcp binary>        QUICK=1 for a 2-minute smoke run
 #

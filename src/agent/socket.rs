@@ -1,5 +1,5 @@
 //! The DHCP socket: UDP 0.0.0.0:67 bound to the pool's interface, one task that receives,
-//! decides and sends, one packet at a time (measured fast enough: spec/dhcp.md §6).
+//! decides and sends, one packet at a time (measured fast enough: docs/dhcp.md §6).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
