@@ -178,6 +178,8 @@ pub struct Row {
     pub apiserver: Outage,
     pub requests: u64,
     pub failed: u64,
+    /// Leases the renewing guests lost (their renewals unanswered until expiry).
+    pub leases_lost: usize,
     /// Time until the store held exactly the live VMs' allocations once the load paused.
     pub swept: Option<Duration>,
     /// The longest any leak (an address object or claim whose MAC no live VM holds) lived
@@ -209,8 +211,8 @@ fn outage_cell(o: &Outage) -> String {
 /// The table the suite prints (Markdown).
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| fault | time to recover | admission back | DHCP back | leader back | agents back | apiserver back | requests failed | longest leak | invariants |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| fault | time to recover | admission back | DHCP back | leader back | agents back | apiserver back | requests failed | guest leases lost | longest leak | invariants |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&row_line(r));
@@ -220,7 +222,8 @@ pub fn table(rows: &[Row]) -> String {
         "\nTimes from the fault's start until a probe went through after the last one that \
          failed (\"up\": none failed; \"slowest\": a probe held, not failed, that long). Admission must be back \
          within the webhook's timeout of the fault's end (for kube-apiserver and etcd \
-         faults: of kube-apiserver ready again); DHCP within 5 s of an agent kill. \"longest \
+         faults: of kube-apiserver ready again); DHCP within 5 s of an agent kill. \"guest leases lost\": \
+         renewing guests (leases of 20 s) whose renewals went unanswered until expiry. \"longest \
          leak\": the longest an address object or claim whose MAC no live VM holds lived \
          (sampled every 0.5 s; the bound is the webhook's timeout, the leak grace, a \
          controller resync and a second); once the load pauses, the store must hold \
@@ -245,7 +248,7 @@ fn row_line(r: &Row) -> String {
         }
     };
     format!(
-        "| {} | {rec} | {} | {} | {} | {} | {} | {} of {} | {leak} | {inv} |",
+        "| {} | {rec} | {} | {} | {} | {} | {} | {} of {} | {} | {leak} | {inv} |",
         r.fault.name(),
         outage_cell(&r.admission),
         outage_cell(&r.dhcp),
@@ -253,7 +256,8 @@ fn row_line(r: &Row) -> String {
         outage_cell(&r.agents),
         outage_cell(&r.apiserver),
         r.failed,
-        r.requests
+        r.requests,
+        r.leases_lost
     )
 }
 
@@ -811,6 +815,19 @@ impl World {
             }
         }
         let busybox = crate::bins::busybox();
+        // The guests configure what they obtain, as a VM does: a renewal's answer goes to
+        // the leased address (RFC 2131 §4.1), which must be there to receive it.
+        let script = run_dir()?.join(format!("chaos-{}-udhcpc.sh", world.ns.name));
+        std::fs::write(
+            &script,
+            "#!/bin/sh\ncase \"$1\" in\n  deconfig) ip addr flush dev \"$interface\" ;;\n  \
+             bound|renew) ip addr replace \"$ip/${mask:-32}\" dev \"$interface\" ;;\nesac\nexit 0\n",
+        )?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let script = script.display().to_string();
         for a in &pinned[1..] {
             let guest = world
                 .sim
@@ -829,7 +846,7 @@ impl World {
                     "-T",
                     "1",
                     "-s",
-                    "/bin/true",
+                    &script,
                 ],
             )?;
             world.guests.push((guest, client, a.ip_address.clone()));
@@ -885,6 +902,20 @@ impl World {
     /// A fresh DORA of the probe guest (one DISCOVER, a second to answer) succeeds.
     async fn dhcp_once(&self) -> bool {
         dhcp_once(&self.probe).await
+    }
+
+    /// How many times the guests' DHCP clients lost their lease (no answer to their
+    /// renewals before it expired), in all.
+    fn guest_leases_lost(&self) -> usize {
+        self.guests
+            .iter()
+            .map(|(_, client, _)| {
+                std::fs::read_to_string(&client.log)
+                    .unwrap_or_default()
+                    .matches("lease lost")
+                    .count()
+            })
+            .sum()
     }
 
     /// The guests' DHCP clients only ever obtained their VM's address.
@@ -1129,6 +1160,7 @@ impl World {
             apiserver,
             requests: 0,
             failed: 0,
+            leases_lost: 0,
             swept: None,
             longest_leak: Duration::ZERO,
             violations,
@@ -1556,6 +1588,7 @@ pub async fn run(cfg: Config) -> Result<Vec<Row>> {
         for fault in cfg.faults.clone() {
             tokio::time::sleep(cfg.settle).await;
             let (r0, f0) = load.totals();
+            let lost0 = world.guest_leases_lost();
             eprintln!("chaos: {} ...", fault.name());
             let mut row = world.inject(fault).await?;
             // The load runs on the recovered system, then pauses for the checks.
@@ -1563,6 +1596,7 @@ pub async fn run(cfg: Config) -> Result<Vec<Row>> {
             load.pause().await;
             let (r1, f1) = load.totals();
             (row.requests, row.failed) = (r1 - r0, f1 - f0);
+            row.leases_lost = world.guest_leases_lost().saturating_sub(lost0);
             row.violations.extend(check(&world.ns, false).await?);
             row.violations.extend(world.guests_kept_their_addresses());
             let holders = world.holders_of_server_ip().await?;
