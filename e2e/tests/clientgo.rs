@@ -6,7 +6,8 @@
 //!
 //! Two replicas of the server run; the APIService's Service points at a proxy standing for
 //! its endpoints (replica A), so that A can be restarted while B takes over, as when a pod of
-//! the Deployment is replaced. A test binary of its own: the APIService is cluster-wide.
+//! the Deployment is replaced, and B can then crash while the restarted A takes over. A test
+//! binary of its own: the APIService is cluster-wide.
 
 #[path = "apiserver/setup.rs"]
 mod setup;
@@ -36,10 +37,10 @@ struct Backend {
     cp: &'static ControlPlane,
     /// The Service's endpoints: forwards new connections to the serving replica.
     proxy: FaultProxy,
-    /// Replica A, behind the proxy until it is restarted.
+    /// Replica A, behind the proxy until it is restarted; serving again after B crashed.
     a: Mutex<AggregatedApi>,
-    /// Replica B, serving after A's restart.
-    b: AggregatedApi,
+    /// Replica B, serving after A's restart until it crashes.
+    b: Mutex<AggregatedApi>,
     viewer_kubeconfig: PathBuf,
     _controller_manager: Mutex<Process>,
 }
@@ -146,7 +147,7 @@ async fn start_backend(cp: &'static ControlPlane) -> Result<Backend> {
         cp,
         proxy,
         a: Mutex::new(a),
-        b,
+        b: Mutex::new(b),
         viewer_kubeconfig: kubeconfig_for(cp, VIEWER, &[], "clientgo-viewer.kubeconfig")?,
         _controller_manager: Mutex::new(controller_manager),
     })
@@ -311,11 +312,22 @@ fn admin_args(b: &Backend, ns: &TestNamespace) -> Vec<String> {
 /// (.10, .11, ... with MACs 02:00:00:00:<octet>:10, :11, ...), waited for until the views
 /// show them.
 async fn pool_with_rows(ns: &TestNamespace, pool: &str, octet: u8, allocated: u8) {
+    pool_with_rows_and(ns, pool, octet, allocated, &[]).await;
+}
+
+/// [`pool_with_rows`], with these addresses excluded (a row each).
+async fn pool_with_rows_and(
+    ns: &TestNamespace,
+    pool: &str,
+    octet: u8,
+    allocated: u8,
+    excluded: &[&str],
+) {
     create_pool(
         ns,
         pool,
         octet,
-        json!({"serverIP": format!("172.{octet}.0.50")}),
+        json!({"serverIP": format!("172.{octet}.0.50"), "pool": {"exclude": excluded}}),
     )
     .await;
     for i in 0..allocated {
@@ -328,7 +340,7 @@ async fn pool_with_rows(ns: &TestNamespace, pool: &str, octet: u8, allocated: u8
         )
         .await;
     }
-    let want = usize::from(allocated) + 1;
+    let want = usize::from(allocated) + 1 + excluded.len();
     let cp = backend().await.cp;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -413,8 +425,9 @@ impl Backend {
     /// Replica A goes away as a replaced pod does (out of the endpoints, and SIGTERM: it
     /// drains and exits), B serves, and A comes back as a new process, ready.
     async fn restart_a(&self) -> Result<()> {
+        let b_port = self.b.lock().unwrap_or_else(|e| e.into_inner()).port;
         self.proxy
-            .set_target(SocketAddr::from(([127, 0, 0, 1], self.b.port)));
+            .set_target(SocketAddr::from(([127, 0, 0, 1], b_port)));
         let pid = {
             let a = self.a.lock().unwrap_or_else(|e| e.into_inner());
             let process = a.process.lock().unwrap_or_else(|e| e.into_inner());
@@ -445,34 +458,76 @@ impl Backend {
         *self.a.lock().unwrap_or_else(|e| e.into_inner()) = restarted;
         Ok(())
     }
+
+    /// Replica B crashes (SIGKILL) while it serves: for a second its endpoint still takes
+    /// connections (refused: the aggregator answers 503), then traffic moves to A; B comes
+    /// back as a new process.
+    async fn crash_b(&self) -> Result<()> {
+        {
+            let b = self.b.lock().unwrap_or_else(|e| e.into_inner());
+            b.process.lock().unwrap_or_else(|e| e.into_inner()).kill();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let a_port = self.a.lock().unwrap_or_else(|e| e.into_inner()).port;
+        self.proxy
+            .set_target(SocketAddr::from(([127, 0, 0, 1], a_port)));
+        let restarted = setup::spawn_replica("apiserver-b-restarted")?;
+        wait_ready(self.cp, &restarted).await?;
+        *self.b.lock().unwrap_or_else(|e| e.into_inner()) = restarted;
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn informers_in_both_watch_modes_across_a_replica_restart() {
+async fn informers_in_both_watch_modes_across_a_replica_restart_and_a_crash() {
+    informers_across_restart_and_crash("cginf", 44, &[]).await;
+}
+
+/// The same with a pool whose creation makes two rows at one revision (excluded .40,
+/// reserved .50). A replica that replays the pool's creation stamps them `r×K+0` and
+/// `r×K+1`; one that starts later stamps every reserved or excluded row `r×K+0` (from the
+/// pool's resourceVersion, see `vm_dhcp_apiserver::store`). So after the relist that a
+/// crash forces onto the restarted replica, the reserved row's version goes back by one
+/// (content unchanged): the program reports it. Open: versions of reserved and excluded
+/// rows that every replica agrees on need the revision of the pool's last spec change,
+/// which a replica that starts later cannot see (status writes move the pool's
+/// resourceVersion on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open: reserved/excluded rows' versions differ between replicas (see the doc)"]
+async fn informers_see_no_version_go_back_with_two_rows_made_by_one_pool_write() {
+    informers_across_restart_and_crash("cginfx", 47, &["172.47.0.40"]).await;
+}
+
+/// The informers check on pool `inf` (172.<octet>.0.0/24, two allocations, `excluded`).
+async fn informers_across_restart_and_crash(prefix: &str, octet: u8, excluded: &[&str]) {
     let b = backend().await;
     let _exclusive = RESTART.write().await;
-    let ns = b.cp.namespace("cginf").await;
-    pool_with_rows(&ns, "inf", 44, 2).await;
+    let ns = b.cp.namespace(prefix).await;
+    pool_with_rows_and(&ns, "inf", octet, 2, excluded).await;
     let mut args = admin_args(b, &ns);
     args.push("--pool=inf".into());
     let ns = &ns;
+    let ip = |i: u8| format!("172.{octet}.0.{i}");
+    let mac = |i: u8| format!("02:00:00:00:{octet}:{i}");
+    let (ip, mac) = (&ip, &mac);
     run_check("informers", args, |s| async move {
         match s.as_str() {
             "allocate" => {
-                allocate(ns, "inf", "172.44.0.30", "02:00:00:00:44:30", None).await;
+                allocate(ns, "inf", &ip(30), &mac(30), None).await;
                 Ok(format!(
                     "{} {}",
-                    view_name("inf", "172.44.0.30"),
-                    view_name("inf", "02:00:00:00:44:30")
+                    view_name("inf", &ip(30)),
+                    view_name("inf", &mac(30))
                 ))
             }
             "restart" => b.restart_a().await.map(|()| String::new()),
+            "crash" => b.crash_b().await.map(|()| String::new()),
             "release" => {
-                release(ns, "inf", "172.44.0.10").await;
+                release(ns, "inf", &ip(10)).await;
                 Ok(format!(
                     "{} {}",
-                    view_name("inf", "172.44.0.10"),
-                    view_name("inf", "02:00:00:00:44:10")
+                    view_name("inf", &ip(10)),
+                    view_name("inf", &mac(10))
                 ))
             }
             "delete-pool" => {

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -56,8 +57,8 @@ type observed struct {
 	inf       cache.SharedIndexInformer
 
 	// Calls the reflector made: LIST, WATCH with sendInitialEvents=true (a watch-list),
-	// plain WATCH.
-	lists, watchLists, watches atomic.Int32
+	// plain WATCH; and how many lists (of either kind) completed.
+	lists, watchLists, watches, synced atomic.Int32
 
 	mu          sync.Mutex
 	events      []string
@@ -66,6 +67,7 @@ type observed struct {
 	lastSync    int64            // LastSyncResourceVersion, as last sampled
 	problems    []string
 	watchErrors []string
+	callLog     []string
 }
 
 func (w *observed) problem(format string, args ...any) {
@@ -136,7 +138,15 @@ func (w *observed) sample() {
 }
 
 func (w *observed) calls() string {
-	return fmt.Sprintf("%d LIST, %d watch-list, %d WATCH", w.lists.Load(), w.watchLists.Load(), w.watches.Load())
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return fmt.Sprintf("%d LIST, %d watch-list, %d WATCH: %v", w.lists.Load(), w.watchLists.Load(), w.watches.Load(), w.callLog)
+}
+
+func (w *observed) note(format string, args ...any) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.callLog = append(w.callLog, fmt.Sprintf(format, args...))
 }
 
 func newObserved(dyn dynamic.Interface, resource, namespace string, watchList bool) *observed {
@@ -152,17 +162,40 @@ func newObserved(dyn dynamic.Interface, resource, namespace string, watchList bo
 			w.lists.Add(1)
 			l, err := ri.List(ctx, opts)
 			if err != nil {
+				w.note("LIST rv=%q: %v", opts.ResourceVersion, err)
 				return nil, err
 			}
+			w.note("LIST rv=%q: %s", opts.ResourceVersion, l.GetResourceVersion())
+			w.synced.Add(1)
 			return l, nil
 		},
 		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			kind := "WATCH"
 			if opts.SendInitialEvents != nil && *opts.SendInitialEvents {
 				w.watchLists.Add(1)
+				kind = "WATCH-LIST"
 			} else {
 				w.watches.Add(1)
 			}
-			return ri.Watch(ctx, opts)
+			ws, err := ri.Watch(ctx, opts)
+			if err != nil {
+				w.note("%s rv=%q: %v", kind, opts.ResourceVersion, err)
+				return nil, err
+			}
+			w.note("%s rv=%q", kind, opts.ResourceVersion)
+			// ERROR events (a 410 makes the reflector list again) are kept for the report.
+			return watch.Filter(ws, func(e watch.Event) (watch.Event, bool) {
+				switch e.Type {
+				case watch.Error:
+					w.note("%s rv=%q got ERROR %v", kind, opts.ResourceVersion, e.Object)
+				case watch.Bookmark:
+					if m, err := meta.Accessor(e.Object); err == nil && m.GetAnnotations()[metav1.InitialEventsAnnotationKey] == "true" {
+						w.note("%s rv=%q: initial events end at %s", kind, opts.ResourceVersion, m.GetResourceVersion())
+						w.synced.Add(1)
+					}
+				}
+				return e, true
+			}), nil
 		},
 	}
 	w.inf = cache.NewSharedIndexInformer(lw, &unstructured.Unstructured{}, 0, cache.Indexers{})
@@ -247,8 +280,8 @@ func (w *observed) namespaceKey(name string) string {
 // checkInformers runs an informer per watch mode on ipamallocations and macaddresses in the
 // test's namespace. The test answers the steps: allocate (answers the new address's
 // allocation and MAC view names), restart (one replica of the server restarted while the
-// watches run), release (answers the released allocation's and MAC's view names),
-// delete-pool.
+// watches run), release (answers the released allocation's and MAC's view names), crash
+// (the replica serving then is killed, the restarted one takes over), delete-pool.
 func checkInformers(ctx context.Context, r *report, st *steps, cfg *rest.Config, o options) {
 	informerNamespace = o.namespace
 	dyn, err := dynamic.NewForConfig(cfg)
@@ -322,7 +355,7 @@ func checkInformers(ctx context.Context, r *report, st *steps, cfg *rest.Config,
 		w.sample()
 	}
 	for _, w := range byMode(true) {
-		if w.lists.Load() != 0 || w.watchLists.Load() != 1 {
+		if w.lists.Load() != 0 || w.watchLists.Load() != 1 || w.synced.Load() != 1 {
 			r.fail("informers/sync", "%s: %s; want one watch-list ended by the k8s.io/initial-events-end bookmark and no LIST (client-go falls back to LIST when the bookmark never comes)", w.name, w.calls())
 			return
 		}
@@ -399,7 +432,50 @@ func checkInformers(ctx context.Context, r *report, st *steps, cfg *rest.Config,
 	}
 	r.pass("informers/release", "DELETED %s / %s seen by all four informers", ipamName, macName)
 
-	// 5. The pool deleted: every row of it goes.
+	// 5. The replica now serving crashes (SIGKILL: its streams break mid-way, no clean end)
+	//    and the restarted one takes over: every informer lists again (a broken stream
+	//    makes client-go relist), on the replica that restarted, and no version goes back,
+	//    per object or per informer.
+	before = map[*observed]int32{}
+	for _, w := range all {
+		before[w] = w.synced.Load()
+	}
+	if _, err := st.do("crash"); err != nil {
+		r.fail("informers/crash", "%v", err)
+		return
+	}
+	if missing := waitFor(all, 2*o.timeout, func(w *observed) bool {
+		return w.synced.Load() > before[w]
+	}); len(missing) > 0 {
+		r.fail("informers/crash", "no relist after the serving replica crashed: %s", namesOf(missing))
+		return
+	}
+	// (A watch-list answered 503 while the dead replica still had the endpoint makes
+	// client-go fall back to LIST at once: a LIST in that mode is no finding here.)
+	for _, w := range all {
+		if !w.watchList && w.watchLists.Load() != 0 {
+			r.fail("informers/crash", "%s made a watch-list with the feature off: %s", w.name, w.calls())
+			return
+		}
+	}
+	if missing := waitFor(all, o.timeout, func(w *observed) bool {
+		list, err := dyn.Resource(gv.WithResource(w.resource)).Namespace(o.namespace).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false
+		}
+		var want []string
+		for _, item := range list.Items {
+			want = append(want, item.GetName())
+		}
+		slices.Sort(want)
+		return slices.Equal(w.names(), want)
+	}); len(missing) > 0 {
+		r.fail("informers/crash", "after the relist the stores differ from a LIST: %s", namesOf(missing))
+		return
+	}
+	r.pass("informers/crash", "every informer listed again on the restarted replica and holds what a LIST holds: %s", namesOf(all))
+
+	// 6. The pool deleted: every row of it goes.
 	stores := map[*observed][]string{}
 	for _, w := range all {
 		stores[w] = w.names()

@@ -30,6 +30,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
 )
 
 const (
@@ -151,6 +152,12 @@ func main() {
 		os.Exit(2)
 	}
 	installGates()
+	// CLIENTGO_KLOG_V=4 shows why a reflector listed again (its 410s are logged at 4).
+	if v := os.Getenv("CLIENTGO_KLOG_V"); v != "" {
+		klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+		klog.InitFlags(klogFlags)
+		_ = klogFlags.Set("v", v)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	r := &report{}
