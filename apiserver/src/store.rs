@@ -16,7 +16,13 @@
 //!   create, update or delete changes at most one object of each view: `i = 0`, the version
 //!   is `r × K`, the revision of the address object's event itself. A pool spec change (the
 //!   pool created or deleted, `exclude` or `router` set) can change many rows at once:
-//!   `i = 0, 1, …`, at most [`EVENT_VERSIONS`] of them. A pool status write changes nothing.
+//!   `i = 0, 1, …`, at most [`EVENT_VERSIONS`] of them. The reserved and excluded rows of
+//!   a pool written at `r` (its spec or only its status) all take `r × K + j`, `j` their
+//!   place among them by name, changed or not (a MODIFIED with the same content); the
+//!   other rows the write changes come after them. So a replica that starts later, which
+//!   knows only the pool's current resourceVersion, gives those rows the same versions as
+//!   one that applied every write: a client that lists again on another replica never
+//!   sees an unchanged row's version go back (client-go's informers compare them).
 //! - **Writes are applied in revision order across both kinds**, so that every replica
 //!   computes the same objects from the same states. The two kinds arrive on two watch
 //!   streams, each in revision order, but not in one order relative to each other, and not
@@ -37,8 +43,7 @@
 //! - An object keeps its version while its content is unchanged. A replica that starts later
 //!   shows, for an object unchanged since, the address object's revision × `K` (what a
 //!   replica that saw the write shows), and for a reserved or excluded row its pool's
-//!   revision at start × `K` (possibly another number than an older replica's, for the same
-//!   content). Start and relist read one consistent snapshot: the IPPools, then the address
+//!   revision × `K` + its place among them (the same as an older replica's, see above). Start and relist read one consistent snapshot: the IPPools, then the address
 //!   objects at exactly the IPPools' list revision.
 //! - **What cannot be put in order is not hidden**: a write that arrives after the views have
 //!   passed its revision (its watch fell behind more than the server waited, or an IPPool was
@@ -271,21 +276,37 @@ impl View {
         self.objects.remove(key)
     }
 
-    /// Brings `rows` up to date; each change gets its version from `stamp`. True if
-    /// anything changed.
-    fn commit(&mut self, rows: Vec<Row>, stamp: Stamp, watermark: u64, limit: usize) -> bool {
+    /// Brings `rows` up to date; each change gets its version from `stamp`. The rows in
+    /// `restamp` (the reserved and excluded rows of a pool written at this revision) take
+    /// a new version even when their content is the same, and the first ones, in name
+    /// order (see the module documentation). True if anything changed.
+    fn commit(
+        &mut self,
+        rows: Vec<Row>,
+        restamp: &BTreeSet<Key>,
+        stamp: Stamp,
+        watermark: u64,
+        limit: usize,
+    ) -> bool {
         let mut diffs = Vec::new();
+        let mut later = Vec::new();
         for (pool, key, desired) in rows {
             let old = self.objects.get(&key).cloned();
+            let first = desired.is_some() && restamp.contains(&key);
             let kind = match (&old, &desired) {
                 (None, None) => continue,
-                (Some(o), Some(n)) if o.same_content(n) => continue,
+                (Some(o), Some(n)) if o.same_content(n) && !first => continue,
                 (Some(_), Some(_)) => EventType::Modified,
                 (None, Some(_)) => EventType::Added,
                 (Some(_), None) => EventType::Deleted,
             };
-            diffs.push((pool, key, kind, desired, old));
+            if first {
+                diffs.push((pool, key, kind, desired, old));
+            } else {
+                later.push((pool, key, kind, desired, old));
+            }
         }
+        diffs.append(&mut later);
         if diffs.is_empty() {
             return false;
         }
@@ -483,11 +504,13 @@ impl PoolAddresses {
 struct Touched {
     ips: BTreeSet<(Key, IpAddr)>,
     macs: BTreeSet<(Key, MacAddr)>,
+    /// The pool this write is of (its reserved and excluded rows take the write's version).
+    pool: Option<Key>,
 }
 
 impl Touched {
     fn is_empty(&self) -> bool {
-        self.ips.is_empty() && self.macs.is_empty()
+        self.ips.is_empty() && self.macs.is_empty() && self.pool.is_none()
     }
 
     /// Every row of a pool: its address objects' addresses and MACs, and its spec's marks.
@@ -662,8 +685,14 @@ impl Inner {
                 {
                     self.lease_dirty.insert(key.clone());
                 }
+                t.pool = Some(key.clone());
                 match self.specs.get(&key) {
-                    Some(old) if old.same_views(&new) => {}
+                    Some(old) if old.same_views(&new) => {
+                        // The rows are the same; the reserved and excluded ones take this
+                        // revision all the same (see the module documentation).
+                        t.ips.extend(new.marks.keys().map(|ip| (key.clone(), *ip)));
+                        self.specs.insert(key.clone(), new);
+                    }
                     Some(old) if old.network == new.network => {
                         t.ips.extend(
                             old.marks
@@ -743,6 +772,10 @@ impl Inner {
         if t.is_empty() {
             return false;
         }
+        let restamp: BTreeSet<Key> = match &t.pool {
+            Some(pool) if matches!(stamp, Stamp::At(_)) => self.mark_rows(pool),
+            _ => BTreeSet::new(),
+        };
         let mut ips: Vec<Row> = t
             .ips
             .into_iter()
@@ -764,9 +797,23 @@ impl Inner {
             .collect();
         macs.sort_by(|a, b| a.1.cmp(&b.1));
         let w = self.watermark;
-        let a = self.views[0].commit(ips, stamp, w, limit);
-        let b = self.views[1].commit(macs, stamp, w, limit);
+        let a = self.views[0].commit(ips, &restamp, stamp, w, limit);
+        let b = self.views[1].commit(macs, &BTreeSet::new(), stamp, w, limit);
         a || b
+    }
+
+    /// The `ipamallocations` rows of `pool` that come from its spec alone (reserved or
+    /// excluded, held by no address object), by name.
+    fn mark_rows(&self, pool: &Key) -> BTreeSet<Key> {
+        let Some(spec) = self.specs.get(pool) else {
+            return BTreeSet::new();
+        };
+        let held = self.addresses.get(pool);
+        spec.marks
+            .keys()
+            .filter(|ip| held.is_none_or(|a| a.holder(**ip).is_none()))
+            .map(|ip| (pool.0.clone(), allocation_name(&pool.1, *ip)))
+            .collect()
     }
 
     /// Replaces the IPPools and address objects with a snapshot at `revision`.
@@ -858,12 +905,29 @@ impl Inner {
             if let Some(a) = held {
                 ips.extend(a.by_ip.keys().copied());
             }
+            // The reserved and excluded rows: the pool's revision, each at its place among
+            // them by name, as every replica that applied the pool's last write stamped
+            // them (see the module documentation).
+            let marks: Vec<String> = spec
+                .marks
+                .keys()
+                .filter(|ip| held.is_none_or(|a| a.holder(**ip).is_none()))
+                .map(|ip| allocation_name(&key.1, *ip))
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .collect();
             for ip in ips {
                 let holder = held.and_then(|a| a.holder(ip));
                 if let Some(mut obj) =
                     allocation_object(&key.0, &key.1, spec, ip, holder.map(|h| &**h))
                 {
-                    obj.resource_version = natural(holder.map_or(spec.rv, |h| h.rv));
+                    obj.resource_version = match holder {
+                        Some(h) => natural(h.rv),
+                        None => {
+                            let place = marks.iter().position(|m| *m == obj.name).unwrap_or(0);
+                            change_version(spec.rv, place as u64).min(list)
+                        }
+                    };
                     views[0].put(key, Arc::new(obj));
                 }
             }

@@ -784,3 +784,62 @@ fn a_late_write_older_than_what_a_snapshot_brought_is_dropped() {
         rv
     );
 }
+
+#[test]
+fn reserved_and_excluded_rows_have_the_same_versions_on_a_replica_started_later() {
+    let excluded = ["10.0.0.20", "10.0.0.21"];
+    // Replica A applies the pool's creation (two rows at one revision), then a write of
+    // the pool that leaves its spec alone (a status write).
+    let a = started(100, vec![], vec![]);
+    a.apply(vec![pool_write(pool(101, &excluded))]);
+    a.apply(caught_up(101));
+    assert_eq!(
+        events(&a, Resource::IpamAllocations, list_version(100)),
+        vec![
+            (change_version(101, 0), "ADDED", "net.10-0-0-20".to_string()),
+            (change_version(101, 1), "ADDED", "net.10-0-0-21".to_string()),
+        ]
+    );
+    // Replica B starts now: the same versions.
+    let b = started(101, vec![pool(101, &excluded)], vec![]);
+    assert_eq!(
+        contents(&a, Resource::IpamAllocations),
+        contents(&b, Resource::IpamAllocations)
+    );
+    a.apply(vec![pool_write(pool(102, &excluded))]);
+    a.apply(caught_up(103));
+    b.apply(vec![pool_write(pool(102, &excluded))]);
+    b.apply(caught_up(103));
+    // The rows take the write's revision on both, content unchanged...
+    assert_eq!(
+        events(&a, Resource::IpamAllocations, list_version(101)),
+        vec![
+            (
+                change_version(102, 0),
+                "MODIFIED",
+                "net.10-0-0-20".to_string()
+            ),
+            (
+                change_version(102, 1),
+                "MODIFIED",
+                "net.10-0-0-21".to_string()
+            ),
+        ]
+    );
+    // ...which is what replica C, started after that write, shows: an unchanged row's
+    // version never goes back for a client that lists again elsewhere.
+    let c = started(103, vec![pool(102, &excluded)], vec![]);
+    for replica in [&b, &c] {
+        assert_eq!(
+            contents(&a, Resource::IpamAllocations),
+            contents(replica, Resource::IpamAllocations)
+        );
+    }
+    // An address write leaves them alone.
+    a.apply(vec![put(104, 10)]);
+    a.apply(caught_up(104));
+    assert_eq!(
+        events(&a, Resource::IpamAllocations, list_version(103)),
+        vec![(change_version(104, 0), "ADDED", "net.10-0-0-10".to_string())]
+    );
+}
