@@ -1667,3 +1667,72 @@ pub async fn run(cfg: Config) -> Result<Vec<Row>> {
     world.cp.check_alive()?;
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_outage_ends_with_the_first_probe_through_after_the_last_failure() {
+        let start = Instant::now();
+        let (lift, lifted) = tokio::sync::watch::channel(Some(start));
+        let tries = Arc::new(AtomicU64::new(0));
+        let t = tries.clone();
+        let o = watch_outage(start, lifted, Duration::from_millis(5), move || {
+            let n = t.fetch_add(1, Ordering::Relaxed);
+            async move { n >= 3 }
+        })
+        .await;
+        drop(lift);
+        assert!(o.was_down);
+        assert_eq!(
+            tries.load(Ordering::Relaxed),
+            4,
+            "stops at the first success"
+        );
+        assert!(
+            o.back.is_some_and(|b| b >= Duration::from_millis(15)),
+            "{o:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_never_down_is_up_and_one_never_back_is_reported() {
+        let start = Instant::now();
+        let (_lift, lifted) = tokio::sync::watch::channel(Some(start));
+        let up = watch_outage(start, lifted, Duration::from_millis(5), || async { true }).await;
+        assert!(!up.was_down);
+        assert_eq!(up.back, Some(Duration::ZERO));
+        assert_eq!(outage_cell(&up), "up");
+        // Lifted long ago: a probe that keeps failing gives up at once.
+        let long_ago = Instant::now()
+            .checked_sub(GIVE_UP + Duration::from_secs(1))
+            .unwrap_or(start);
+        let (_lift, lifted) = tokio::sync::watch::channel(Some(long_ago));
+        let down = watch_outage(long_ago, lifted, Duration::from_millis(5), || async {
+            false
+        })
+        .await;
+        assert!(down.was_down);
+        assert_eq!(down.back, None);
+        assert_eq!(outage_cell(&down), "never");
+    }
+
+    #[test]
+    fn every_fault_has_a_short_name() {
+        let short = [
+            "webhook",
+            "controller",
+            "agent",
+            "apiserver",
+            "kube-apiserver",
+            "etcd",
+            "partition",
+            "node",
+            "nospace",
+        ];
+        let parsed: Vec<Fault> = short.iter().filter_map(|s| Fault::parse(s)).collect();
+        assert_eq!(parsed, Fault::ALL.to_vec());
+        assert_eq!(Fault::parse("nothing"), None);
+    }
+}
