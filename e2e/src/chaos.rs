@@ -8,15 +8,16 @@
 //! While a fault is injected and lifted, probes watch what users see: admission (a VM create
 //! admitted with an allocation), DHCP (a fresh DORA of a guest), the controllers (the leader
 //! Lease held by a live controller), the agents (as many Ready as the controller places) and
-//! the aggregated apiserver (`/readyz`). Each probe's recovery is the time from the fault's
-//! start until a probe went through after the last one that failed. Then the load pauses and the
-//! allocation store is checked against the VMs (see [`check`]).
+//! the aggregated apiserver (`ipamallocations` listed through kube-apiserver's aggregator).
+//! Each probe's recovery is the time from the fault's start until a probe went through after
+//! the last one that failed. Then the load pauses and the allocation store is checked
+//! against the VMs (see [`check`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,9 @@ pub const DHCP_BOUND: Duration = Duration::from_secs(5);
 const RESTART_DOWN: Duration = Duration::from_secs(2);
 const NOSPACE_FOR: Duration = Duration::from_secs(5);
 const PARTITION_FOR: Duration = Duration::from_secs(12);
+/// How long a kubelet takes to start a crashed container again (the aggregated apiserver
+/// runs one replica here: its outage is this plus its start).
+const KUBELET_RESTART_DELAY: Duration = Duration::from_secs(1);
 /// A probe that has not recovered this long after the fault was lifted never will.
 const GIVE_UP: Duration = Duration::from_secs(90);
 /// Characters of violations shown in one cell of the table.
@@ -222,7 +226,8 @@ pub fn table(rows: &[Row]) -> String {
         "\nTimes from the fault's start until a probe went through after the last one that \
          failed (\"up\": none failed; \"slowest\": a probe held, not failed, that long). Admission must be back \
          within the webhook's timeout of the fault's end (for kube-apiserver and etcd \
-         faults: of kube-apiserver ready again); DHCP within 5 s of an agent kill. \"guest leases lost\": \
+         faults: of kube-apiserver ready again); DHCP within 5 s of an agent kill. \"apiserver\": ipamallocations listed \
+         through kube-apiserver's aggregator. \"guest leases lost\": \
          renewing guests (leases of 20 s) whose renewals went unanswered until expiry. \"longest \
          leak\": the longest an address object or claim whose MAC no live VM holds lived \
          (sampled every 0.5 s; the bound is the webhook's timeout, the leak grace, a \
@@ -318,10 +323,53 @@ fn start_apiserver(
     Ok(Apiserver { proc })
 }
 
-async fn apiserver_ready(port: u16) -> bool {
-    crate::kubelet::https_status(std::net::Ipv4Addr::LOCALHOST, port, "/readyz", "localhost")
+/// Registers the aggregated API as a user's cluster has it: an APIService for
+/// `dhcp.harvesterhci.io/v1alpha1` and its Service (ExternalName → localhost, the server's
+/// port). The control plane is this test binary's own, so the cluster-wide APIService
+/// disturbs no other test.
+async fn register_apiservice(ns: &TestNamespace, port: u16) -> Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+    use kube::api::{Patch, PatchParams};
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "vm-dhcp-apiserver"},
+        "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port}]}
+    }))?;
+    ns.api::<Service>()
+        .create(&PostParams::default(), &svc)
         .await
-        .is_some_and(|code| code == 200)
+        .context("the aggregated API's Service")?;
+    // Without --tls-cert-file the server's certificate is self-signed.
+    let apisvc: APIService = serde_json::from_value(json!({
+        "metadata": {"name": "v1alpha1.dhcp.harvesterhci.io"},
+        "spec": {"group": "dhcp.harvesterhci.io", "version": "v1alpha1",
+                 "groupPriorityMinimum": 1000, "versionPriority": 15,
+                 "insecureSkipTLSVerify": true,
+                 "service": {"namespace": ns.name, "name": "vm-dhcp-apiserver", "port": port}}
+    }))?;
+    Api::<APIService>::all(ns.client.clone())
+        .patch(
+            "v1alpha1.dhcp.harvesterhci.io",
+            &PatchParams::apply("vm-dhcp-chaos").force(),
+            &Patch::Apply(&apisvc),
+        )
+        .await
+        .context("the aggregated API's APIService")?;
+    Ok(())
+}
+
+/// `ipamallocations` of the namespace listed through kube-apiserver's aggregator, as
+/// `kubectl get ipamallocations` does.
+async fn aggregated_list(client: &Client, ns: &str) -> bool {
+    let path = format!("/apis/dhcp.harvesterhci.io/v1alpha1/namespaces/{ns}/ipamallocations");
+    let Ok(req) = http::Request::get(path).body(Vec::new()) else {
+        return false;
+    };
+    let Ok(Ok(body)) = tokio::time::timeout(Duration::from_secs(5), client.request_text(req)).await
+    else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["items"].is_array())
 }
 
 /// kube-apiserver's `/readyz` says ok.
@@ -651,7 +699,8 @@ struct World {
     controllers: Vec<Controller>,
     restarts: u32,
     apiserver: Apiserver,
-    apiserver_port: Arc<AtomicU16>,
+    /// The aggregated apiserver's port (kept across its restarts, as a pod's is).
+    apiserver_port: u16,
     token_file: PathBuf,
     network: String,
     agent_lease: String,
@@ -770,6 +819,7 @@ impl World {
         ];
         let port = crate::free_port()?;
         let apiserver = start_apiserver(cp, &token_file, port)?;
+        register_apiservice(&ns, port).await?;
         // Pinned VMs: the probe's and the renewing guests'.
         let vms: Api<VirtualMachine> = ns.api();
         let mut pinned = Vec::new();
@@ -792,7 +842,7 @@ impl World {
             controllers,
             restarts: 2,
             apiserver,
-            apiserver_port: Arc::new(AtomicU16::new(port)),
+            apiserver_port: port,
             token_file,
             network: network.clone(),
             agent_lease,
@@ -802,6 +852,16 @@ impl World {
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
         };
         world.active_agent(Duration::from_secs(90)).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !aggregated_list(&world.client(), &world.ns.name).await {
+            if Instant::now() > deadline {
+                bail!(
+                    "ipamallocations never listed through the aggregator:\n{}",
+                    world.apiserver.proc.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         if !world.dhcp_once().await {
             // The first agent may still be loading its table.
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -995,10 +1055,10 @@ impl World {
             }
             Fault::AggregatedApiserver => {
                 self.apiserver.proc.kill();
-                // The kubelet restarts the container: same port.
-                let port = self.apiserver_port.load(Ordering::Relaxed);
-                self.apiserver = start_apiserver(self.cp, &self.token_file, port)?;
                 lift_tx.send_replace(Some(Instant::now()));
+                // The kubelet notices the crash and starts the container again, same port.
+                tokio::time::sleep(KUBELET_RESTART_DELAY).await;
+                self.apiserver = start_apiserver(self.cp, &self.token_file, self.apiserver_port)?;
             }
             Fault::KubeApiserverRestart | Fault::EtcdRestart => {
                 let (name, port) = if fault == Fault::EtcdRestart {
@@ -1262,10 +1322,10 @@ impl World {
             }))
         };
         let apiserver = {
-            let port = self.apiserver_port.clone();
+            let (client, ns) = (self.client(), self.ns.name.clone());
             tokio::spawn(watch_outage(start, lifted.clone(), fast, move || {
-                let port = port.load(Ordering::Relaxed);
-                async move { apiserver_ready(port).await }
+                let (client, ns) = (client.clone(), ns.clone());
+                async move { aggregated_list(&client, &ns).await }
             }))
         };
         Probes {
