@@ -38,6 +38,16 @@ struct Server {
 
 impl Server {
     async fn start(cp: &ControlPlane, ns: &TestNamespace, extra: &[&str]) -> Server {
+        Self::start_with(cp, ns, extra, None).await
+    }
+
+    /// [`Server::start`], with at most `nofile` file descriptors for the process.
+    async fn start_with(
+        cp: &ControlPlane,
+        ns: &TestNamespace,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Server {
         let dir = run_dir()
             .expect("run dir")
             .join(format!("hostile-{}", ns.name));
@@ -61,6 +71,23 @@ impl Server {
             "--service-cidr=10.96.0.0/12",
         ]);
         cmd.args(extra);
+        if let Some(limit) = nofile {
+            // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+            unsafe {
+                use std::os::unix::process::CommandExt as _;
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let run = run_dir().expect("run dir");
         let mut proc = Process::spawn(
             "vm-dhcp-webhook-hostile",
@@ -1024,4 +1051,93 @@ async fn hostile_aggregated_api_queries_get_a_status_never_a_crash() {
     );
     let log = std::fs::read_to_string(&process.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "{}", process.log_tail(40));
+}
+
+/// CPU time (user + system) of a process, from /proc/<pid>/stat, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the file, 11 and 12 after the command name.
+    field(11) + field(12)
+}
+
+/// Out of file descriptors, `accept` fails at once and keeps failing while the connection
+/// waits in the queue: the server must wait between tries (a spinning loop burns a core),
+/// and accept again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
+    let cp = ControlPlane::shared().await;
+    let ns = cp.namespace("hostfd").await;
+    let mut server = Server::start_with(cp, &ns, &["--header-read-timeout=60s"], Some(128)).await;
+    let pid = server.pid();
+    // Fill the descriptor table: plain TCP connections, held open. Those past the limit wait
+    // in the listen queue, where accept fails on them with EMFILE.
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", server.port)).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failures = || {
+        std::fs::read_to_string(&server.proc.log)
+            .unwrap_or_default()
+            .matches("accepting a connection failed")
+            .count()
+    };
+    let (t0, c0, f0) = (Instant::now(), cpu_ticks(pid), failures());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy = (cpu_ticks(pid) - c0) as f64 / hz / t0.elapsed().as_secs_f64();
+    let (before, during) = (f0, failures() - f0);
+    println!(
+        "out of descriptors: {} connections held; over 4 s the webhook used {:.1} % of a core and retried accept {during} times ({before} before)",
+        held.len(),
+        busy * 100.0
+    );
+    assert!(
+        before + during > 0,
+        "accept never failed: the limit was not reached\n{}",
+        server.proc.log_tail(20)
+    );
+    // Backing off up to a second: a handful of tries in 4 s. Without the backoff, thousands
+    // (with a zero pause) or millions and a whole core (with none).
+    assert!(during < 100, "{during} accept retries in 4 s: no backoff");
+    assert!(
+        busy < 0.5,
+        "the accept loop spins: {:.0} % of a core",
+        busy * 100.0
+    );
+    // Descriptors free again: served again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = request(
+            server.port,
+            &server.tls,
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if answer
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving after the descriptors were freed: {answer:?}\n{}",
+            server.proc.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.assert_healthy();
 }
