@@ -13,6 +13,7 @@ use crate::crd::{Condition, IPv4Status, NetworkConfig};
 use crate::kubevirt::VirtualMachine;
 use crate::mac::MacAddr;
 
+pub mod agent_pod;
 pub mod owners;
 
 /// Our finalizer on IPPools and vmnetcfgs (the Go version's are `wrangler.cattle.io/vm-dhcp-*`).

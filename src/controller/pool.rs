@@ -29,8 +29,7 @@ use vm_dhcp_core::store::{self as store, HalfMade, PoolKey};
 
 use super::{Ctx, Key, get, is_conflict, is_not_found, now_text};
 
-const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
-const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+use vm_dhcp_core::controller::agent_pod::{NOT_READY_TAINT, UNREACHABLE_TAINT};
 const WRITE_ATTEMPTS: usize = 10;
 /// Writes in flight while a pool status is migrated into objects.
 const MIGRATION_WRITES: usize = 32;
@@ -556,84 +555,24 @@ fn agent_pod(
     revision: &str,
     cn: &str,
     nad: (&str, &str),
-) -> Result<Pod> {
+) -> Pod {
     let pool_ns = pool.namespace().unwrap_or_default();
     let pool_name = pool.name_any();
-    let lease = decide::lease_name(&pool_ns, &pool_name);
-    let mut args = vec![
-        "agent".to_string(),
-        "--ippool-ref".into(),
-        format!("{pool_ns}/{pool_name}"),
-        "--lease-lock".into(),
-        format!("{}/{lease}", ctx.args.namespace),
-        "--lease-duration-seconds".into(),
-        ctx.args.agent_lease_duration_seconds.to_string(),
-        "--manage-server-ip".into(),
-        "--nic".into(),
-        "eth1".into(),
-    ];
-    if ctx.args.no_dhcp {
-        args.push("--dry-run".into());
-    }
-    let selector = serde_json::json!({
-        decide::POOL_NAMESPACE_LABEL: pool_ns,
-        decide::POOL_NAME_LABEL: pool_name,
-        decide::REVISION_LABEL: revision,
-    });
-    let mut node_terms = vec![serde_json::json!({
-        "key": format!("{}{cn}", decide::NODE_NETWORK_LABEL_PREFIX), "operator": "In", "values": ["true"]})];
-    if !ctx.args.agents_on_witness_nodes {
-        node_terms.push(serde_json::json!({
-            "key": decide::WITNESS_LABEL, "operator": "NotIn", "values": ["true"]}));
-    }
-    let grace = ctx.args.lost_node_grace_seconds;
-    let networks = serde_json::to_string(&serde_json::json!([
-        {"namespace": nad.0, "name": nad.1, "interface": "eth1"}
-    ]))?;
-    Ok(serde_json::from_value(serde_json::json!({
-        "metadata": {
-            "name": name,
-            "namespace": ctx.args.namespace,
-            "labels": {
-                decide::AGENT_LABEL: decide::AGENT_LABEL_VALUE,
-                decide::MANAGED_BY_LABEL: decide::MANAGED_BY_VALUE,
-                decide::POOL_NAMESPACE_LABEL: pool_ns,
-                decide::POOL_NAME_LABEL: pool_name,
-                decide::REVISION_LABEL: revision,
-            },
-            "annotations": {decide::MULTUS_ANNOTATION: networks},
-        },
-        "spec": {
-            "serviceAccountName": ctx.args.service_account_name,
-            "terminationGracePeriodSeconds": 10,
-            "affinity": {
-                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [{"matchExpressions": node_terms}]}},
-                "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
-                    "labelSelector": {"matchLabels": selector},
-                    "topologyKey": "kubernetes.io/hostname"}]},
-            },
-            // Lost nodes are handled here (force-delete and replace after the grace
-            // period), not by waiting out the default 300 s eviction.
-            "tolerations": [
-                {"key": UNREACHABLE_TAINT, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace},
-                {"key": NOT_READY_TAINT, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": grace},
-            ],
-            "containers": [{
-                "name": "agent",
-                "image": image,
-                "imagePullPolicy": "IfNotPresent",
-                "args": args,
-                "env": [{"name": "VM_DHCP_AGENT_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
-                "securityContext": {"runAsUser": 0, "runAsGroup": 0,
-                    "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}},
-                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 2},
-                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 10,
-                                  "failureThreshold": 6},
-            }],
-        }
-    }))?)
+    decide::agent_pod::agent_pod(&decide::agent_pod::AgentPodSpec {
+        name,
+        namespace: &ctx.args.namespace,
+        pool_ns: &pool_ns,
+        pool_name: &pool_name,
+        image,
+        revision,
+        service_account: &ctx.args.service_account_name,
+        cluster_network: cn,
+        nad,
+        lease_duration_seconds: ctx.args.agent_lease_duration_seconds,
+        lost_node_grace_seconds: ctx.args.lost_node_grace_seconds,
+        dry_run: ctx.args.no_dhcp,
+        on_witness_nodes: ctx.args.agents_on_witness_nodes,
+    })
 }
 
 async fn delete_pod(ctx: &Ctx, name: &str, force: bool) -> Result<()> {
@@ -771,7 +710,7 @@ async fn agents(
         let nad_ns = nad.namespace().unwrap_or_default();
         let nad_name = nad.name_any();
         for name in &plan.create {
-            let pod = agent_pod(ctx, pool, name, &image, &revision, cn, (&nad_ns, &nad_name))?;
+            let pod = agent_pod(ctx, pool, name, &image, &revision, cn, (&nad_ns, &nad_name));
             match api.create(&PostParams::default(), &pod).await {
                 Ok(_) => tracing::info!(pool = %key, pod = %name, %image, "agent pod created"),
                 Err(e) if is_conflict(&e) => {} // created before; the cache will show it
