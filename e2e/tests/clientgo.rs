@@ -2,7 +2,8 @@
 //! itself (the program in e2e/go/clientgo, client-go v0.34 as Harvester's Steve) through the
 //! real kube-apiserver's aggregator against `vm-dhcp apiserver`: discovery (aggregated v2 and
 //! legacy), OpenAPI v2 and v3, Table lists and watches, informers in both watch modes across
-//! the restart of a replica, and a user holding only the aggregated `view` ClusterRole.
+//! the restart of a replica and the crash of another, and a user holding only the aggregated
+//! `view` ClusterRole.
 //!
 //! Two replicas of the server run; the APIService's Service points at a proxy standing for
 //! its endpoints (replica A), so that A can be restarted while B takes over, as when a pod of
