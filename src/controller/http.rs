@@ -93,6 +93,16 @@ pub(super) fn render(ctx: &Ctx) -> Result<String, std::fmt::Error> {
         "Reconciles run by this replica, by kind of object (pool, workload: a VM and its vmnetcfg, nad)",
         ctx.reconciles.clone(),
     );
+    registry.register(
+        "vmdhcpcontroller_reconcile_failures",
+        "Reconciles that failed, by kind (each is recomputed after a backoff, never replayed)",
+        ctx.reconcile_failures.clone(),
+    );
+    registry.register(
+        "vmdhcpcontroller_reconcile_seconds",
+        "Time one reconcile took (reads, decisions, writes), by kind",
+        ctx.reconcile_seconds.clone(),
+    );
     let depth = Gauge::<i64>::default();
     depth.set(i64::try_from(ctx.queue.len()).unwrap_or(i64::MAX));
     registry.register(

@@ -32,6 +32,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use vm_dhcp_core::admission::network_key;
 use vm_dhcp_core::controller::owners::{Kind, OwnerIndex, Source};
 use vm_dhcp_core::controller::{self as decide, OrphanClock};
@@ -259,6 +260,10 @@ pub struct Ctx {
     swept: Family<Vec<(String, String)>, Counter>,
     /// Reconciles run, by kind of key (`pool`, `workload`, `nad`).
     reconciles: Family<Vec<(String, String)>, Counter>,
+    /// Reconciles that failed (their reads or writes), by kind; each is recomputed later.
+    reconcile_failures: Family<Vec<(String, String)>, Counter>,
+    /// How long reconciles took (reads, decisions, writes), by kind.
+    reconcile_seconds: Family<Vec<(String, String)>, Histogram>,
     recorder: Recorder,
     ready: AtomicBool,
     /// This replica holds the leader Lease (always, without leader election).
@@ -722,6 +727,10 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         started: Instant::now(),
         swept: Family::default(),
         reconciles: Family::default(),
+        reconcile_failures: Family::default(),
+        reconcile_seconds: Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.002, 2.0, 14))
+        }),
         recorder,
         ready: AtomicBool::new(false),
         leading: AtomicBool::new(args.no_leader_election),
@@ -917,9 +926,9 @@ async fn run_one(ctx: Arc<Ctx>, key: Key) -> (Key, Result<()>) {
         Key::Workload(..) => "workload",
         Key::Nad(..) => "nad",
     };
-    ctx.reconciles
-        .get_or_create(&vec![("kind".to_string(), kind.to_string())])
-        .inc();
+    let labels = vec![("kind".to_string(), kind.to_string())];
+    ctx.reconciles.get_or_create(&labels).inc();
+    let started = Instant::now();
     let work = async {
         match &key {
             Key::Pool(ns, name) => pool::reconcile(&ctx, ns, name).await,
@@ -935,6 +944,12 @@ async fn run_one(ctx: Arc<Ctx>, key: Key) -> (Key, Result<()>) {
             "no answer from the apiserver within {limit:?} (--reconcile-timeout-seconds)"
         )),
     };
+    ctx.reconcile_seconds
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        ctx.reconcile_failures.get_or_create(&labels).inc();
+    }
     (key, result)
 }
 
