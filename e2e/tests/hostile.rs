@@ -59,7 +59,11 @@ impl Server {
         std::fs::write(dir.join("tls.key"), &pair.key).expect("key");
         std::fs::write(dir.join("tls.crt"), &pair.cert).expect("cert");
         let port = vm_dhcp_e2e::free_port().expect("port");
-        let mut cmd = std::process::Command::new(vm_dhcp_e2e::bins::vm_dhcp_binary());
+        // `VM_DHCP_HOSTILE_BIN`: another build of the binary (a release build, for figures).
+        let bin = std::env::var_os("VM_DHCP_HOSTILE_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(vm_dhcp_e2e::bins::vm_dhcp_binary);
+        let mut cmd = std::process::Command::new(bin);
         cmd.args([
             "webhook",
             &format!("--kubeconfig={}", cp.kubeconfig_path.display()),
