@@ -393,10 +393,10 @@ struct Cut {
 /// a new one; an accept error (out of file descriptors) backs off, up to a second.
 ///
 /// When `shutdown` resolves, `readiness` turns to draining and requests are still served
-/// for `shutdown_delay`; then no new connection is taken, idle ones close, and the ones
-/// serving a request finish it (for up to `drain_timeout`) before they close:
-/// kube-apiserver keeps reusing a connection to a pod whose endpoint is already gone, and
-/// cutting it would fail an admission mid-flight.
+/// for `shutdown_delay`, each response saying `Connection: close`; then no new connection is
+/// taken, idle ones close, and the ones serving a request finish it (for up to
+/// `drain_timeout`) before they close: kube-apiserver keeps reusing a connection to a pod
+/// whose endpoint is already gone, and cutting it would fail an admission mid-flight.
 pub async fn serve_with(
     listener: TcpListener,
     configs: tokio::sync::watch::Receiver<DynamicConfig>,
@@ -504,6 +504,7 @@ pub async fn serve_with(
             ))
         };
         let mut drain = drain_rx.clone();
+        let readiness = readiness.clone();
         let handle = conns.add();
         let cut = cut.clone();
         let handshake_timeout = limits.tls_handshake_timeout;
@@ -541,11 +542,21 @@ pub async fn serve_with(
             };
             let tower = TowerToHyperService::new(router);
             let tracked = conn.clone();
+            let stopping = readiness.clone();
             let service = hyper::service::service_fn(move |req| {
                 let busy = Busy::new(&tracked);
                 let call = hyper::service::Service::call(&tower, req);
+                let stopping = stopping.clone();
                 async move {
-                    let resp = call.await?;
+                    let mut resp = call.await?;
+                    if stopping.draining() {
+                        // Shutting down: the client opens its next connection elsewhere,
+                        // instead of reusing this one just as the drain closes it.
+                        resp.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
                     Ok::<_, std::convert::Infallible>(resp.map(|body| {
                         // Busy until hyper drops the body: written, or the peer gone.
                         axum::body::Body::new(http_body_util::BodyExt::map_frame(

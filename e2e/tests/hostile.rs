@@ -916,6 +916,18 @@ async fn sigterm_drops_readiness_first_and_lets_the_request_in_flight_finish() {
         healthy.lines().next().unwrap_or_default()
     );
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    // A client that would keep its connection is told to close it.
+    let kept = request(
+        port,
+        &tls,
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await
+    .expect("healthz, keep-alive");
+    assert!(
+        kept.to_ascii_lowercase().contains("connection: close"),
+        "{kept}"
+    );
     assert!(healthy.starts_with("HTTP/1.1 200"), "{healthy}");
     // The request in flight is answered in full, after the delay is over.
     let answer = finish.await.expect("task").expect("in-flight request");
