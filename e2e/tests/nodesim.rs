@@ -21,6 +21,16 @@ const DEADLINE: Duration = Duration::from_secs(30);
 #[path = "../../tests/support/needs.rs"]
 mod needs;
 
+/// The simulator makes network namespaces and runs busybox: without root, `ip` or busybox a
+/// test fails saying so (`VM_DHCP_TESTS_SKIP_MISSING=1`: skips).
+macro_rules! require_pods {
+    () => {
+        if !needs::require(module_path!(), true, &[needs::IP, needs::BUSYBOX]) {
+            return;
+        }
+    };
+}
+
 /// `program` (whose Debian package has its name), or a failure that says how to get it.
 fn which(program: &'static str) -> PathBuf {
     needs::require(
@@ -121,6 +131,7 @@ fn process_alive(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_affinity_places_the_pod_which_runs_ready_and_reachable() {
+    require_pods!();
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sim-affinity").await;
     // The labelled node sorts last: a scheduler ignoring affinity would pick "a".
@@ -221,6 +232,7 @@ async fn node_affinity_places_the_pod_which_runs_ready_and_reachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anti_affinity_puts_two_pods_on_distinct_nodes_and_leaves_a_third_pending() {
+    require_pods!();
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sim-anti").await;
     let nodes = vec![
@@ -298,6 +310,7 @@ async fn anti_affinity_puts_two_pods_on_distinct_nodes_and_leaves_a_third_pendin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_reaches_the_apiserver_through_the_forwarder_in_its_namespace() {
+    require_pods!();
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sim-apiserver").await;
     let sim = NodeSim::start(cp, &ns.name, vec![NodeSpec::new("a")], programs())
@@ -372,6 +385,7 @@ async fn pod_reaches_the_apiserver_through_the_forwarder_in_its_namespace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn normal_delete_terminates_the_process_and_removes_the_pod() {
+    require_pods!();
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sim-delete").await;
     let sim = NodeSim::start(cp, &ns.name, vec![NodeSpec::new("a")], programs())
@@ -420,6 +434,7 @@ async fn normal_delete_terminates_the_process_and_removes_the_pod() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_node_kills_its_processes_and_leaves_its_pods_terminating() {
+    require_pods!();
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sim-lost").await;
     let nodes = vec![
@@ -535,6 +550,7 @@ async fn lost_node_kills_its_processes_and_leaves_its_pods_terminating() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_namespaces_reach_the_pod_eth1_on_their_own_network_only() {
+    require_pods!();
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sim-bridge").await;
     let sim = NodeSim::start(cp, &ns.name, vec![NodeSpec::new("a")], programs())
@@ -688,6 +704,7 @@ async fn vm_namespaces_reach_the_pod_eth1_on_their_own_network_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_policy_is_followed() {
+    require_pods!();
     let cp = ControlPlane::shared().await;
     let ns = cp.namespace("sim-restart").await;
     let _sim = NodeSim::start(cp, &ns.name, vec![NodeSpec::new("a")], programs())
