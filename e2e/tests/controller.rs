@@ -495,17 +495,28 @@ async fn agents_on_eligible_distinct_nodes_and_the_vm_lifecycle_allocates_and_re
     // The leader's work: reconciles ran, how long they took, the queue.
     for kind in ["pool", "workload"] {
         assert!(
-            metric(&metrics, "vmdhcpcontroller_reconciles_total", &[("kind", kind)])
-                .is_some_and(|n| n >= 1.0),
+            metric(
+                &metrics,
+                "vmdhcpcontroller_reconciles_total",
+                &[("kind", kind)]
+            )
+            .is_some_and(|n| n >= 1.0),
             "no {kind} reconcile counted:\n{metrics}"
         );
         assert!(
-            metric(&metrics, "vmdhcpcontroller_reconcile_seconds_count", &[("kind", kind)])
-                .is_some_and(|n| n >= 1.0),
+            metric(
+                &metrics,
+                "vmdhcpcontroller_reconcile_seconds_count",
+                &[("kind", kind)]
+            )
+            .is_some_and(|n| n >= 1.0),
             "no {kind} reconcile timed:\n{metrics}"
         );
     }
-    assert!(metrics.contains("\nvmdhcpcontroller_queue_depth "), "{metrics}");
+    assert!(
+        metrics.contains("\nvmdhcpcontroller_queue_depth "),
+        "{metrics}"
+    );
     let cfg_key = format!("{}/vm1", w.ns.name);
     assert_eq!(
         metric(

@@ -379,6 +379,12 @@ async fn sweep_half_made(ctx: &Arc<Ctx>, key: &PoolKey, grace: Duration) -> Resu
     let pool_key = format!("{ns}/{name}");
     let due = observe_due(ctx, &ctx.half_made, key, &marks, grace);
     for (ip, mac) in due {
+        // The claims and the address objects come from two watches that can lag each other
+        // by seconds (after an outage each backs off on its own): the other half is read
+        // from the apiserver before anything is deleted.
+        if other_half_exists(ctx, key, ip, mac, claims.get(&mac).map(|(ip, _)| *ip)).await? {
+            continue;
+        }
         let deleted = if ip.is_unspecified() {
             let api: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
             let version = claims.get(&mac).and_then(|(_, v)| v.clone());
@@ -403,6 +409,42 @@ async fn sweep_half_made(ctx: &Arc<Ctx>, key: &PoolKey, grace: Duration) -> Resu
         }
     }
     Ok(())
+}
+
+/// Whether the apiserver holds the other half of what the caches saw half-made: for a claim
+/// (`ip` unspecified), the address object it names holding its MAC; for an address object,
+/// the claim of its MAC naming it.
+async fn other_half_exists(
+    ctx: &Ctx,
+    (ns, name): &PoolKey,
+    ip: Ipv4Addr,
+    mac: MacAddr,
+    claimed: Option<IpAddr>,
+) -> Result<bool> {
+    if ip.is_unspecified() {
+        let Some(claimed) = claimed else {
+            return Ok(false);
+        };
+        let api: Api<IPPoolAddress> = Api::namespaced(ctx.client.clone(), ns);
+        let obj = api
+            .get_opt(&store::address_object_name(name, claimed))
+            .await
+            .context("reading the address object of a claim that looked half-made")?;
+        Ok(obj
+            .as_ref()
+            .and_then(|o| store::holding_of_address(o).ok())
+            .is_some_and(|h| h.mac == mac))
+    } else {
+        let api: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
+        let obj = api
+            .get_opt(&store::claim_object_name(name, mac))
+            .await
+            .context("reading the claim of an address object that looked half-made")?;
+        Ok(obj
+            .as_ref()
+            .and_then(|o| store::holding_of_claim(o).ok())
+            .is_some_and(|h| h.ip == IpAddr::V4(ip)))
+    }
 }
 
 /// Deletes every address object and claim of a pool that is going away.

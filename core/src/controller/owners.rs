@@ -47,6 +47,8 @@ type Claim = (String, MacAddr, String);
 pub struct OwnerIndex {
     by_source: HashMap<Source, Vec<Claim>>,
     by_network: HashMap<String, HashMap<MacAddr, BTreeMap<Source, String>>>,
+    /// Every source applied and not removed, claims or not (what a relist is compared to).
+    known: HashSet<Source>,
     /// Sources seen since `relist_begin`, per kind being relisted.
     relisting: HashMap<Kind, HashSet<Source>>,
 }
@@ -88,7 +90,9 @@ impl OwnerIndex {
 
     /// Returns the networks whose owners changed.
     pub fn remove(&mut self, source: &Source) -> BTreeSet<String> {
-        self.set(source.clone(), Vec::new())
+        let changed = self.set(source.clone(), Vec::new());
+        self.known.remove(source);
+        changed
     }
 
     /// A relist of one kind starts.
@@ -96,23 +100,25 @@ impl OwnerIndex {
         self.relisting.insert(kind, HashSet::new());
     }
 
-    /// The relist of `kind` is complete: sources of that kind it did not carry are dropped.
-    /// Returns the networks whose owners changed.
-    pub fn relist_done(&mut self, kind: Kind) -> BTreeSet<String> {
+    /// The relist of `kind` is complete: sources of that kind it did not carry were deleted
+    /// during the gap, with no event; they are dropped. Returns them (their workloads need a
+    /// reconcile: a VM gone takes its vmnetcfg and addresses with it) and the networks whose
+    /// owners changed.
+    pub fn relist_done(&mut self, kind: Kind) -> (Vec<Source>, BTreeSet<String>) {
         let mut changed = BTreeSet::new();
         let Some(seen) = self.relisting.remove(&kind) else {
-            return changed;
+            return (Vec::new(), changed);
         };
         let stale: Vec<Source> = self
-            .by_source
-            .keys()
+            .known
+            .iter()
             .filter(|s| s.kind() == kind && !seen.contains(*s))
             .cloned()
             .collect();
-        for s in stale {
-            changed.extend(self.remove(&s));
+        for s in &stale {
+            changed.extend(self.remove(s));
         }
-        changed
+        (stale, changed)
     }
 
     /// Replaces what `source` claims; returns the networks of the claims that changed.
@@ -120,6 +126,7 @@ impl OwnerIndex {
         if let Some(seen) = self.relisting.get_mut(&source.kind()) {
             seen.insert(source.clone());
         }
+        self.known.insert(source.clone());
         let old = self
             .by_source
             .get(&source)
@@ -283,13 +290,32 @@ mod tests {
         idx.relist_begin(Kind::Vm);
         idx.apply_cfg(&cfg("b", &[("ns/net-1", "02:00:00:00:00:02")]));
         idx.apply_vm(&vm("d", &[("n1", "ns/net-1", "02:00:00:00:00:04")]));
-        idx.relist_done(Kind::Cfg);
+        let (gone, changed) = idx.relist_done(Kind::Cfg);
+        assert_eq!(
+            gone,
+            vec![Source::Cfg {
+                namespace: "ns".into(),
+                name: "a".into()
+            }]
+        );
+        assert_eq!(changed, BTreeSet::from(["ns/net-1".to_string()]));
         let live = idx.live("ns/net-1", None);
         assert_eq!(live.get("ns/net-1", mac("02:00:00:00:00:01")), None);
         assert_eq!(live.get("ns/net-1", mac("02:00:00:00:00:02")), Some("ns/b"));
         // The VM relist is not done yet: nothing of that kind is dropped by the other's end.
         assert_eq!(live.get("ns/net-1", mac("02:00:00:00:00:03")), Some("ns/c"));
-        idx.relist_done(Kind::Vm);
+        // A VM without NICs is known too: its deletion during the gap is found.
+        idx.apply_vm(&vm("e", &[]));
+        idx.relist_begin(Kind::Vm);
+        idx.apply_vm(&vm("d", &[("n1", "ns/net-1", "02:00:00:00:00:04")]));
+        let (gone, _) = idx.relist_done(Kind::Vm);
+        let names: BTreeSet<String> = gone
+            .iter()
+            .map(|s| match s {
+                Source::Vm { name, .. } | Source::Cfg { name, .. } => name.clone(),
+            })
+            .collect();
+        assert_eq!(names, BTreeSet::from(["c".to_string(), "e".to_string()]));
         let live = idx.live("ns/net-1", None);
         assert_eq!(live.get("ns/net-1", mac("02:00:00:00:00:03")), None);
         assert_eq!(live.get("ns/net-1", mac("02:00:00:00:00:04")), Some("ns/d"));
