@@ -132,12 +132,15 @@ pub struct ControllerArgs {
         default_value = "kube-system"
     )]
     pub leader_election_namespace: String,
+    /// Name of the leader-election Lease.
     #[arg(
         long,
         env = "VM_DHCP_LEADER_ELECTION_NAME",
         default_value = "vm-dhcp-controllers"
     )]
     pub leader_election_name: String,
+    /// Leader-election Lease duration: a standby takes over this long after the leader's
+    /// last renewal it observed.
     #[arg(
         long,
         env = "VM_DHCP_LEADER_ELECTION_LEASE_SECONDS",
@@ -157,6 +160,8 @@ pub struct ControllerArgs {
         default_value = "0.0.0.0:8080"
     )]
     pub http_addr: SocketAddr,
+    /// Kubeconfig, one path or several separated by `:` (default: $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     #[arg(long, env = "VM_DHCP_CONTROLLER_DEBUG")]
@@ -347,6 +352,18 @@ impl Ctx {
         }
     }
 
+    /// VMs or vmnetcfgs a relist no longer carries (deleted while the watch was down, with
+    /// no event): their workloads are reconciled (a VM gone takes its vmnetcfg and its
+    /// addresses with it), and the pools whose owners changed.
+    fn vanished(&self, gone: Vec<Source>, networks: BTreeSet<String>) {
+        for source in gone {
+            let (Source::Vm { namespace, name } | Source::Cfg { namespace, name }) = source;
+            tracing::info!(workload = %format!("{namespace}/{name}"), "gone from a relist: deleted while the watch was down");
+            self.queue.push(Key::Workload(namespace, name));
+        }
+        self.enqueue_pools_of_networks(networks);
+    }
+
     fn enqueue_pools_of_networks(&self, networks: BTreeSet<String>) {
         for n in networks {
             self.enqueue_pools_of_network(&n);
@@ -464,8 +481,8 @@ fn on_cfg(ctx: &Ctx, seen: Seen<'_, VirtualMachineNetworkConfig>) {
         }
         Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Cfg),
         Seen::RelistDone => {
-            let changed = ctx.owners().relist_done(Kind::Cfg);
-            return ctx.enqueue_pools_of_networks(changed);
+            let (gone, changed) = ctx.owners().relist_done(Kind::Cfg);
+            return ctx.vanished(gone, changed);
         }
     };
     ctx.queue.push(Key::Workload(
@@ -489,8 +506,8 @@ fn on_vm(ctx: &Ctx, seen: Seen<'_, VirtualMachine>) {
         }
         Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Vm),
         Seen::RelistDone => {
-            let changed = ctx.owners().relist_done(Kind::Vm);
-            return ctx.enqueue_pools_of_networks(changed);
+            let (gone, changed) = ctx.owners().relist_done(Kind::Vm);
+            return ctx.vanished(gone, changed);
         }
     };
     ctx.queue.push(Key::Workload(
@@ -777,15 +794,14 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         "caches synced"
     );
 
-    let result = if args.no_leader_election {
+    if args.no_leader_election {
         tokio::select! {
             r = reconcile_loop(ctx.clone()) => r,
             _ = crate::logging::shutdown_signal() => Ok(()),
         }
     } else {
         lead(&ctx, &identity).await
-    };
-    result
+    }
 }
 
 /// Leader election: reconciles while this replica holds the Lease, stands by otherwise. A
