@@ -64,6 +64,8 @@ pub struct ApiserverArgs {
         requires = "tls_cert_file"
     )]
     pub tls_private_key_file: Option<PathBuf>,
+    /// Kubeconfig, one path or several separated by `:` (default: $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Port of the agents' HTTP server (GET /api/v1/leases).

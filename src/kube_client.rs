@@ -22,16 +22,15 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// kubeconfig, then the in-cluster service account).
 pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     let mut config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {} (--kubeconfig)", path.display()))?;
+        Some(paths) => {
+            let kc = read_kubeconfigs(paths)?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+                .with_context(|| format!("loading kubeconfig {} (--kubeconfig)", paths.display()))?
         }
-        None => kube::Config::infer()
-            .await
-            .context("no --kubeconfig/KUBECONFIG and no in-cluster service account found")?,
+        None => kube::Config::infer().await.context(
+            "no --kubeconfig, no usable KUBECONFIG or ~/.kube/config, and no in-cluster service account",
+        )?,
     };
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     config.write_timeout = Some(REQUEST_TIMEOUT);
@@ -40,6 +39,28 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     Ok(builder
         .with_layer(&RequestTimeoutLayer(REQUEST_TIMEOUT))
         .build())
+}
+
+/// One kubeconfig from `paths` (one path, or several separated by `:` as in `KUBECONFIG`:
+/// merged, the first file's entries winning, as kubectl does).
+fn read_kubeconfigs(paths: &Path) -> Result<kube::config::Kubeconfig> {
+    let mut merged: Option<kube::config::Kubeconfig> = None;
+    for path in std::env::split_paths(paths.as_os_str()).filter(|p| !p.as_os_str().is_empty()) {
+        let kc = kube::config::Kubeconfig::read_from(&path)
+            .with_context(|| format!("reading kubeconfig {} (--kubeconfig)", path.display()))?;
+        merged = Some(match merged {
+            None => kc,
+            Some(m) => m
+                .merge(kc)
+                .with_context(|| format!("merging kubeconfig {}", path.display()))?,
+        });
+    }
+    merged.with_context(|| {
+        format!(
+            "--kubeconfig {:?} names no file",
+            paths.display().to_string()
+        )
+    })
 }
 
 /// Fails a request that has no response within the limit, unless it is a watch.
@@ -130,6 +151,35 @@ mod tests {
 
     fn request(uri: &str) -> Request<()> {
         Request::get(uri).body(()).expect("request")
+    }
+
+    #[test]
+    fn several_kubeconfig_paths_are_merged_and_a_missing_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("vm-dhcp-kc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let one = |name: &str, server: &str| {
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {server}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\nusers:\n- name: {name}\n  user:\n    token: t\ncurrent-context: {name}\n"
+            )
+        };
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, one("a", "https://10.0.0.1:6443")).expect("a");
+        std::fs::write(&b, one("b", "https://10.0.0.2:6443")).expect("b");
+        let both = std::env::join_paths([&a, &b]).expect("join");
+        let kc = read_kubeconfigs(Path::new(&both)).expect("merged");
+        assert_eq!(kc.clusters.len(), 2);
+        assert_eq!(
+            kc.current_context.as_deref(),
+            Some("a"),
+            "the first file wins"
+        );
+        let missing = std::env::join_paths([&a, &dir.join("nope")]).expect("join");
+        let err = format!(
+            "{:#}",
+            read_kubeconfigs(Path::new(&missing)).expect_err("missing")
+        );
+        assert!(err.contains("nope"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -12,16 +12,30 @@ mod tls;
 mod webhook;
 
 use anyhow::Context;
-use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    let cli = cli::Cli::parse();
-    match cli.command {
+    let cli = cli::parse();
+    logging::set_format(cli.log_format);
+    let result = match cli.command {
         cli::Command::Crd(args) => print_crds(args),
         cli::Command::Agent(args) => agent::run(args),
         cli::Command::Webhook(args) => webhook::run(args),
         cli::Command::Controller(args) => controller::run(args),
         cli::Command::Apiserver(args) => apiserver::run(args),
+    };
+    match (result, cli.log_format) {
+        // The fatal error is a log line like the others, for whoever parses them.
+        (Err(e), cli::LogFormat::Json) => {
+            let line = serde_json::json!({
+                "timestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "level": "ERROR",
+                "fields": {"message": format!("{e:#}")},
+                "target": "vm_dhcp",
+            });
+            eprintln!("{line}");
+            std::process::exit(1);
+        }
+        (result, _) => result,
     }
 }
 

@@ -63,6 +63,8 @@ pub struct WebhookArgs {
     /// In self-managed mode, do not write the webhook configurations (someone else does).
     #[arg(long, env = "VM_DHCP_WEBHOOK_NO_REGISTER")]
     pub no_register: bool,
+    /// Kubeconfig, one path or several separated by `:` (default: $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     #[arg(long, env = "VM_DHCP_WEBHOOK_DEBUG")]

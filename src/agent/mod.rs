@@ -120,7 +120,6 @@ pub async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 fn init_logging(args: &AgentArgs) {
-    use tracing_subscriber::EnvFilter;
     let level = if args.trace {
         "trace"
     } else if args.debug {
@@ -128,13 +127,7 @@ fn init_logging(args: &AgentArgs) {
     } else {
         "info"
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    // try_init: a second subscriber (tests) is not an error worth dying for.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    crate::logging::init_filter(level);
 }
 
 /// Where the pool comes from.
