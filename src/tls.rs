@@ -126,8 +126,8 @@ pub struct ServeArgs {
           default_value = "30s")]
     pub header_read_timeout: Duration,
     /// Most connections open at once. At the cap a new connection closes the one that has
-    /// been idle (handshaking, or waiting for a request) the longest; when every one is busy,
-    /// accepting waits until one ends.
+    /// been idle (handshaking, or waiting for a request) the longest, one that never carried a
+    /// request first; when every one is busy, accepting waits until one ends.
     #[arg(long, env = "VM_DHCP_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -289,6 +289,10 @@ pub async fn serve_dynamic(
 struct Conn {
     /// Requests whose response is not yet fully written.
     busy: AtomicUsize,
+    /// Whether a request ever came on it: a client's pooled connection, idle between its
+    /// requests, is closed at the cap only when no connection that never carried one is left
+    /// (closing it races the client's next request, which then fails).
+    served: AtomicBool,
     /// When it last became idle (accepted, or its last response written).
     idle_since: Mutex<Instant>,
     /// Told to close because the cap needs its place.
@@ -307,6 +311,7 @@ impl Conns {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             evict: tokio::sync::Notify::new(),
         });
@@ -321,13 +326,19 @@ impl Conns {
         }
     }
 
-    /// Tells the connection idle the longest to close; false when every one is busy.
+    /// Tells the connection idle the longest to close, one that never carried a request if
+    /// there is any; false when every one is busy.
     fn evict_oldest_idle(&self) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let oldest = open
             .iter()
             .filter(|(_, c)| c.busy.load(Ordering::SeqCst) == 0)
-            .min_by_key(|(_, c)| *c.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
+            .min_by_key(|(_, c)| {
+                (
+                    c.served.load(Ordering::SeqCst),
+                    *c.idle_since.lock().unwrap_or_else(|e| e.into_inner()),
+                )
+            })
             .map(|(id, _)| *id);
         match oldest.and_then(|id| open.remove(&id)) {
             Some(conn) => {
@@ -363,6 +374,7 @@ struct Busy(Arc<Conn>);
 impl Busy {
     fn new(conn: &Arc<Conn>) -> Self {
         conn.busy.fetch_add(1, Ordering::SeqCst);
+        conn.served.store(true, Ordering::SeqCst);
         Busy(conn.clone())
     }
 }
@@ -378,6 +390,7 @@ impl Drop for Busy {
 #[derive(Debug, Default)]
 struct Cut {
     handshake_timeouts: AtomicU64,
+    header_timeouts: AtomicU64,
     evicted: AtomicU64,
 }
 
@@ -420,7 +433,7 @@ pub async fn serve_with(
     let mut stop_at: Option<tokio::time::Instant> = None;
     let mut report = tokio::time::interval(Duration::from_secs(60));
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reported = (0, 0);
+    let mut reported = (0, 0, 0);
     loop {
         while tasks.try_join_next().is_some() {}
         let until_stop = async {
@@ -439,13 +452,24 @@ pub async fn serve_with(
             }
             () = until_stop => break,
             _ = report.tick() => {
-                let now = (cut.handshake_timeouts.load(Ordering::Relaxed), cut.evicted.load(Ordering::Relaxed));
-                if now != reported {
-                    tracing::warn!(handshake_timeouts = now.0 - reported.0, evicted_at_cap = now.1 - reported.1,
-                        open = conns.open.lock().unwrap_or_else(|e| e.into_inner()).len(),
-                        "connections cut in the last minute");
-                    reported = now;
+                let now = (
+                    cut.handshake_timeouts.load(Ordering::Relaxed),
+                    cut.header_timeouts.load(Ordering::Relaxed),
+                    cut.evicted.load(Ordering::Relaxed),
+                );
+                let (handshakes, headers, evicted) =
+                    (now.0 - reported.0, now.1 - reported.1, now.2 - reported.2);
+                let open = conns.open.lock().unwrap_or_else(|e| e.into_inner()).len();
+                // Header timeouts alone are mostly clients' idle keep-alive connections
+                // closed on schedule; late handshakes and evictions are not normal.
+                if handshakes > 0 || evicted > 0 {
+                    tracing::warn!(handshake_timeouts = handshakes, header_timeouts = headers,
+                        evicted_at_cap = evicted, open, "connections cut in the last minute");
+                } else if headers > 0 {
+                    tracing::debug!(header_timeouts = headers, open,
+                        "connections closed for late headers or idleness in the last minute");
                 }
+                reported = now;
                 continue;
             }
         };
@@ -577,6 +601,9 @@ pub async fn serve_with(
             tokio::select! {
                 r = conn_fut.as_mut() => {
                     if let Err(e) = r {
+                        if e.is_timeout() {
+                            cut.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                        }
                         tracing::debug!(%peer, "connection ended: {e}");
                     }
                     return;
@@ -625,6 +652,23 @@ mod tests {
         for bad in ["", "s", "10h", "-1s", "ten"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_cap_evicts_a_connection_that_never_carried_a_request_first() {
+        let conns = Arc::new(Conns::default());
+        let pooled = conns.add();
+        drop(Busy::new(&pooled.conn)); // served one request, idle since
+        std::thread::sleep(Duration::from_millis(2));
+        let silent = conns.add(); // newer, but never sent anything
+        assert!(conns.evict_oldest_idle());
+        let open = conns.open.lock().unwrap();
+        assert!(open.contains_key(&pooled.id) && !open.contains_key(&silent.id));
+        drop(open);
+        // Only served connections left: the one idle the longest goes.
+        assert!(conns.evict_oldest_idle());
+        assert!(conns.open.lock().unwrap().is_empty());
+        drop((pooled, silent));
     }
 
     #[test]
