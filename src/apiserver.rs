@@ -68,6 +68,8 @@ pub struct ApiserverArgs {
     /// ~/.kube/config, then the in-cluster service account).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub serve: crate::tls::ServeArgs,
     /// Port of the agents' HTTP server (GET /api/v1/leases).
     #[arg(long, env = "VM_DHCP_APISERVER_AGENT_PORT", default_value_t = 8080)]
     pub agent_port: u16,
@@ -236,16 +238,33 @@ async fn serve(args: ApiserverArgs) -> Result<()> {
     // endpoint goes away meanwhile); then it stops accepting and its open watches end
     // cleanly, so their clients watch again elsewhere from their last version (a stream cut
     // at the drain timeout instead makes client-go list everything again).
+    let delay = args.serve.shutdown_delay + Duration::from_millis(100);
     let shutdown = async move {
         crate::logging::shutdown_signal().await;
-        let delay = crate::tls::ServeArgs::default().shutdown_delay + Duration::from_millis(100);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             tracing::info!("ending the open watches");
             watch_end.end_watches.send_replace(true);
         });
     };
-    crate::tls::serve_dynamic(listener, config_rx, app, shutdown).await;
+    // /readyz fails from SIGTERM on, whatever the API's own readiness says, so that the
+    // Pod leaves the Service's endpoints before the drain.
+    let readiness = crate::tls::Readiness::default();
+    let draining = readiness.clone();
+    let app = app.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            use axum::response::IntoResponse;
+            let draining = draining.draining() && req.uri().path() == "/readyz";
+            async move {
+                if draining {
+                    (hyper::StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+                } else {
+                    next.run(req).await
+                }
+            }
+        },
+    ));
+    crate::tls::serve_with(listener, config_rx, app, shutdown, &args.serve, readiness).await;
     Ok(())
 }
 

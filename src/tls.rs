@@ -224,7 +224,7 @@ pub async fn serve(
 }
 
 /// The client certificate chain a connection presented and rustls verified, put into the
-/// extensions of each of its requests by [`serve_dynamic`]. Absent: no certificate.
+/// extensions of each of its requests by [`serve_with`]. Absent: no certificate.
 #[derive(Clone, Debug)]
 pub struct PeerCertificates(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
 
@@ -264,24 +264,6 @@ pub fn server_config_with_client_ca(
 pub struct DynamicConfig {
     pub config: Arc<rustls::ServerConfig>,
     pub close_connections: bool,
-}
-
-/// [`serve_with`] with the default limits and a readiness nobody reads.
-pub async fn serve_dynamic(
-    listener: TcpListener,
-    configs: tokio::sync::watch::Receiver<DynamicConfig>,
-    router: axum::Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    serve_with(
-        listener,
-        configs,
-        router,
-        shutdown,
-        &ServeArgs::default(),
-        Readiness::default(),
-    )
-    .await;
 }
 
 /// One open connection, as the cap sees it.

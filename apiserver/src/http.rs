@@ -805,7 +805,15 @@ async fn list_collection(
             }
         }
     };
-    let exact = param(q, "resourceVersionMatch") == Some("Exact");
+    let exact = match param(q, "resourceVersionMatch") {
+        None | Some("") | Some("NotOlderThan") => false,
+        Some("Exact") => true,
+        Some(other) => {
+            return bad_request(format!(
+                "resourceVersionMatch: Unsupported value: {other:?}: supported values: \"Exact\", \"NotOlderThan\""
+            ));
+        }
+    };
     if let Some(asked) = rv.filter(|v| *v != 0) {
         let current = match s.engine.resource_version(resource) {
             Ok(c) => c,

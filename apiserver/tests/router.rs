@@ -669,6 +669,13 @@ async fn resource_version_semantics_of_list() {
     let (code, doc) = get(&f, &format!("{base}?resourceVersion=abc"), None).await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
     assert_status(&doc, 400, "BadRequest");
+    let (code, doc) = get(&f, &format!("{base}?resourceVersionMatch=Bogus"), None).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_status(&doc, 400, "BadRequest");
+    assert!(
+        doc["message"].as_str().is_some_and(|m| m.contains("Bogus")),
+        "{doc}"
+    );
 }
 
 #[tokio::test]
