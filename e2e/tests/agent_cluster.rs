@@ -52,16 +52,16 @@ const LEASE_SECONDS: u64 = 5;
 /// For anything that is eventually true (pods running, clients bound).
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn skip_reason() -> Option<&'static str> {
-    // SAFETY: geteuid has no preconditions.
-    (unsafe { libc::geteuid() } != 0)
-        .then_some("not root: the node simulator needs network namespaces (CAP_SYS_ADMIN)")
-}
+#[allow(dead_code)]
+#[path = "../../tests/support/needs.rs"]
+mod needs;
 
+/// Root for the node simulator's network namespaces, ip for them, busybox's udhcpc for the
+/// guests: a test fails saying which is missing (or is skipped with
+/// VM_DHCP_TESTS_SKIP_MISSING=1).
 macro_rules! require_root {
     () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("SKIPPED {}: {why}", module_path!());
+        if !needs::require(module_path!(), true, &[needs::IP, needs::BUSYBOX]) {
             return;
         }
     };

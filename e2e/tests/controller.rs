@@ -23,12 +23,14 @@ const AGENT_IMAGE: &str = "registry.local/vm-dhcp-agent:test";
 const AGENT_SA: &str = "vm-dhcp-agent";
 
 /// Skips (with a message) where network namespaces cannot be made.
+#[allow(dead_code)]
+#[path = "../../tests/support/needs.rs"]
+mod needs;
+
+/// The node simulator needs root (network namespaces), ip and busybox: a test fails saying
+/// which is missing (or is skipped with VM_DHCP_TESTS_SKIP_MISSING=1).
 fn can_run_pods() -> bool {
-    let ok = unsafe { libc::geteuid() } == 0;
-    if !ok {
-        eprintln!("skipped: the node simulator needs root for network namespaces");
-    }
-    ok
+    needs::require(module_path!(), true, &[needs::IP, needs::BUSYBOX])
 }
 
 /// The controller under test, as a process; killed when dropped.
