@@ -1227,19 +1227,6 @@ async fn active_agent_cut_off_from_the_apiserver_fences_itself_and_the_standby_t
     let last_renewal = last_renewal.expect("the cut agent's last renewal");
     let expiry = last_renewal + SignedDuration::from_secs(LEASE_SECONDS as i64);
 
-    // Fenced: the cut agent says it is standby, while it still cannot reach the apiserver.
-    // Its lease view is served only while the reader's last token review is cached (a token
-    // cannot be reviewed without the apiserver: the view fails closed); if served, it says
-    // standby. The metrics below are open.
-    if let Some(view) = c.agent_json(&cut, "/api/v1/leases").await {
-        assert_eq!(view["active"], json!(false), "{view}");
-    }
-    let metrics = c
-        .agent_metrics(&cut)
-        .await
-        .expect("the cut agent's metrics");
-    assert!(metrics.contains("vmdhcp_agent_active 0"), "{metrics}");
-
     // The client renews by unicast to the server IP, now at the standby.
     let seen = client.events().len();
     let answered = client
@@ -1256,6 +1243,19 @@ async fn active_agent_cut_off_from_the_apiserver_fences_itself_and_the_standby_t
     assert_eq!(answered.var("ip"), VM_IP);
     assert_eq!(answered.var("serverid"), SERVER_IP);
     assert!(took <= bound_by, "answered after {took:?}");
+
+    // Fenced: the cut agent says it is standby, while it still cannot reach the apiserver.
+    // Its lease view is served only while the reader's last token review is cached (a token
+    // cannot be reviewed without the apiserver: the view fails closed); if served, it says
+    // standby. The metrics below are open.
+    if let Some(view) = c.agent_json(&cut, "/api/v1/leases").await {
+        assert_eq!(view["active"], json!(false), "{view}");
+    }
+    let metrics = c
+        .agent_metrics(&cut)
+        .await
+        .expect("the cut agent's metrics");
+    assert!(metrics.contains("vmdhcp_agent_active 0"), "{metrics}");
 
     // It hears broadcasts but answers none: a client starting over (DISCOVER, then a
     // broadcast REQUEST) reaches both agents, and only the new active replies.

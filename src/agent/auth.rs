@@ -25,6 +25,8 @@ pub const GROUP: &str = "dhcp.harvesterhci.io";
 pub const RESOURCE: &str = "dhcpleases";
 /// How long a decision is kept.
 pub const CACHE_TTL: Duration = Duration::from_secs(10);
+/// How long a reader's token review (TokenReview, then SubjectAccessReview) may take.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(3);
 /// At most this many cached tokens (the cache is emptied when full).
 const CACHE_MAX: usize = 256;
 
@@ -64,7 +66,17 @@ impl Auth {
         {
             return decision.clone();
         }
-        let decision = self.review(token).await;
+        // A reader does not wait on an apiserver that does not answer (a partitioned node):
+        // the check fails closed, quickly.
+        let decision = match tokio::time::timeout(REVIEW_TIMEOUT, self.review(token)).await {
+            Ok(d) => d,
+            Err(_) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "cannot check the caller: kube-apiserver did not answer the token review within {REVIEW_TIMEOUT:?}\n"
+                ),
+            )),
+        };
         // An unreachable API is not a decision: ask again next time.
         if decision
             .as_ref()
