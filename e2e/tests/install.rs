@@ -401,8 +401,19 @@ async fn cert_manager_install_takes_a_guest_to_its_lease() {
     release::wait_pool_ready(&w.client, w.vms(), "net-48", WAIT, ctx)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    // Placed by the controller: two agents, on the two nodes of the pool's cluster network.
-    let agents = w.agents_on().await;
+    // Placed by the controller: two agents, on the two nodes of the pool's cluster network,
+    // both Ready (the pool is ready once the active one is; the standby may load its table
+    // a moment later).
+    let deadline = Instant::now() + WAIT;
+    let agents = loop {
+        let agents = w.agents_on().await;
+        if (agents.len() == 2 && agents.values().all(|(_, ready, _)| *ready))
+            || Instant::now() > deadline
+        {
+            break agents;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let on: BTreeSet<String> = agents.values().map(|(_, _, node)| node.clone()).collect();
     assert_eq!(
         on,
