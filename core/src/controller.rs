@@ -447,6 +447,59 @@ impl OrphanClock {
     }
 }
 
+/// A MAC's claim as the apiserver holds it (a quorum read: never the cache, which may not
+/// have seen it yet), for [`release_gate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimSeen<'a> {
+    /// When an admission last touched it (RFC 3339).
+    pub admitted_at: Option<&'a str>,
+    /// `<namespace>/<vm>`.
+    pub owner: Option<&'a str>,
+}
+
+/// What must hold before one MAC's allocation is released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseGate {
+    /// An admission may still be in flight on the claim: not before this long.
+    Wait(Duration),
+    /// Only if none of these owners (`<namespace>/<vm>`) holds the MAC on the network, per
+    /// a quorum read of its VM and vmnetcfg.
+    Confirm(Vec<String>),
+}
+
+/// The gate of a release, whoever decided it (a VM or vmnetcfg gone, a NIC removed, a leak):
+/// a claim touched within `window` of `now` waits; otherwise every owner the claim or the
+/// address object names is confirmed gone. Those decisions were made on caches that may lag
+/// (a VM created while its watch was down is not there yet); the owners named by the store
+/// itself are what keeps a live VM's allocation, also when the claim is missing and only the
+/// address object names one.
+pub fn release_gate(
+    claim: Option<ClaimSeen<'_>>,
+    address_owner: Option<&str>,
+    now: k8s_openapi::jiff::Timestamp,
+    window: Duration,
+) -> ReleaseGate {
+    if let Some(at) = claim
+        .and_then(|c| c.admitted_at)
+        .and_then(|a| a.parse::<k8s_openapi::jiff::Timestamp>().ok())
+    {
+        let age = Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO);
+        if let Some(wait) = window.checked_sub(age).filter(|d| !d.is_zero()) {
+            return ReleaseGate::Wait(wait);
+        }
+    }
+    let mut owners: Vec<String> = Vec::new();
+    for owner in [claim.and_then(|c| c.owner), address_owner]
+        .into_iter()
+        .flatten()
+    {
+        if !owners.iter().any(|o| o == owner) {
+            owners.push(owner.to_string());
+        }
+    }
+    ReleaseGate::Confirm(owners)
+}
+
 /// One existing agent pod of a pool, as the planner needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentPod {

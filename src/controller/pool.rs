@@ -136,9 +136,15 @@ fn precondition(resource_version: Option<String>) -> DeleteParams {
 /// Gives back what one MAC holds in a pool: its claim first, then the address object, each
 /// only if it is still the version this decision saw. Safe against a re-admission of the MAC
 /// (a VM deleted and recreated under its name), which touches the claim before its object
-/// is stored: a claim touched within the admission window is left for later, the owner is
-/// looked up with a quorum read, and a claim touched since it was read fails the delete's
-/// precondition. Returns the address released, if any.
+/// is stored: a claim touched within the admission window is left for later, the owners the
+/// claim and the address object name are looked up with quorum reads, and a claim touched
+/// since it was read fails the delete's precondition. Returns the address released, if any.
+///
+/// The claim is read from the apiserver, not the cache: the watches lag each other after an
+/// outage (each backs off on its own), and a claim the cache has not seen yet is not a claim
+/// that is gone. Taken for gone, it skipped the owner's check and the address object of a
+/// live VM was deleted, its address then given to another MAC while its claim still named
+/// it.
 async fn release_mac(
     ctx: &Arc<Ctx>,
     key: &PoolKey,
@@ -150,20 +156,46 @@ async fn release_mac(
     let claims: Api<IPPoolMACClaim> = Api::namespaced(ctx.client.clone(), ns);
     let addresses: Api<IPPoolAddress> = Api::namespaced(ctx.client.clone(), ns);
     let claim_name = store::claim_object_name(pool, mac);
-    if let Some(claim) = get(&ctx.stores.claims, ns, &claim_name) {
-        let window = Duration::from_secs(ctx.args.admission_window_seconds);
-        if let Some(wait) = admission_in_flight(claim.spec.admitted_at.as_deref(), window) {
+    let claim = claims
+        .get_opt(&claim_name)
+        .await
+        .with_context(|| format!("reading the claim of MAC {mac} in IPPool {ns}/{pool}"))?;
+    let held = {
+        let h = ctx.stores.holdings.lock();
+        h.of_mac(key, mac).map(|held| {
+            (
+                held.ip,
+                held.owner.clone(),
+                h.version(key, held.ip).map(str::to_string),
+            )
+        })
+    };
+    let window = Duration::from_secs(ctx.args.admission_window_seconds);
+    let gate = decide::release_gate(
+        claim.as_ref().map(|c| decide::ClaimSeen {
+            admitted_at: c.spec.admitted_at.as_deref(),
+            owner: c.spec.owner.as_deref(),
+        }),
+        held.as_ref().and_then(|(_, owner, _)| owner.as_deref()),
+        Timestamp::now(),
+        window,
+    );
+    let owners = match gate {
+        decide::ReleaseGate::Wait(wait) => {
             ctx.requeue_after(
                 Key::Pool(ns.clone(), pool.clone()),
                 wait + Duration::from_millis(200),
             );
             return Ok(None);
         }
-        if let Some(owner) = claim.spec.owner.as_deref()
-            && owner_holds(ctx, owner, network, mac).await?
-        {
+        decide::ReleaseGate::Confirm(owners) => owners,
+    };
+    for owner in owners {
+        if owner_holds(ctx, &owner, network, mac).await? {
             return Ok(None);
         }
+    }
+    if let Some(claim) = &claim {
         match claims
             .delete(&claim_name, &precondition(claim.resource_version()))
             .await
@@ -177,12 +209,7 @@ async fn release_mac(
             }
         }
     }
-    let held = {
-        let h = ctx.stores.holdings.lock();
-        h.of_mac(key, mac)
-            .map(|held| (held.ip, h.version(key, held.ip).map(str::to_string)))
-    };
-    let Some((ip, version)) = held else {
+    let Some((ip, _, version)) = held else {
         return Ok(None);
     };
     let name = store::address_object_name(pool, ip);
@@ -194,15 +221,6 @@ async fn release_mac(
         Err(e) if is_not_found(&e) || is_conflict(&e) => Ok(None),
         Err(e) => Err(e).with_context(|| format!("releasing {ip} in IPPool {ns}/{pool}")),
     }
-}
-
-/// How long until an admission that touched a claim at `admitted_at` is surely over, if it
-/// may still be in flight.
-fn admission_in_flight(admitted_at: Option<&str>, window: Duration) -> Option<Duration> {
-    let at: Timestamp = admitted_at?.parse().ok()?;
-    let age = Timestamp::now().duration_since(at);
-    let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
-    window.checked_sub(age).filter(|d| !d.is_zero())
 }
 
 /// Does the owner (`<namespace>/<name>`) still hold the MAC on the network, per a quorum

@@ -15,6 +15,7 @@ use vm_dhcp_core::controller::{self as decide, set_condition};
 use vm_dhcp_core::crd::{
     NetworkConfigStatus, VirtualMachineNetworkConfig, VirtualMachineNetworkConfigSpec,
 };
+use vm_dhcp_core::kubevirt::VirtualMachine;
 use vm_dhcp_core::mac::MacAddr;
 
 use super::pool::{release, set_finalizers};
@@ -163,6 +164,18 @@ pub(super) async fn reconcile(ctx: &Arc<Ctx>, ns: &str, name: &str) -> Result<()
                 // The VM is gone (or is another VM now): its vmnetcfg goes, by us.
                 let current = get(&ctx.stores.vms, ns, name).and_then(|v| v.uid());
                 if current.is_none_or(|u| u != uid) || vm.is_none() {
+                    // The VMs' watch may lag the vmnetcfgs' (after an outage each backs off
+                    // on its own; a new leader's caches are its own): the VM is read from
+                    // the apiserver before its vmnetcfg goes.
+                    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+                    let live = vms
+                        .get_opt(name)
+                        .await
+                        .with_context(|| format!("reading VM {ns}/{name}"))?
+                        .filter(|v| v.meta().deletion_timestamp.is_none());
+                    if live.is_some_and(|v| v.uid().as_deref() == Some(uid.as_str())) {
+                        return Ok(()); // its watch event reconciles it again
+                    }
                     let dp = DeleteParams {
                         preconditions: Some(kube::api::Preconditions {
                             uid: c.uid(),

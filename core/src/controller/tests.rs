@@ -428,3 +428,44 @@ fn stale_entries_are_status_entries_the_spec_no_longer_lists() {
         ]
     );
 }
+
+#[test]
+fn a_release_waits_for_an_admission_in_flight_then_confirms_every_owner_the_store_names() {
+    let now: k8s_openapi::jiff::Timestamp = "2026-01-01T00:00:10Z".parse().expect("time");
+    let window = Duration::from_secs(12);
+    let claim = |admitted_at, owner| Some(ClaimSeen { admitted_at, owner });
+    // Touched 10 s ago, a 12 s window: 2 s more.
+    assert_eq!(
+        release_gate(
+            claim(Some("2026-01-01T00:00:00Z"), Some("ns/vm")),
+            None,
+            now,
+            window
+        ),
+        ReleaseGate::Wait(Duration::from_secs(2))
+    );
+    // Out of the window: the claim's owner, and the address object's when it differs.
+    assert_eq!(
+        release_gate(
+            claim(Some("2025-12-31T00:00:00Z"), Some("ns/vm")),
+            Some("ns/vm"),
+            now,
+            window
+        ),
+        ReleaseGate::Confirm(vec!["ns/vm".into()])
+    );
+    assert_eq!(
+        release_gate(claim(None, Some("ns/a")), Some("ns/b"), now, window),
+        ReleaseGate::Confirm(vec!["ns/a".into(), "ns/b".into()])
+    );
+    // No claim (gone, or a half-released allocation): the address object's owner still has
+    // to be confirmed gone. An unreadable admission time does not hold a release forever.
+    assert_eq!(
+        release_gate(None, Some("ns/vm"), now, window),
+        ReleaseGate::Confirm(vec!["ns/vm".into()])
+    );
+    assert_eq!(
+        release_gate(claim(Some("yesterday"), None), None, now, window),
+        ReleaseGate::Confirm(Vec::new())
+    );
+}
