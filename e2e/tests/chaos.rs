@@ -1,5 +1,5 @@
 //! The short fault-injection suite for CI (the whole suite: `make chaos`): with load
-//! running, a webhook replica, the controller leader, the active agent and etcd killed in
+//! running, a webhook replica, the controller leader, the active agent, etcd and kube-apiserver killed in
 //! turn; after each, every invariant of `vm_dhcp_e2e::chaos` holds (no address or MAC twice,
 //! nothing lost, leaks swept within their grace, DHCP back within 5 s of the agent's kill,
 //! admission back within the webhook's timeout, one agent holding the server IP). A test
@@ -32,6 +32,7 @@ async fn faults_under_load_keep_every_invariant() {
             Fault::ControllerLeader,
             Fault::ActiveAgent,
             Fault::EtcdRestart,
+            Fault::KubeApiserverRestart,
         ],
     })
     .await
@@ -42,7 +43,7 @@ async fn faults_under_load_keep_every_invariant() {
         rows.len(),
         t0.elapsed().as_secs_f64()
     );
-    assert_eq!(rows.len(), 4, "{table}");
+    assert_eq!(rows.len(), 5, "{table}");
     assert!(
         rows.iter().all(|r| r.ok()),
         "an invariant was violated:\n{table}"
