@@ -225,6 +225,14 @@ mod tests {
         assert!(seen > 60, "only {seen} flags seen");
     }
 
+    /// Flag `--long` of subcommand `sub`.
+    fn flag(cmd: &clap::Command, sub: &str, long: &str) -> Arg {
+        cmd.find_subcommand(sub)
+            .and_then(|s| s.get_arguments().find(|a| a.get_long() == Some(long)))
+            .cloned()
+            .unwrap_or_else(|| panic!("{sub} --{long}"))
+    }
+
     #[test]
     fn upstream_names_are_aliases_when_the_canonical_variable_is_unset() {
         let only_alias = command_with(&|n| n == "IPPOOL_REF");
@@ -236,39 +244,21 @@ mod tests {
         // clap reads the alias: the variable itself is not set in this test, so the flag is
         // unset, but the argument is bound to the alias.
         assert!(agent.get_one::<String>("ippool_ref").is_none());
-        let arg = only_alias
-            .find_subcommand("agent")
-            .and_then(|a| {
-                a.get_arguments()
-                    .find(|a| a.get_long() == Some("ippool-ref"))
-            })
-            .expect("--ippool-ref");
+        let arg = flag(&only_alias, "agent", "ippool-ref");
         assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("IPPOOL_REF"));
         assert!(
             arg.get_help()
                 .is_some_and(|h| h.to_string().contains("also read from $IPPOOL_REF"))
         );
         let both = command_with(&|n| n == "IPPOOL_REF" || n == "VM_DHCP_IPPOOL_REF");
-        let arg = both
-            .find_subcommand("agent")
-            .and_then(|a| {
-                a.get_arguments()
-                    .find(|a| a.get_long() == Some("ippool-ref"))
-            })
-            .expect("--ippool-ref");
+        let arg = flag(&both, "agent", "ippool-ref");
         assert_eq!(
             arg.get_env().and_then(|e| e.to_str()),
             Some("VM_DHCP_IPPOOL_REF")
         );
         // KUBECONFIG is the client's, never one --kubeconfig path.
         let kc = command_with(&|n| n == "KUBECONFIG");
-        let arg = kc
-            .find_subcommand("controller")
-            .and_then(|a| {
-                a.get_arguments()
-                    .find(|a| a.get_long() == Some("kubeconfig"))
-            })
-            .expect("--kubeconfig");
+        let arg = flag(&kc, "controller", "kubeconfig");
         assert_eq!(
             arg.get_env().and_then(|e| e.to_str()),
             Some("VM_DHCP_KUBECONFIG")

@@ -41,6 +41,7 @@ use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
 use vm_dhcp_core::mac::MacAddr;
 use vm_dhcp_core::store::{Holding, STORE_ANNOTATION, STORE_OBJECTS, address_object, claim_object};
 use vm_dhcp_e2e::ControlPlane;
+use vm_dhcp_e2e::nodesim::bind_pod;
 use vm_dhcp_e2e::proc::{Process, run_dir};
 
 const VMS: usize = 10_000;
@@ -218,20 +219,8 @@ impl Fleet {
                             continue;
                         };
                         cursor = n + 1;
-                        let binding = json!({
-                            "apiVersion": "v1", "kind": "Binding",
-                            "metadata": {"name": name, "uid": pod.metadata.uid},
-                            "target": {"apiVersion": "v1", "kind": "Node", "name": nodes[n]}
-                        });
-                        match pods
-                            .create_subresource::<serde_json::Value, serde_json::Value>(
-                                "binding",
-                                &name,
-                                &PostParams::default(),
-                                &binding,
-                            )
-                            .await
-                        {
+                        let uid = pod.metadata.uid.clone().unwrap_or_default();
+                        match bind_pod(&pods, &name, &uid, &nodes[n]).await {
                             Ok(_) => {
                                 taken.push(n);
                                 placed = true;

@@ -1109,21 +1109,7 @@ impl Inner {
             match fits.first() {
                 Some(node) => {
                     let node = node.name_any();
-                    let binding = json!({
-                        "apiVersion": "v1", "kind": "Binding",
-                        "metadata": {"name": name, "uid": uid},
-                        "target": {"apiVersion": "v1", "kind": "Node", "name": node}
-                    });
-                    match self
-                        .pods_api()
-                        .create_subresource::<Value, Value>(
-                            "binding",
-                            &name,
-                            &PostParams::default(),
-                            &binding,
-                        )
-                        .await
-                    {
+                    match bind_pod(&self.pods_api(), &name, &uid, &node).await {
                         Ok(_) => {
                             self.log(&format!("bound pod {name} to {node}"));
                             self.lock().assumed.insert(uid, node);
@@ -2778,6 +2764,18 @@ fn node_fits(
 }
 
 /// Names of namespaces currently present (for tests that check clean-up).
+/// Binds pod `name` (of `uid`) to `node`, as the scheduler does (`pods/binding`).
+pub async fn bind_pod(pods: &Api<Pod>, name: &str, uid: &str, node: &str) -> kube::Result<()> {
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "uid": uid},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node}
+    });
+    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
+        .await
+        .map(|_| ())
+}
+
 pub fn netns_list() -> HashSet<String> {
     std::fs::read_dir("/run/netns")
         .map(|d| {

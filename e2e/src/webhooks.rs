@@ -86,6 +86,13 @@ pub async fn webhooks(cp: &'static ControlPlane, ns: &TestNamespace, n: usize) -
         port = p;
         replicas.push(replica);
     }
+    register(cp, ns, port).await;
+    replicas
+}
+
+/// Registers the webhook's configurations for `ns` only, served at 127.0.0.1:`port` with a
+/// certificate of the control plane's serving CA.
+pub async fn register(cp: &ControlPlane, ns: &TestNamespace, port: u16) {
     use base64::Engine as _;
     let ca = base64::engine::general_purpose::STANDARD.encode(cp.serving_ca.cert_pem());
     let (mut mutating, mut validating) = webhook_configurations(
@@ -97,10 +104,10 @@ pub async fn webhooks(cp: &'static ControlPlane, ns: &TestNamespace, n: usize) -
         "matchLabels": {"kubernetes.io/metadata.name": ns.name}
     }))
     .expect("selector");
-    for hook in &mut mutating.webhooks.iter_mut().flatten().collect::<Vec<_>>() {
+    for hook in mutating.webhooks.iter_mut().flatten() {
         hook.namespace_selector = Some(selector.clone());
     }
-    for hook in &mut validating.webhooks.iter_mut().flatten().collect::<Vec<_>>() {
+    for hook in validating.webhooks.iter_mut().flatten() {
         hook.namespace_selector = Some(selector.clone());
     }
     Api::<MutatingWebhookConfiguration>::all(ns.client.clone())
@@ -111,7 +118,6 @@ pub async fn webhooks(cp: &'static ControlPlane, ns: &TestNamespace, n: usize) -
         .create(&PostParams::default(), &validating)
         .await
         .expect("register validating webhooks");
-    replicas
 }
 
 pub fn pool(

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, PostParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,8 +23,8 @@ use tokio::sync::watch;
 use vm_dhcp_core::admission::ALLOCATIONS_ANNOTATION;
 use vm_dhcp_core::kubevirt::VirtualMachine;
 use vm_dhcp_e2e::proc::{Process, run_dir};
+use vm_dhcp_e2e::webhooks::register;
 use vm_dhcp_e2e::{ControlPlane, TestNamespace};
-use vm_dhcp_webhook::config::{Endpoint, webhook_configurations};
 
 const IPPOOL_CREATE: &str = include_str!("../../webhook/tests/fixtures/ippool-create.json");
 
@@ -200,35 +199,6 @@ fn post(path: &str, body: &[u8]) -> Vec<u8> {
     .into_bytes();
     raw.extend_from_slice(body);
     raw
-}
-
-/// Registers the webhook's configurations for `ns` only, reached at 127.0.0.1:`port`.
-async fn register(cp: &ControlPlane, ns: &TestNamespace, port: u16) {
-    use base64::Engine as _;
-    let ca = base64::engine::general_purpose::STANDARD.encode(cp.serving_ca.cert_pem());
-    let (mut mutating, mut validating) = webhook_configurations(
-        &ns.name,
-        &Endpoint::Url(format!("https://127.0.0.1:{port}")),
-        &ca,
-    );
-    let selector: LabelSelector = serde_json::from_value(serde_json::json!({
-        "matchLabels": {"kubernetes.io/metadata.name": ns.name}
-    }))
-    .expect("selector");
-    for hook in mutating.webhooks.iter_mut().flatten() {
-        hook.namespace_selector = Some(selector.clone());
-    }
-    for hook in validating.webhooks.iter_mut().flatten() {
-        hook.namespace_selector = Some(selector.clone());
-    }
-    Api::<MutatingWebhookConfiguration>::all(ns.client.clone())
-        .create(&PostParams::default(), &mutating)
-        .await
-        .expect("register mutating webhooks");
-    Api::<ValidatingWebhookConfiguration>::all(ns.client.clone())
-        .create(&PostParams::default(), &validating)
-        .await
-        .expect("register validating webhooks");
 }
 
 async fn unregister(ns: &TestNamespace) {

@@ -467,54 +467,39 @@ fn on_pool(ctx: &Ctx, seen: Seen<'_, IPPool>) {
     }
 }
 
-/// A vmnetcfg change reconciles its workload; the pools of a network only when the owners
-/// there changed (a status write, the controller's own, changes none).
-fn on_cfg(ctx: &Ctx, seen: Seen<'_, VirtualMachineNetworkConfig>) {
-    let (c, changed) = match seen {
-        Seen::Apply(c) => (c, ctx.owners().apply_cfg(c)),
-        Seen::Deleted(c) => {
-            let source = Source::Cfg {
-                namespace: c.namespace().unwrap_or_default(),
-                name: c.name_any(),
-            };
-            (c, ctx.owners().remove(&source))
+/// A VM or vmnetcfg change reconciles its workload; the pools of a network only when the
+/// owners there changed (a status write, the controller's own, changes none).
+fn on_owner<K: Resource>(
+    ctx: &Ctx,
+    seen: Seen<'_, K>,
+    kind: Kind,
+    apply: fn(&mut OwnerIndex, &K) -> BTreeSet<String>,
+) {
+    let (obj, changed) = match seen {
+        Seen::Apply(o) => (o, apply(&mut ctx.owners(), o)),
+        Seen::Deleted(o) => {
+            let source = kind.source(o.namespace().unwrap_or_default(), o.name_any());
+            (o, ctx.owners().remove(&source))
         }
-        Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Cfg),
+        Seen::RelistBegin => return ctx.owners().relist_begin(kind),
         Seen::RelistDone => {
-            let (gone, changed) = ctx.owners().relist_done(Kind::Cfg);
+            let (gone, changed) = ctx.owners().relist_done(kind);
             return ctx.vanished(gone, changed);
         }
     };
     ctx.queue.push(Key::Workload(
-        c.namespace().unwrap_or_default(),
-        c.name_any(),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any(),
     ));
     ctx.enqueue_pools_of_networks(changed);
 }
 
-/// A VM change reconciles its workload; the pools of a network only when the owners there
-/// changed.
+fn on_cfg(ctx: &Ctx, seen: Seen<'_, VirtualMachineNetworkConfig>) {
+    on_owner(ctx, seen, Kind::Cfg, OwnerIndex::apply_cfg);
+}
+
 fn on_vm(ctx: &Ctx, seen: Seen<'_, VirtualMachine>) {
-    let (v, changed) = match seen {
-        Seen::Apply(v) => (v, ctx.owners().apply_vm(v)),
-        Seen::Deleted(v) => {
-            let source = Source::Vm {
-                namespace: v.namespace().unwrap_or_default(),
-                name: v.name_any(),
-            };
-            (v, ctx.owners().remove(&source))
-        }
-        Seen::RelistBegin => return ctx.owners().relist_begin(Kind::Vm),
-        Seen::RelistDone => {
-            let (gone, changed) = ctx.owners().relist_done(Kind::Vm);
-            return ctx.vanished(gone, changed);
-        }
-    };
-    ctx.queue.push(Key::Workload(
-        v.namespace().unwrap_or_default(),
-        v.name_any(),
-    ));
-    ctx.enqueue_pools_of_networks(changed);
+    on_owner(ctx, seen, Kind::Vm, OwnerIndex::apply_vm);
 }
 
 fn on_nad(ctx: &Ctx, seen: Seen<'_, NetworkAttachmentDefinition>) {
@@ -906,9 +891,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>) -> Result<()> {
         tokio::select! {
             Some((key, result)) = running.next(), if !running.is_empty() => {
                 ctx.queue.done(&key);
-                let result = [(key, result)];
                 ctx.health.record(&result);
-                let [(key, result)] = result;
                 match result {
                     Ok(()) => {
                         failures.remove(&key);
@@ -977,13 +960,16 @@ struct WriteHealth {
 }
 
 impl WriteHealth {
-    fn record<K>(&self, results: &[(K, Result<()>)]) {
+    /// One reconcile's outcome: a success clears the failing state, a failure starts it
+    /// (or keeps its start) with the latest error.
+    fn record(&self, result: &Result<()>) {
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
-        if results.iter().any(|(_, r)| r.is_ok()) {
-            *failing = None;
-        } else if let Some((_, Err(e))) = results.last() {
-            let since = failing.as_ref().map_or_else(Instant::now, |(t, _)| *t);
-            *failing = Some((since, format!("{e:#}")));
+        match result {
+            Ok(()) => *failing = None,
+            Err(e) => {
+                let since = failing.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+                *failing = Some((since, format!("{e:#}")));
+            }
         }
     }
 

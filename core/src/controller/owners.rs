@@ -31,6 +31,16 @@ pub enum Kind {
     Vm,
 }
 
+impl Kind {
+    /// The source of this kind named `namespace/name`.
+    pub fn source(self, namespace: String, name: String) -> Source {
+        match self {
+            Kind::Cfg => Source::Cfg { namespace, name },
+            Kind::Vm => Source::Vm { namespace, name },
+        }
+    }
+}
+
 impl Source {
     fn kind(&self) -> Kind {
         match self {
