@@ -15,6 +15,7 @@ use crate::mac::MacAddr;
 
 pub mod agent_pod;
 pub mod owners;
+pub mod plan;
 
 /// Our finalizer on IPPools and vmnetcfgs (the Go version's are `wrangler.cattle.io/vm-dhcp-*`).
 pub const FINALIZER: &str = "dhcp.harvesterhci.io/controller";

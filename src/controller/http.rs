@@ -86,7 +86,7 @@ pub(super) fn render(ctx: &Ctx) -> Result<String, std::fmt::Error> {
     registry.register(
         "vmdhcpcontroller_leaks_swept",
         "Allocations released because no vmnetcfg entry or VM NIC held them after the grace period",
-        ctx.swept.clone(),
+        ctx.writer.swept.clone(),
     );
     registry.register(
         "vmdhcpcontroller_reconciles",
@@ -102,6 +102,21 @@ pub(super) fn render(ctx: &Ctx) -> Result<String, std::fmt::Error> {
         "vmdhcpcontroller_reconcile_seconds",
         "Time one reconcile took (reads, decisions, writes), by kind",
         ctx.reconcile_seconds.clone(),
+    );
+    registry.register(
+        "vmdhcpcontroller_writes",
+        "Writes the leader applied, by kind and outcome (done; wait: an admission in flight; recompute: the object changed or the Lease was lost, so it is planned again; failed)",
+        ctx.writer.writes.clone(),
+    );
+    registry.register(
+        "vmdhcpcontroller_write_seconds",
+        "Time one write took, with the reads that confirm it and its retries, by kind",
+        ctx.writer.seconds.clone(),
+    );
+    registry.register(
+        "vmdhcpcontroller_write_queue_depth",
+        "Writes waiting for one of the writer's slots or in flight",
+        ctx.writer.depth(),
     );
     let depth = Gauge::<i64>::default();
     depth.set(i64::try_from(ctx.queue.len()).unwrap_or(i64::MAX));

@@ -6,15 +6,17 @@
 //! - releases: the only component that gives addresses back, when a VM, NIC or vmnetcfg
 //!   entry is really gone, and after a grace period for allocations nobody owns (leaks).
 //!
-//! Decisions are the pure functions of `vm_dhcp_core::controller`; this module reads, calls
-//! them and writes with the resourceVersion guard.
+//! Decisions are the pure functions of `vm_dhcp_core::controller::plan`: this module feeds
+//! them what the caches hold and hands the writes they plan to `writer`, which applies them
+//! only while this replica leads.
 
 mod http;
 mod pool;
 mod workload;
+mod writer;
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,10 +37,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use vm_dhcp_core::admission::network_key;
 use vm_dhcp_core::controller::owners::{Kind, OwnerIndex, Source};
+use vm_dhcp_core::controller::plan::{Plan, Settings, Write};
 use vm_dhcp_core::controller::{self as decide, OrphanClock};
 use vm_dhcp_core::crd::{IPPool, IPPoolAddress, IPPoolMACClaim, VirtualMachineNetworkConfig};
 use vm_dhcp_core::kubevirt::{NetworkAttachmentDefinition, VirtualMachine};
-use vm_dhcp_core::mac::MacAddr;
+use writer::Applied;
 
 #[derive(Args, Debug, Clone)]
 pub struct ControllerArgs {
@@ -168,6 +171,14 @@ pub struct ControllerArgs {
     pub debug: bool,
 }
 
+/// How soon a plan whose write found its object changed is made again (its watch event
+/// usually brings the object first).
+const RECOMPUTE_AFTER: Duration = Duration::from_millis(250);
+
+/// Writes in flight (or waiting for a slot) per reconcile worker: reconciles write one after
+/// another, so this bounds what a migration or a burst may queue.
+const WRITES_PER_WORKER: usize = 2;
+
 /// What needs a reconcile.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Key {
@@ -261,15 +272,16 @@ pub struct Ctx {
     /// When each pool's status was last projected (projections are batched).
     projected: Mutex<HashMap<(String, String), Instant>>,
     started: Instant,
-    /// Leaks released, by pool.
-    swept: Family<Vec<(String, String)>, Counter>,
+    /// What the plans depend on, from the flags.
+    settings: Settings,
+    /// Applies the plans' writes while this replica leads.
+    writer: writer::Writer,
     /// Reconciles run, by kind of key (`pool`, `workload`, `nad`).
     reconciles: Family<Vec<(String, String)>, Counter>,
     /// Reconciles that failed (their reads or writes), by kind; each is recomputed later.
     reconcile_failures: Family<Vec<(String, String)>, Counter>,
     /// How long reconciles took (reads, decisions, writes), by kind.
     reconcile_seconds: Family<Vec<(String, String)>, Histogram>,
-    recorder: Recorder,
     ready: AtomicBool,
     /// This replica holds the leader Lease (always, without leader election).
     leading: AtomicBool,
@@ -291,15 +303,6 @@ impl Ctx {
         })
     }
 
-    /// The address a MAC holds in a pool, from its address objects.
-    fn held_ip(&self, pool: &IPPool, mac: MacAddr) -> Option<Ipv4Addr> {
-        let key = (pool.namespace().unwrap_or_default(), pool.name_any());
-        match self.stores.holdings.lock().of_mac(&key, mac)?.ip {
-            std::net::IpAddr::V4(ip) => Some(ip),
-            std::net::IpAddr::V6(_) => None,
-        }
-    }
-
     fn owners(&self) -> std::sync::MutexGuard<'_, OwnerIndex> {
         self.owners.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -311,6 +314,42 @@ impl Ctx {
 
     fn now(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Applies a plan's writes in order. A write that must wait asks for the key again
+    /// later; one that found its object changed (or the Lease lost) ends the plan, and the
+    /// key is planned again from what the caches show by then.
+    async fn apply(self: &Arc<Self>, key: Key, plan: Plan) -> Result<()> {
+        for warning in &plan.warnings {
+            tracing::warn!(?key, "{warning}");
+        }
+        if let Some(after) = plan.recheck {
+            self.requeue_after(key.clone(), after);
+        }
+        for write in &plan.writes {
+            match self.writer.apply(write).await? {
+                Applied::Done => {
+                    if let Write::PoolStatus {
+                        pool,
+                        projected: true,
+                        ..
+                    } = write
+                    {
+                        self.projected
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(pool.clone(), Instant::now());
+                    }
+                }
+                Applied::Wait(after) => self.requeue_after(key.clone(), after),
+                Applied::Recompute(why) => {
+                    tracing::debug!(?key, write = write.kind(), %why, "planned again");
+                    self.requeue_after(key, RECOMPUTE_AFTER);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn requeue_after(self: &Arc<Self>, key: Key, after: Duration) {
@@ -727,13 +766,31 @@ async fn serve(args: ControllerArgs) -> Result<()> {
         half_made: Mutex::new(OrphanClock::default()),
         projected: Mutex::new(HashMap::new()),
         started: Instant::now(),
-        swept: Family::default(),
+        settings: Settings {
+            namespace: args.namespace.clone(),
+            image: args.image.clone(),
+            service_account: args.service_account_name.clone(),
+            agents_per_pool: args.agents_per_pool,
+            no_agent: args.no_agent,
+            no_dhcp: args.no_dhcp,
+            agent_lease_duration_seconds: args.agent_lease_duration_seconds,
+            lost_node_grace: Duration::from_secs(args.lost_node_grace_seconds),
+            agents_on_witness_nodes: args.agents_on_witness_nodes,
+            leak_grace: Duration::from_secs(args.leak_grace_seconds),
+            status_max_allocations: args.status_max_allocations,
+        },
+        writer: writer::Writer::new(
+            client.clone(),
+            args.namespace.clone(),
+            Duration::from_secs(args.admission_window_seconds),
+            recorder,
+            usize::from(args.workers) * WRITES_PER_WORKER,
+        ),
         reconciles: Family::default(),
         reconcile_failures: Family::default(),
         reconcile_seconds: Family::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.002, 2.0, 14))
         }),
-        recorder,
         ready: AtomicBool::new(false),
         leading: AtomicBool::new(args.no_leader_election),
         health: WriteHealth::default(),
@@ -780,6 +837,7 @@ async fn serve(args: ControllerArgs) -> Result<()> {
     );
 
     if args.no_leader_election {
+        ctx.writer.guard.set(Some(None));
         tokio::select! {
             r = reconcile_loop(ctx.clone()) => r,
             _ = crate::logging::shutdown_signal() => Ok(()),
@@ -834,12 +892,15 @@ async fn lead(ctx: &Arc<Ctx>, identity: &str) -> Result<()> {
         }
         logged = false;
         tracing::info!(%identity, "leading: reconciling");
+        ctx.writer.guard.set(role.borrow().until().map(Some));
         ctx.leading.store(true, Ordering::SeqCst);
         // What this replica observed while standing by is not a leader's observation.
         ctx.forget_clocks();
         let lost = async {
             loop {
                 let until = role.borrow_and_update().until();
+                // Every write checks the fence first: none starts after it.
+                ctx.writer.guard.set(until.map(Some));
                 match until {
                     Some(until) => tokio::select! {
                         _ = tokio::time::sleep_until(until) => return,
@@ -854,6 +915,7 @@ async fn lead(ctx: &Arc<Ctx>, identity: &str) -> Result<()> {
             _ = lost => None,
             _ = &mut shutdown => break Ok(()),
         };
+        ctx.writer.guard.set(None);
         ctx.leading.store(false, Ordering::SeqCst);
         ctx.health.reset();
         match r {
