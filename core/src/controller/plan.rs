@@ -939,8 +939,15 @@ pub fn plan_nad(
 pub trait Pools {
     /// The pool serving a network (not being deleted), if the network is managed.
     fn pool_of(&self, network: &str) -> Option<PoolKey>;
+    /// The address object holding a MAC in a pool, with its resourceVersion.
+    fn held(&self, pool: &PoolKey, mac: MacAddr) -> Option<(Holding, Option<String>)>;
     /// The address a MAC holds in a pool.
-    fn held_ip(&self, pool: &PoolKey, mac: MacAddr) -> Option<Ipv4Addr>;
+    fn held_ip(&self, pool: &PoolKey, mac: MacAddr) -> Option<Ipv4Addr> {
+        match self.held(pool, mac)?.0.ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }
+    }
     /// Who may hold an address on a network, leaving out vmnetcfg `skip`.
     fn live(&self, network: &str, skip: Option<(&str, &str)>) -> LiveOwners;
 }
@@ -1016,9 +1023,11 @@ fn plan_releases(
                 pool: pool.clone(),
                 network: network.to_string(),
                 mac: *mac,
+                // What the cache saw of the address object: the writer confirms the owner it
+                // names and deletes it only at this version.
                 held: pools
-                    .held_ip(&pool, *mac)
-                    .map(|ip| (IpAddr::V4(ip), None, None)),
+                    .held(&pool, *mac)
+                    .map(|(h, version)| (h.ip, h.owner, version)),
                 why: why.to_string(),
                 leak: None,
             });

@@ -594,8 +594,18 @@ impl Pools for TestPools {
         (network == "default/net1").then(|| ("default".to_string(), "net1".to_string()))
     }
 
-    fn held_ip(&self, pool: &PoolKey, mac: MacAddr) -> Option<Ipv4Addr> {
-        self.held.get(&(pool.1.clone(), mac)).copied()
+    fn held(&self, pool: &PoolKey, mac: MacAddr) -> Option<(Holding, Option<String>)> {
+        let ip = *self.held.get(&(pool.1.clone(), mac))?;
+        Some((
+            Holding {
+                ip: IpAddr::V4(ip),
+                mac,
+                owner: Some("ns1/vm1".into()),
+                static_: false,
+                interface: None,
+            },
+            Some(format!("rv-{ip}")),
+        ))
     }
 
     fn live(&self, network: &str, skip: Option<(&str, &str)>) -> LiveOwners {
