@@ -474,9 +474,9 @@ pub enum ReleaseGate {
 /// (a VM created while its watch was down is not there yet); the owners named by the store
 /// itself are what keeps a live VM's allocation, also when the claim is missing and only the
 /// address object names one.
-pub fn release_gate(
-    claim: Option<ClaimSeen<'_>>,
-    address_owner: Option<&str>,
+pub fn release_gate<'a>(
+    claim: Option<ClaimSeen<'a>>,
+    address_owners: impl IntoIterator<Item = &'a str>,
     now: k8s_openapi::jiff::Timestamp,
     window: Duration,
 ) -> ReleaseGate {
@@ -490,9 +490,10 @@ pub fn release_gate(
         }
     }
     let mut owners: Vec<String> = Vec::new();
-    for owner in [claim.and_then(|c| c.owner), address_owner]
+    for owner in claim
+        .and_then(|c| c.owner)
         .into_iter()
-        .flatten()
+        .chain(address_owners)
     {
         if !owners.iter().any(|o| o == owner) {
             owners.push(owner.to_string());

@@ -810,6 +810,59 @@ async fn an_admission_after_a_release_sees_the_release() {
     );
 }
 
+/// Regression: a VM deleted within the admission window of its claim (its vmnetcfg's
+/// admission touched it a moment ago) has its release wait; the writes after it in the same
+/// plan went on regardless, so the vmnetcfg's finalizer went before its release, and the
+/// address stayed held until the leak sweep found it. The release must come from the
+/// vmnetcfg's finalizer, after the wait, with the vmnetcfg kept until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_deleted_inside_the_admission_window_is_released_before_its_finalizer_goes() {
+    if !can_run_pods() {
+        return;
+    }
+    let w = World::new("ctl-win", &[("a", true, false)]).await;
+    let cp = ControlPlane::shared().await;
+    let ctl = Controller::start(cp, &w.ns.name, &["--agents-per-pool=1"]);
+    w.pool("10.82.0.0/24", "10.82.0.10", "10.82.0.19").await;
+    let mac = "02:ce:00:00:00:01";
+    w.vm("quick", &[("nic-1", mac)]).await;
+    w.wait_cfg("quick", "created", |c| c.is_some()).await;
+    w.vms()
+        .delete("quick", &DeleteParams::default())
+        .await
+        .expect("delete quick");
+    w.wait_cfg("quick", "deleted", |c| c.is_none()).await;
+    // Its finalizer gone, its address is too (the sweep would come seconds later).
+    let held: Vec<String> =
+        w.ns.api::<vm_dhcp_core::crd::IPPoolAddress>()
+            .list(&Default::default())
+            .await
+            .expect("address objects")
+            .items
+            .into_iter()
+            .filter(|a| a.spec.mac_address == mac)
+            .map(|a| a.spec.address)
+            .collect();
+    let log = ctl.log();
+    assert!(
+        held.is_empty(),
+        "the vmnetcfg went while {mac} still held {held:?}:\n{log}"
+    );
+    let released: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("address released") && l.contains(mac))
+        .collect();
+    assert!(
+        released.len() == 1 && released[0].contains("vmnetcfg"),
+        "the vmnetcfg's finalizer released {mac} once: {released:#?}\n{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("leak swept") && l.contains(mac)),
+        "{mac} was left to the leak sweep:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaks_are_swept_and_a_restarted_controller_loses_nothing() {
     if !can_run_pods() {

@@ -316,9 +316,10 @@ impl Ctx {
         self.started.elapsed()
     }
 
-    /// Applies a plan's writes in order. A write that must wait asks for the key again
-    /// later; one that found its object changed (or the Lease lost) ends the plan, and the
-    /// key is planned again from what the caches show by then.
+    /// Applies a plan's writes in order. A write that must wait, or that found its object
+    /// changed (or the Lease lost), ends the plan: the key is planned again, after the wait
+    /// or from what the caches show by then. The writes after it may depend on it (a
+    /// vmnetcfg's finalizer goes only after its releases are done).
     async fn apply(self: &Arc<Self>, key: Key, plan: Plan) -> Result<()> {
         for warning in &plan.warnings {
             tracing::warn!(?key, "{warning}");
@@ -341,7 +342,11 @@ impl Ctx {
                             .insert(pool.clone(), Instant::now());
                     }
                 }
-                Applied::Wait(after) => self.requeue_after(key.clone(), after),
+                Applied::Wait(after) => {
+                    tracing::debug!(?key, write = write.kind(), ?after, "waits");
+                    self.requeue_after(key, after);
+                    return Ok(());
+                }
                 Applied::Recompute(why) => {
                     tracing::debug!(?key, write = write.kind(), %why, "planned again");
                     self.requeue_after(key, RECOMPUTE_AFTER);

@@ -616,17 +616,20 @@ impl Writer {
     }
 
     /// Gives back what one MAC holds in a pool: its claim first, then the address object, each
-    /// only if it is still the version this decision saw. Safe against a re-admission of the
-    /// MAC (a VM deleted and recreated under its name), which touches the claim before its
-    /// object is stored: a claim touched within the admission window waits, the owners the
-    /// claim and the address object name are looked up with quorum reads, and a claim touched
-    /// since it was read fails the delete's precondition. Returns the address released.
+    /// only if it is still the version read here. Safe against a re-admission of the MAC (a
+    /// VM deleted and recreated under its name), which touches the claim before its object is
+    /// stored: a claim touched within the admission window waits, the owners the claim and
+    /// the address object name are looked up with quorum reads, and a claim touched since it
+    /// was read fails the delete's precondition. Returns the address released.
     ///
-    /// The claim is read from the apiserver, not the cache: the watches lag each other after
-    /// an outage (each backs off on its own), and a claim the cache has not seen yet is not a
-    /// claim that is gone. Taken for gone, it skipped the owner's check and the address
-    /// object of a live VM was deleted, its address then given to another MAC while its claim
-    /// still named it.
+    /// The claim and the address object are read from the apiserver, not the caches: the
+    /// watches lag each other after an outage or under load (each backs off on its own). A
+    /// claim the cache has not seen yet is not a claim that is gone (taken for gone, it
+    /// skipped the owner's check and a live VM's address object was deleted); an address
+    /// object the cache has not seen yet, or saw at an older version, is still to be
+    /// released (taken as it was, the release did nothing or failed its precondition, the
+    /// vmnetcfg's finalizer went anyway, and the address stayed held until the leak sweep).
+    /// An address object changed since it was read is planned again.
     async fn release(
         &self,
         (ns, pool): &PoolKey,
@@ -641,12 +644,28 @@ impl Writer {
             .get_opt(&claim_name)
             .await
             .with_context(|| format!("reading the claim of MAC {mac} in IPPool {ns}/{pool}"))?;
+        // The addresses: the one the claim names and the one the cache saw (the same, unless
+        // one of them is out of date), each as the apiserver holds it now.
+        let mut ips: Vec<IpAddr> = claim
+            .as_ref()
+            .and_then(|c| c.spec.address.parse::<IpAddr>().ok())
+            .into_iter()
+            .collect();
+        if let Some((ip, _, _)) = &held
+            && !ips.contains(ip)
+        {
+            ips.push(*ip);
+        }
+        let mut addresses = Vec::new();
+        for ip in ips {
+            addresses.extend(self.address_held_by(ns, pool, ip, mac).await?);
+        }
         let gate = decide::release_gate(
             claim.as_ref().map(|c| decide::ClaimSeen {
                 admitted_at: c.spec.admitted_at.as_deref(),
                 owner: c.spec.owner.as_deref(),
             }),
-            held.as_ref().and_then(|(_, owner, _)| owner.as_deref()),
+            addresses.iter().filter_map(|(h, _)| h.owner.as_deref()),
             Timestamp::now(),
             self.admission_window,
         );
@@ -675,22 +694,50 @@ impl Writer {
                 }
             }
         }
-        let Some((ip, _, version)) = held else {
-            return Ok((Applied::Done, None));
-        };
-        let name = store::address_object_name(pool, ip);
-        match self
-            .api::<IPPoolAddress>(ns)
-            .delete(&name, &precondition(version))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(pool = %format!("{ns}/{pool}"), %ip, %mac, %why, "address released");
-                Ok((Applied::Done, Some(ip)))
+        let mut released = None;
+        for (held, version) in addresses {
+            let ip = held.ip;
+            let name = store::address_object_name(pool, ip);
+            match self
+                .api::<IPPoolAddress>(ns)
+                .delete(&name, &precondition(version))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(pool = %format!("{ns}/{pool}"), %ip, %mac, %why, "address released");
+                    released = Some(ip);
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) if is_conflict(&e) => {
+                    let why = format!("{name}: changed since read");
+                    return Ok((Applied::Recompute(why), released));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("releasing {ip} in IPPool {ns}/{pool}"));
+                }
             }
-            Err(e) if is_not_found(&e) || is_conflict(&e) => Ok((Applied::Done, None)),
-            Err(e) => Err(e).with_context(|| format!("releasing {ip} in IPPool {ns}/{pool}")),
         }
+        Ok((Applied::Done, released))
+    }
+
+    /// The address object of `ip` in a pool, per a quorum read, with its resourceVersion, if
+    /// it is held by `mac` (another MAC's object is not this release's to delete).
+    async fn address_held_by(
+        &self,
+        ns: &str,
+        pool: &str,
+        ip: IpAddr,
+        mac: MacAddr,
+    ) -> Result<Option<(Holding, Option<String>)>> {
+        let obj = self
+            .api::<IPPoolAddress>(ns)
+            .get_opt(&store::address_object_name(pool, ip))
+            .await
+            .with_context(|| format!("reading the address object of {ip} in IPPool {ns}/{pool}"))?;
+        Ok(obj.and_then(|o| {
+            let h = store::holding_of_address(&o).ok()?;
+            (h.mac == mac).then(|| (h, o.resource_version()))
+        }))
     }
 
     /// Does the owner (`<namespace>/<name>`) still hold the MAC on the network, per a quorum

@@ -458,6 +458,17 @@ fn a_release_waits_for_an_admission_in_flight_then_confirms_every_owner_the_stor
         release_gate(claim(None, Some("ns/a")), Some("ns/b"), now, window),
         ReleaseGate::Confirm(vec!["ns/a".into(), "ns/b".into()])
     );
+    // Two address objects of the MAC (the claim's and the one a lagging cache saw): every
+    // owner either names, once.
+    assert_eq!(
+        release_gate(
+            claim(None, Some("ns/a")),
+            ["ns/b", "ns/a", "ns/c"],
+            now,
+            window
+        ),
+        ReleaseGate::Confirm(vec!["ns/a".into(), "ns/b".into(), "ns/c".into()])
+    );
     // No claim (gone, or a half-released allocation): the address object's owner still has
     // to be confirmed gone. An unreadable admission time does not hold a release forever.
     assert_eq!(
