@@ -1,6 +1,7 @@
 //! A VM and its vmnetcfg (same namespace and name): what the caches hold of them and of the
 //! pools goes to `vm_dhcp_core::controller::plan::plan_workload`, its writes to the writer.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -8,7 +9,7 @@ use kube::{Resource, ResourceExt};
 use vm_dhcp_core::controller::LiveOwners;
 use vm_dhcp_core::controller::plan::{self, Pools, WorkloadWorld};
 use vm_dhcp_core::mac::MacAddr;
-use vm_dhcp_core::store::{Holding, PoolKey};
+use vm_dhcp_core::store::PoolKey;
 
 use super::{Ctx, Key, get, now_text};
 
@@ -22,10 +23,11 @@ impl Pools for CachedPools<'_> {
             .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
     }
 
-    fn held(&self, pool: &PoolKey, mac: MacAddr) -> Option<(Holding, Option<String>)> {
-        let holdings = self.0.stores.holdings.lock();
-        let h = holdings.of_mac(pool, mac)?;
-        Some((h.clone(), holdings.version(pool, h.ip).map(str::to_string)))
+    fn held_ip(&self, pool: &PoolKey, mac: MacAddr) -> Option<Ipv4Addr> {
+        match self.0.stores.holdings.lock().of_mac(pool, mac)?.ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }
     }
 
     fn live(&self, network: &str, skip: Option<(&str, &str)>) -> LiveOwners {

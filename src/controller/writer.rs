@@ -392,7 +392,7 @@ impl Writer {
                 why,
                 leak,
             } => {
-                let applied = self.release(pool, network, *mac, held.clone(), why).await?;
+                let applied = self.release(pool, network, *mac, *held, why).await?;
                 if let (Some(ip), Some(leak)) = (applied.1, leak) {
                     self.report_leak(pool, ip, *mac, leak).await;
                 }
@@ -635,7 +635,7 @@ impl Writer {
         (ns, pool): &PoolKey,
         network: &str,
         mac: MacAddr,
-        held: Option<(IpAddr, Option<String>, Option<String>)>,
+        held: Option<IpAddr>,
         why: &str,
     ) -> Result<(Applied, Option<IpAddr>)> {
         let claims = self.api::<IPPoolMACClaim>(ns);
@@ -651,10 +651,10 @@ impl Writer {
             .and_then(|c| c.spec.address.parse::<IpAddr>().ok())
             .into_iter()
             .collect();
-        if let Some((ip, _, _)) = &held
-            && !ips.contains(ip)
+        if let Some(ip) = held
+            && !ips.contains(&ip)
         {
-            ips.push(*ip);
+            ips.push(ip);
         }
         let mut addresses = Vec::new();
         for ip in ips {

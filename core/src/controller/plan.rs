@@ -114,14 +114,16 @@ pub enum Write {
         owner: String,
     },
     /// Gives back what a MAC holds in a pool. Decided on caches that may lag, so the writer
-    /// reads the claim from the apiserver, waits out an admission in flight on it and
-    /// confirms every owner the store names is gone before deleting anything.
+    /// reads the claim and the address objects from the apiserver, waits out an admission in
+    /// flight on the claim and confirms every owner they name is gone before deleting
+    /// anything.
     Release {
         pool: PoolKey,
         network: String,
         mac: MacAddr,
-        /// The address object as the cache saw it: address, owner, resourceVersion.
-        held: Option<(IpAddr, Option<String>, Option<String>)>,
+        /// The address the cache saw the MAC hold (the writer also looks at the one its
+        /// claim names).
+        held: Option<IpAddr>,
         why: String,
         /// Set for a leak: reported once released.
         leak: Option<LeakSwept>,
@@ -609,7 +611,7 @@ fn plan_sweep(w: &PoolWorld<'_>, s: &Settings, clocks: &mut Clocks<'_>, plan: &m
             .holdings
             .iter()
             .find(|(h, _)| h.mac == mac)
-            .map(|(h, v)| (h.ip, h.owner.clone(), v.clone()));
+            .map(|(h, _)| h.ip);
         plan.writes.push(Write::Release {
             pool: key.clone(),
             network: network.clone(),
@@ -939,15 +941,8 @@ pub fn plan_nad(
 pub trait Pools {
     /// The pool serving a network (not being deleted), if the network is managed.
     fn pool_of(&self, network: &str) -> Option<PoolKey>;
-    /// The address object holding a MAC in a pool, with its resourceVersion.
-    fn held(&self, pool: &PoolKey, mac: MacAddr) -> Option<(Holding, Option<String>)>;
     /// The address a MAC holds in a pool.
-    fn held_ip(&self, pool: &PoolKey, mac: MacAddr) -> Option<Ipv4Addr> {
-        match self.held(pool, mac)?.0.ip {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        }
-    }
+    fn held_ip(&self, pool: &PoolKey, mac: MacAddr) -> Option<Ipv4Addr>;
     /// Who may hold an address on a network, leaving out vmnetcfg `skip`.
     fn live(&self, network: &str, skip: Option<(&str, &str)>) -> LiveOwners;
 }
@@ -1023,11 +1018,7 @@ fn plan_releases(
                 pool: pool.clone(),
                 network: network.to_string(),
                 mac: *mac,
-                // What the cache saw of the address object: the writer confirms the owner it
-                // names and deletes it only at this version.
-                held: pools
-                    .held(&pool, *mac)
-                    .map(|(h, version)| (h.ip, h.owner, version)),
+                held: pools.held_ip(&pool, *mac).map(IpAddr::V4),
                 why: why.to_string(),
                 leak: None,
             });
