@@ -629,11 +629,12 @@ async fn a_lost_node_agent_is_replaced_and_pause_removes_agents() {
     let _ctl = Controller::start(cp, &w.ns.name, &[]);
     w.pool("10.78.0.0/24", "10.78.0.10", "10.78.0.19").await;
     let pool = w.wait_pool("ready", all_true).await;
-    let holder = pool
+    let holder_ref = pool
         .status
         .and_then(|s| s.agent_pod_ref)
-        .and_then(|r| r.name)
         .expect("active agent");
+    let holder = holder_ref.name.expect("active agent's name");
+    let holder_uid = holder_ref.uid.expect("active agent's uid");
     let agents = w.agents().await;
     assert_eq!(agents.len(), 2);
     let lost_node = agents[&holder].clone().expect("bound");
@@ -662,13 +663,15 @@ async fn a_lost_node_agent_is_replaced_and_pause_removes_agents() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Another pod, told by its uid: the replacement may carry the lost pod's name and be
+    // the one that takes the Lease.
     w.wait_pool("active again with another agent", |p| {
         all_true(p)
             && p.status
                 .as_ref()
                 .and_then(|s| s.agent_pod_ref.as_ref())
-                .and_then(|r| r.name.as_deref())
-                .is_some_and(|n| n != holder)
+                .and_then(|r| r.uid.as_deref())
+                .is_some_and(|u| u != holder_uid)
     })
     .await;
 
